@@ -1,0 +1,56 @@
+"""soo_func: functional second-order optimization for PyTorch.
+
+Every optimizer is a :class:`Transform` (``init``, ``update``) over parameter pytrees,
+composed with :func:`chain` like optax::
+
+    opt = sf.chain(sf.lbfgs(), sf.wolfe())
+    result = sf.minimize(loss_fn, params, opt)
+"""
+
+from soo_func import tree
+from soo_func.base import (
+    ChainState,
+    EmptyState,
+    Transform,
+    apply_updates,
+    chain,
+    publish,
+    require_extras,
+    scale,
+    sgd,
+    stateless,
+)
+from soo_func.minimize import MinimizeResult, least_squares, minimize
+from soo_func.oracles import (
+    CountedObjective,
+    functional_loss,
+    ggn_vp,
+    hvp,
+    linearize_grad,
+    value_and_grad,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ChainState",
+    "CountedObjective",
+    "EmptyState",
+    "MinimizeResult",
+    "Transform",
+    "apply_updates",
+    "chain",
+    "functional_loss",
+    "ggn_vp",
+    "hvp",
+    "least_squares",
+    "linearize_grad",
+    "minimize",
+    "publish",
+    "require_extras",
+    "scale",
+    "sgd",
+    "stateless",
+    "tree",
+    "value_and_grad",
+]

@@ -1,0 +1,241 @@
+"""Drivers: :func:`minimize` and :func:`least_squares`, their result and stopping rules.
+
+The drivers own the host-side loop: they evaluate the objective, call the
+optimizer's ``update``, apply the updates and decide when to stop. They never
+evaluate a point twice: when the optimizer publishes ``next_value`` and
+``next_grad`` for its own objective (a line search that has already evaluated the
+accepted point), those are reused. See ``docs/design.md``.
+
+Stopping rules (checked in this order after each step):
+
+* ``gtol``: ``||grad||_inf <= gtol`` (scipy's BFGS / L-BFGS-B convention), only when
+  the optimizer does not publish ``converged_ok=False`` (homotopy before t = 1).
+* ``ftol``: ``f_k - f_{k+1} <= ftol * max(|f_k|, |f_{k+1}|, 1)`` (L-BFGS-B's ``factr`` rule).
+* ``search_failed``: the search published a failure and returned a zero step.
+* ``non-finite``: the objective became NaN/inf; the last finite point is returned.
+* ``max_steps``; ``callback`` returning ``True``.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from soo_func import tree
+from soo_func.base import Transform, apply_updates, check_params, publish
+from soo_func.oracles import CountedObjective, value_and_grad
+
+PyTree = Any
+
+__all__ = ["MinimizeResult", "least_squares", "minimize"]
+
+
+@dataclass
+class MinimizeResult:
+    """What :func:`minimize` returns.
+
+    ``history`` holds one dict per step (``step``, ``value``, ``grad_norm``,
+    ``step_norm``, evaluation counts, and any 0-d diagnostics the optimizer
+    published, e.g. ``continuation_t``); entry 0 is the starting point.
+    """
+
+    params: PyTree
+    value: torch.Tensor
+    grad: PyTree
+    grad_norm: torch.Tensor
+    num_steps: int
+    num_value_evals: int
+    num_grad_evals: int
+    num_hvp_evals: int
+    converged: bool
+    reason: str
+    state: Any = None
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+_RESERVED = {"value_fn", "value", "grad", "residual_fn", "next_value_fn", "next_value", "next_grad"}
+
+
+def _diagnostics(published: dict[str, Any]) -> dict[str, float]:
+    out = {}
+    for key, val in published.items():
+        if key in _RESERVED:
+            continue
+        if isinstance(val, torch.Tensor) and val.dim() == 0:
+            out[key] = float(val)
+    return out
+
+
+def _check_finite_start(value: torch.Tensor, grad: PyTree) -> None:
+    if not bool(torch.isfinite(value)):
+        raise ValueError(
+            f"the objective is {float(value)} at the starting params: start from a point where "
+            "value_fn is finite"
+        )
+    if not bool(torch.isfinite(tree.norm(grad))):
+        raise ValueError(
+            "the gradient has NaN/inf entries at the starting params: check value_fn for "
+            "log(0), division by zero or overflow there"
+        )
+
+
+def _progress_printer(enabled: bool) -> Callable[[dict[str, float]], None]:
+    if not enabled:
+        return lambda row: None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm is in the bench extra
+        tqdm = None
+    if tqdm is not None:
+        bar = tqdm(desc="minimize", unit="step", leave=False)
+
+        def show(row):
+            bar.update(1)
+            bar.set_postfix(value=f"{row['value']:.6g}", grad_norm=f"{row['grad_norm']:.3g}")
+
+        return show
+
+    def show(row):  # pragma: no cover
+        print(
+            f"step {row['step']:5d}  value {row['value']:.8g}  |g| {row['grad_norm']:.3g}",
+            file=sys.stderr,
+        )
+
+    return show
+
+
+def minimize(
+    value_fn: Callable[[PyTree], torch.Tensor],
+    params: PyTree,
+    optimizer: Transform,
+    *,
+    max_steps: int = 1000,
+    gtol: float = 1e-5,
+    ftol: float = 0.0,
+    callback: Callable[[dict[str, float], PyTree], bool | None] | None = None,
+    progress: bool = False,
+    extra: dict[str, Any] | None = None,
+) -> MinimizeResult:
+    """Minimize the scalar ``value_fn(params)`` with ``optimizer`` from ``params``.
+
+    Args:
+      value_fn: params -> 0-d loss tensor (bind data with ``functools.partial``).
+      params: the starting pytree of floating tensors (not modified).
+      optimizer: a :class:`~soo_func.Transform`, e.g. ``chain(lbfgs(), wolfe())``.
+      max_steps: the most optimizer steps.
+      gtol: stop when the gradient's infinity norm is at most ``gtol``.
+      ftol: stop when the relative decrease of the value is at most ``ftol`` (0 disables).
+      callback: ``callback(row, params)`` after each step; returning ``True`` stops.
+      progress: show a progress bar (tqdm) with the value and gradient norm.
+      extra: more keyword extras for ``update`` (e.g. ``residual_fn``).
+    """
+    check_params(params)
+    objective = CountedObjective(value_fn)
+    extra = dict(extra or {})
+    state = optimizer.init(params)
+    value, grad = value_and_grad(objective)(params)
+    _check_finite_start(value, grad)
+    show = _progress_printer(progress)
+
+    def row_for(step: int, value, grad, step_norm: float, published: dict) -> dict[str, float]:
+        return {
+            "step": step,
+            "value": float(value),
+            "grad_norm": float(tree.norm(grad)),
+            "step_norm": step_norm,
+            "num_value_evals": objective.num_value_evals,
+            "num_grad_evals": objective.num_grad_evals,
+            "num_hvp_evals": objective.num_hvp_evals,
+            **_diagnostics(published),
+        }
+
+    history = [row_for(0, value, grad, 0.0, {})]
+    reason, converged, num_steps = "max_steps", False, 0
+    may_converge = True
+    if float(tree.norm(grad, math.inf)) <= gtol:
+        reason, converged = "gtol", True
+    while not converged and num_steps < max_steps:
+        kwargs = dict(extra, value=value, grad=grad, value_fn=objective)
+        updates, state = optimizer.update(grad, state, params, **kwargs)
+        published = publish(optimizer, state, params, **kwargs)
+        new_params = apply_updates(params, updates)
+        if published.get("next_value_fn") is objective and published.get("next_grad") is not None:
+            new_value, new_grad = published["next_value"], published["next_grad"]
+        else:
+            new_value, new_grad = value_and_grad(objective)(new_params)
+        num_steps += 1
+        if not bool(torch.isfinite(new_value)):
+            reason = "non-finite value: returned the last finite point"
+            break
+        step_norm = float(tree.norm(updates))
+        old_value = value
+        params, value, grad = new_params, new_value, new_grad
+        row = row_for(num_steps, value, grad, step_norm, published)
+        history.append(row)
+        show(row)
+        ok = published.get("converged_ok")
+        may_converge = True if ok is None else bool(ok)
+        failed = published.get("search_failed")
+        if may_converge and float(tree.norm(grad, math.inf)) <= gtol:
+            reason, converged = "gtol", True
+        elif (
+            may_converge
+            and ftol > 0
+            and float(old_value - value)
+            <= ftol * max(abs(float(old_value)), abs(float(value)), 1.0)
+        ):
+            reason, converged = "ftol", True
+        elif failed is not None and bool(failed) and step_norm == 0.0:
+            reason = "search_failed: no acceptable step along the direction"
+            break
+        if callback is not None and callback(row, params):
+            reason = "callback"
+            break
+    return MinimizeResult(
+        params=params,
+        value=value,
+        grad=grad,
+        grad_norm=tree.norm(grad),
+        num_steps=num_steps,
+        num_value_evals=objective.num_value_evals,
+        num_grad_evals=objective.num_grad_evals,
+        num_hvp_evals=objective.num_hvp_evals,
+        converged=converged,
+        reason=reason,
+        state=state,
+        history=history,
+    )
+
+
+def least_squares(
+    residual_fn: Callable[[PyTree], PyTree],
+    params: PyTree,
+    optimizer: Transform | None = None,
+    **kwargs: Any,
+) -> MinimizeResult:
+    """Minimize ``0.5 * ||residual_fn(params)||^2``.
+
+    The optimizer receives ``residual_fn`` as an extra (Gauss-Newton and
+    Levenberg-Marquardt use it). When ``optimizer`` is ``None`` it is
+    ``levenberg_marquardt()``. Other keyword arguments go to :func:`minimize`.
+    """
+    if optimizer is None:
+        try:
+            from soo_func.searches.levenberg import levenberg_marquardt
+        except ImportError as err:  # pragma: no cover - until Levenberg-Marquardt lands
+            raise NotImplementedError(
+                "least_squares needs an optimizer until levenberg_marquardt is available"
+            ) from err
+        optimizer = levenberg_marquardt()
+
+    def value_fn(p: PyTree) -> torch.Tensor:
+        r = residual_fn(p)
+        return 0.5 * tree.sum_of_squares(r)
+
+    extra = dict(kwargs.pop("extra", None) or {}, residual_fn=residual_fn)
+    return minimize(value_fn, params, optimizer, extra=extra, **kwargs)

@@ -1,0 +1,237 @@
+"""First- and second-order oracles on pytrees, from ``torch.func``.
+
+* :func:`value_and_grad` -- the loss and its gradient.
+* :func:`hvp` -- Hessian-vector products ``H v`` (forward-over-reverse by default:
+  ``jvp`` of ``grad``; reverse-over-reverse, ``vjp`` of ``grad``, selectable).
+* :func:`linearize_grad` -- the gradient and an operator ``v -> H v`` that shares the
+  gradient's forward pass across many products (for Krylov solves).
+* :func:`ggn_vp` -- Gauss-Newton products ``J^T J v`` for a residual function.
+* :func:`functional_loss` -- an ``nn.Module`` and a loss turned into a pure
+  ``value_fn(params, batch)`` with ``torch.func.functional_call``.
+* :class:`CountedObjective` -- wraps an objective and counts evaluations; the
+  oracles above charge it (values, gradients, Hessian products) when given one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import optree
+import torch
+import torch.func as tf
+
+from soo_func import tree
+
+PyTree = Any
+
+__all__ = [
+    "CountedObjective",
+    "functional_loss",
+    "ggn_vp",
+    "hvp",
+    "linearize_grad",
+    "value_and_grad",
+]
+
+
+class CountedObjective:
+    """An objective that counts its evaluations (the drivers wrap ``value_fn`` in one).
+
+    Calling it counts a value; :func:`value_and_grad` counts a value and a gradient;
+    :func:`hvp` and :func:`ggn_vp` count Hessian products. Evaluations made inside
+    those oracles are not counted twice. The counters live on this host-side object,
+    never in an optimizer's state.
+    """
+
+    def __init__(self, fn: Callable[..., torch.Tensor]):
+        if isinstance(fn, CountedObjective):
+            fn = fn.fn
+        self.fn = fn
+        self.num_value_evals = 0
+        self.num_grad_evals = 0
+        self.num_hvp_evals = 0
+
+    def __call__(self, params: PyTree, *args: Any) -> torch.Tensor:
+        self.num_value_evals += 1
+        return self.fn(params, *args)
+
+
+def _unwrap(fn: Callable, *, value: int = 0, grad: int = 0, hvp: int = 0) -> Callable:
+    """The raw function behind ``fn``, charging ``fn``'s counters when it counts."""
+    if isinstance(fn, CountedObjective):
+        fn.num_value_evals += value
+        fn.num_grad_evals += grad
+        fn.num_hvp_evals += hvp
+        return fn.fn
+    return fn
+
+
+def _scalar_loss(fn: Callable, has_aux: bool) -> Callable:
+    """Wrap ``fn`` to check (on metadata only) that it returns a 0-d real tensor."""
+
+    def checked(params, *args):
+        out = fn(params, *args)
+        loss = out[0] if has_aux else out
+        if not isinstance(loss, torch.Tensor):
+            raise TypeError(
+                f"value_fn must return a 0-d torch.Tensor{' (first of a pair, has_aux=True)' if has_aux else ''}, "
+                f"got {type(loss).__name__}"
+            )
+        if loss.dim() != 0:
+            raise ValueError(
+                f"value_fn must return a scalar (0-d) loss, got shape {tuple(loss.shape)}; reduce "
+                "it with .sum() or .mean() (for residuals use least_squares / residual_fn)"
+            )
+        if not loss.is_floating_point():
+            raise TypeError(
+                f"value_fn returned dtype {loss.dtype}; the loss must be floating point"
+            )
+        return out
+
+    return checked
+
+
+def _in_functorch_transform() -> bool:
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def value_and_grad(
+    fn: Callable[..., torch.Tensor], has_aux: bool = False
+) -> Callable[..., tuple[Any, PyTree]]:
+    """Return ``params, *args -> (value, grad)`` (``((value, aux), grad)`` with ``has_aux``).
+
+    Outside ``torch.func`` transforms it runs eager reverse mode on detached aliases
+    of the params (no input is touched), which is as fast as hand-written
+    ``torch.autograd.grad``; inside a transform it is ``torch.func.grad_and_value``.
+    """
+
+    def wrapped(params: PyTree, *args: Any):
+        raw = _scalar_loss(_unwrap(fn, value=1, grad=1), has_aux)
+        tree.check_tensor_leaves(params, "params")
+        if _in_functorch_transform() or not torch.is_grad_enabled():
+            with torch.enable_grad():
+                grad, out = tf.grad_and_value(raw, has_aux=has_aux)(params, *args)
+            return out, grad
+        leaves, spec = _flatten(params)
+        inputs = [leaf.detach().requires_grad_(True) for leaf in leaves]
+        out = raw(spec.unflatten(inputs), *args)
+        loss = out[0] if has_aux else out
+        grads = torch.autograd.grad(loss, inputs, allow_unused=True)
+        grads = [
+            torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs, strict=True)
+        ]
+        out = (loss.detach(), _detach(out[1])) if has_aux else loss.detach()
+        return out, spec.unflatten(grads)
+
+    return wrapped
+
+
+def _flatten(params: PyTree):
+    return optree.tree_flatten(params)
+
+
+def _detach(x: PyTree) -> PyTree:
+    return optree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, x)
+
+
+def _grad_fn(fn: Callable, args: tuple) -> Callable:
+    raw = _scalar_loss(fn, has_aux=False)
+    return tf.grad(lambda p: raw(p, *args))
+
+
+def hvp(
+    fn: Callable[..., torch.Tensor],
+    params: PyTree,
+    v: PyTree,
+    *args: Any,
+    mode: str = "forward-over-reverse",
+) -> PyTree:
+    """The Hessian-vector product ``H(params) v`` of the scalar ``fn`` at ``params``.
+
+    ``mode="forward-over-reverse"`` (default) is ``jvp(grad(fn), (params,), (v,))``;
+    ``mode="reverse-over-reverse"`` is ``vjp(grad(fn), params)`` applied to ``v``.
+    Extra positional ``args`` (a batch, say) are passed to ``fn`` unchanged.
+    """
+    tree.check_same_structure(params, v, names=("params", "v"))
+    grad_fn = _grad_fn(_unwrap(fn, hvp=1), args)
+    if mode == "forward-over-reverse":
+        return tf.jvp(grad_fn, (params,), (v,))[1]
+    if mode == "reverse-over-reverse":
+        return tf.vjp(grad_fn, params)[1](v)[0]
+    raise ValueError(
+        f"hvp mode must be 'forward-over-reverse' or 'reverse-over-reverse', got {mode!r}"
+    )
+
+
+def linearize_grad(
+    fn: Callable[..., torch.Tensor], params: PyTree, *args: Any
+) -> tuple[torch.Tensor, PyTree, Callable[[PyTree], PyTree]]:
+    """``(value, grad, hvp_fn)`` at ``params``, where ``hvp_fn(v) = H v``.
+
+    The gradient's forward and backward passes run once (``vjp`` of
+    ``grad_and_value``); each ``hvp_fn`` call is one more reverse pass through the
+    saved graph (reverse-over-reverse), so a Krylov solve with k products costs about
+    one gradient plus k double-backward passes. Each product is charged as one
+    Hessian product when ``fn`` is a :class:`CountedObjective`.
+    """
+    counted = fn if isinstance(fn, CountedObjective) else None
+    raw = _scalar_loss(_unwrap(fn, value=1, grad=1), has_aux=False)
+
+    def grad_with_value(p):
+        g, value = tf.grad_and_value(lambda q: raw(q, *args))(p)
+        return g, value
+
+    grad, vjp_fn, value = tf.vjp(grad_with_value, params, has_aux=True)
+
+    def hvp_fn(v: PyTree) -> PyTree:
+        if counted is not None:
+            counted.num_hvp_evals += 1
+        return vjp_fn(v)[0]
+
+    return value, grad, hvp_fn
+
+
+def ggn_vp(residual_fn: Callable[..., PyTree], params: PyTree, v: PyTree, *args: Any) -> PyTree:
+    """The Gauss-Newton product ``J^T J v`` for residuals ``r(params)`` (loss ``0.5 |r|^2``).
+
+    ``J v`` comes from one ``jvp`` and ``J^T (J v)`` from one ``vjp``.
+    """
+    tree.check_same_structure(params, v, names=("params", "v"))
+    raw = _unwrap(residual_fn, hvp=1)
+
+    def residuals(p):
+        return raw(p, *args)
+
+    _, jv = tf.jvp(residuals, (params,), (v,))
+    _, vjp_fn = tf.vjp(residuals, params)
+    return vjp_fn(jv)[0]
+
+
+def functional_loss(
+    module: torch.nn.Module,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> tuple[Callable[[PyTree, tuple[torch.Tensor, torch.Tensor]], torch.Tensor], dict]:
+    """Turn ``module`` and ``loss_fn(outputs, targets)`` into ``(value_fn, params)``.
+
+    ``value_fn(params, (inputs, targets))`` runs ``module`` functionally with
+    ``torch.func.functional_call`` on ``params`` (a dict name -> tensor) and the
+    module's buffers, so it is pure in ``params``. ``params`` is a dict of detached
+    copies of the module's parameters; the module itself is not modified.
+    """
+    params = {name: p.detach().clone() for name, p in module.named_parameters()}
+    buffers = {name: b for name, b in module.named_buffers()}
+    for mod in module.modules():
+        if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm) and mod.training:
+            raise ValueError(
+                f"{type(mod).__name__} in training mode updates running statistics in place, "
+                "which breaks functional transforms and Hessian products: use GroupNorm or "
+                "LayerNorm, or call module.eval() first"
+            )
+
+    def value_fn(p: PyTree, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        inputs, targets = batch
+        outputs = tf.functional_call(module, {**buffers, **p}, (inputs,))
+        return loss_fn(outputs, targets)
+
+    return value_fn, params

@@ -1,0 +1,210 @@
+"""Pytree arithmetic on ``optree``.
+
+Every function here takes parameter pytrees (dicts, lists, tuples, NamedTuples of
+tensors) and returns new ones; nothing is mutated. Reductions (:func:`vdot`,
+:func:`norm`, :func:`sum_of_squares`) return 0-d tensors on the leaves' device, so
+no host synchronisation happens in a hot path.
+
+The dense methods use :func:`ravel` / :func:`unravel` to move between a pytree and
+one flat vector.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import optree
+import torch
+
+PyTree = Any
+
+__all__ = [
+    "PyTree",
+    "Raveled",
+    "add",
+    "axpy",
+    "check_same_structure",
+    "check_tensor_leaves",
+    "leaves",
+    "map",
+    "neg",
+    "norm",
+    "ones_like",
+    "ravel",
+    "scale",
+    "structure",
+    "sub",
+    "sum_of_squares",
+    "unravel",
+    "vdot",
+    "where",
+    "zeros_like",
+]
+
+_NONE_IS_LEAF = False
+
+
+def structure(tree: PyTree) -> optree.PyTreeSpec:
+    """The tree structure (``optree.PyTreeSpec``) of ``tree``."""
+    return optree.tree_structure(tree, none_is_leaf=_NONE_IS_LEAF)
+
+
+def leaves(tree: PyTree) -> list[Any]:
+    """The leaves of ``tree`` in optree's canonical order."""
+    return optree.tree_leaves(tree, none_is_leaf=_NONE_IS_LEAF)
+
+
+def check_tensor_leaves(tree: PyTree, what: str = "params") -> None:
+    """Raise ``TypeError`` naming the first leaf of ``tree`` that is not a tensor."""
+    paths, values, _ = optree.tree_flatten_with_path(tree, none_is_leaf=_NONE_IS_LEAF)
+    for path, leaf in zip(paths, values, strict=True):
+        if not isinstance(leaf, torch.Tensor):
+            raise TypeError(
+                f"{what} must be a pytree whose leaves are torch.Tensor, but the leaf at "
+                f"{_path_str(path)} is {type(leaf).__name__}: {leaf!r:.80}. Convert it with "
+                "torch.as_tensor(...) or move it out of the pytree (close over it in value_fn)."
+            )
+
+
+def check_same_structure(*trees: PyTree, names: tuple[str, ...] | None = None) -> None:
+    """Raise ``ValueError`` showing both structures when ``trees`` differ in structure."""
+    first = structure(trees[0])
+    for i, other in enumerate(trees[1:], start=1):
+        spec = structure(other)
+        if spec != first:
+            a = names[0] if names else "tree 0"
+            b = names[i] if names else f"tree {i}"
+            raise ValueError(
+                f"pytree structures differ:\n  {a}: {first}\n  {b}: {spec}\n"
+                "Both must have the same containers and keys (as the params pytree does)."
+            )
+
+
+def _path_str(path: tuple) -> str:
+    return "root" if not path else "".join(f"[{k!r}]" for k in path)
+
+
+def map(fn: Callable[..., Any], tree: PyTree, *rest: PyTree) -> PyTree:
+    """``optree.tree_map`` with a structure check that shows both trees on mismatch."""
+    if rest:
+        check_same_structure(tree, *rest)
+    return optree.tree_map(fn, tree, *rest, none_is_leaf=_NONE_IS_LEAF)
+
+
+def add(x: PyTree, y: PyTree) -> PyTree:
+    """``x + y`` leafwise."""
+    return map(torch.add, x, y)
+
+
+def sub(x: PyTree, y: PyTree) -> PyTree:
+    """``x - y`` leafwise."""
+    return map(torch.sub, x, y)
+
+
+def neg(x: PyTree) -> PyTree:
+    """``-x`` leafwise."""
+    return map(torch.neg, x)
+
+
+def scale(alpha: float | torch.Tensor, x: PyTree) -> PyTree:
+    """``alpha * x`` leafwise; ``alpha`` may be a Python number or a 0-d tensor."""
+    return map(lambda leaf: leaf * alpha, x)
+
+
+def axpy(alpha: float | torch.Tensor, x: PyTree, y: PyTree) -> PyTree:
+    """``alpha * x + y`` leafwise (BLAS ``axpy``)."""
+    if isinstance(alpha, torch.Tensor):
+        return map(lambda a, b: torch.addcmul(b, a, alpha.to(a.dtype)), x, y)
+    return map(lambda a, b: torch.add(b, a, alpha=alpha), x, y)
+
+
+def _sum_scalars(parts: list[torch.Tensor]) -> torch.Tensor:
+    if not parts:
+        raise ValueError("cannot reduce an empty pytree: params must hold at least one tensor")
+    if len(parts) == 1:
+        return parts[0]
+    return torch.stack(parts).sum()
+
+
+def vdot(x: PyTree, y: PyTree) -> torch.Tensor:
+    """Inner product ``<x, y>`` over all leaves, as a 0-d tensor (real leaves)."""
+    check_same_structure(x, y)
+    parts = [
+        torch.dot(a.reshape(-1), b.reshape(-1)) for a, b in zip(leaves(x), leaves(y), strict=True)
+    ]
+    return _sum_scalars(parts)
+
+
+def sum_of_squares(x: PyTree) -> torch.Tensor:
+    """``<x, x>`` as a 0-d tensor."""
+    parts = [torch.dot(a.reshape(-1), a.reshape(-1)) for a in leaves(x)]
+    return _sum_scalars(parts)
+
+
+def norm(x: PyTree, ord: float | str = 2) -> torch.Tensor:
+    """The 2-norm (default) or infinity-norm (``ord=inf``) of all leaves together, 0-d."""
+    if ord == 2:
+        return torch.sqrt(sum_of_squares(x))
+    if ord in (float("inf"), "inf"):
+        return torch.stack([a.abs().max() for a in leaves(x)]).max()
+    raise ValueError(f"norm supports ord=2 and ord=inf, got {ord!r}")
+
+
+def zeros_like(x: PyTree) -> PyTree:
+    """A pytree of zeros shaped, typed and placed like ``x``."""
+    return map(torch.zeros_like, x)
+
+
+def ones_like(x: PyTree) -> PyTree:
+    """A pytree of ones shaped, typed and placed like ``x``."""
+    return map(torch.ones_like, x)
+
+
+def where(condition: torch.Tensor, x: PyTree, y: PyTree) -> PyTree:
+    """Select ``x`` where the 0-d boolean ``condition`` holds, else ``y``, without a host sync."""
+    return map(lambda a, b: torch.where(condition, a, b), x, y)
+
+
+class Raveled(NamedTuple):
+    """A flat vector and what :func:`unravel` needs to rebuild the pytree."""
+
+    flat: torch.Tensor
+    treespec: optree.PyTreeSpec
+    shapes: tuple[torch.Size, ...]
+
+
+def ravel(x: PyTree) -> Raveled:
+    """Concatenate the leaves of ``x`` into one 1-D tensor.
+
+    All leaves must share one dtype and device (as the dense methods require).
+    """
+    flat_leaves, treespec = optree.tree_flatten(x, none_is_leaf=_NONE_IS_LEAF)
+    dtypes = {leaf.dtype for leaf in flat_leaves}
+    if len(dtypes) > 1:
+        raise TypeError(
+            f"ravel needs one dtype across leaves, got {sorted(map(str, dtypes))}; cast the "
+            "params to a common dtype first"
+        )
+    shapes = tuple(leaf.shape for leaf in flat_leaves)
+    flat = torch.cat([leaf.reshape(-1) for leaf in flat_leaves])
+    return Raveled(flat, treespec, shapes)
+
+
+def unravel(flat: torch.Tensor, like: Raveled | PyTree) -> PyTree:
+    """Split the 1-D ``flat`` back into the pytree described by ``like``.
+
+    ``like`` is a :class:`Raveled` (from :func:`ravel`) or an example pytree.
+    """
+    if not isinstance(like, Raveled):
+        flat_leaves, treespec = optree.tree_flatten(like, none_is_leaf=_NONE_IS_LEAF)
+        shapes = tuple(leaf.shape for leaf in flat_leaves)
+    else:
+        treespec, shapes = like.treespec, like.shapes
+    sizes = [s.numel() for s in shapes]
+    if flat.numel() != sum(sizes):
+        raise ValueError(f"flat vector has {flat.numel()} entries, the pytree needs {sum(sizes)}")
+    parts = torch.split(flat, sizes)
+    return optree.tree_unflatten(
+        treespec, [p.reshape(s) for p, s in zip(parts, shapes, strict=True)]
+    )
