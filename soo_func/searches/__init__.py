@@ -1,0 +1,6 @@
+"""Line searches and trust regions: they turn a direction into a step."""
+
+from soo_func.searches.armijo import armijo
+from soo_func.searches.line import LineSearchState
+
+__all__ = ["LineSearchState", "armijo"]
