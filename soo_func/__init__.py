@@ -29,6 +29,7 @@ from soo_func.oracles import (
     linearize_grad,
     value_and_grad,
 )
+from soo_func.searches import LineSearchState, armijo
 
 __version__ = "0.1.0"
 
@@ -36,9 +37,11 @@ __all__ = [
     "ChainState",
     "CountedObjective",
     "EmptyState",
+    "LineSearchState",
     "MinimizeResult",
     "Transform",
     "apply_updates",
+    "armijo",
     "chain",
     "functional_loss",
     "ggn_vp",
