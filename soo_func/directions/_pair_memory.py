@@ -1,0 +1,176 @@
+"""A limited memory of curvature pairs ``(s_i, y_i)`` on flat (raveled) parameters.
+
+Shared by :func:`~soo_func.directions.lbfgs.lbfgs` and the compact limited-memory
+quasi-Newton forms in :mod:`soo_func.directions.compact`.
+
+Layout and why
+--------------
+The pairs live in a tuple of ``memory_size`` slots, oldest first, each a ``[2, n]``
+tensor holding ``s_i`` (row 0) and ``y_i`` (row 1). A new pair is appended by
+rebuilding the *tuple* (drop the oldest slot, append the new one): no tensor of the
+old memory is copied or written, which keeps ``update`` pure without paying a copy of
+the whole ``[m, 2, n]`` buffer at every step. Every slot is always occupied; a slot
+whose pair was rejected (bad curvature), not yet filled, or dropped by a reset holds
+``valid = False`` and contributes nothing (its coefficients are zero).
+
+Alongside the vectors the memory keeps their Gram matrix ``G = [S Y]^T [S Y]``
+(``2m x 2m``, columns ``s_0..s_{m-1}, y_0..y_{m-1}``), updated incrementally: the new
+pair's inner products with every slot come from one pass over the memory, together
+with ``S^T g`` and ``Y^T g``. Every method then works on small ``m x m`` matrices and
+touches the long vectors only twice per step: once for these products, once for the
+final linear combination ``c0 g + S c_s + Y c_y`` (:func:`combine`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+
+from soo_func import tree
+
+__all__ = [
+    "PairMemory",
+    "Pushed",
+    "check_memory_size",
+    "combine",
+    "flat_point",
+    "init_memory",
+    "project",
+    "push",
+]
+
+
+class PairMemory(NamedTuple):
+    """The pairs, their Gram matrix, which slots are valid and the previous point.
+
+    ``pairs``: ``m`` tensors ``[2, n]`` (``s_i``, ``y_i``), oldest first.
+    ``gram``: ``[2m, 2m]`` inner products of ``[s_0..s_{m-1}, y_0..y_{m-1}]``
+    (zero rows and columns for invalid slots).
+    ``valid``: ``[m]`` bool. ``prev_point``: ``[2, n]``, the flat params and gradient at
+    the last update. ``has_prev``: 0-d bool, false before the first update.
+    """
+
+    pairs: tuple[torch.Tensor, ...]
+    gram: torch.Tensor
+    valid: torch.Tensor
+    prev_point: torch.Tensor
+    has_prev: torch.Tensor
+
+
+class Pushed(NamedTuple):
+    """What :func:`push` returns: the new memory and the products with the gradient."""
+
+    memory: PairMemory
+    sg: torch.Tensor  # [m]: s_i^T g (zero for invalid slots)
+    yg: torch.Tensor  # [m]: y_i^T g
+    gg: torch.Tensor  # 0-d: g^T g
+
+
+def init_memory(memory_size: int, n: int, dtype: torch.dtype, device: torch.device) -> PairMemory:
+    """An empty memory for ``n`` flat parameters (all slots invalid)."""
+    zeros = torch.zeros(2, n, dtype=dtype, device=device)
+    return PairMemory(
+        pairs=tuple(zeros for _ in range(memory_size)),
+        gram=torch.zeros(2 * memory_size, 2 * memory_size, dtype=dtype, device=device),
+        valid=torch.zeros(memory_size, dtype=torch.bool, device=device),
+        prev_point=zeros,
+        has_prev=torch.zeros((), dtype=torch.bool, device=device),
+    )
+
+
+def _grow(block: torch.Tensor, col: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
+    """Drop the first row and column of ``block`` and append ``col`` / ``row`` (length m)."""
+    kept = block[1:, 1:]
+    top = torch.cat([kept, col[:-1, None]], dim=1)
+    return torch.cat([top, row[None, :]], dim=0)
+
+
+def push(
+    memory: PairMemory,
+    point: torch.Tensor,
+    accept_rule: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> Pushed:
+    """Form ``s = x - x_prev``, ``y = g - g_prev`` from ``point = [x; g]`` (``[2, n]``) and
+    append the pair, valid when ``accept_rule(gram, valid)`` holds.
+
+    ``accept_rule`` sees the tentative Gram matrix (new pair in the last slot) and the
+    validity of the retained slots (the new slot marked valid); it returns a 0-d bool.
+    Non-finite pairs and the first call (no previous point) are always rejected.
+    """
+    m = len(memory.pairs)
+    g = point[1]
+    pair = point - memory.prev_point
+    probes = torch.cat([point[1:2], pair])  # [3, n]: g, s, y
+    slots = (*memory.pairs[1:], pair)
+    products = torch.stack([slot @ probes.T for slot in slots])  # [m, 2, 3]
+    gg = torch.dot(g, g)
+
+    sg, yg = products[:, 0, 0], products[:, 1, 0]
+    s_new, y_new = products[:, :, 1], products[:, :, 2]  # [m, 2]: (s_i, y_i) . s / . y
+    m2 = memory.gram
+    ss_old, sy_old, ys_old, yy_old = m2[:m, :m], m2[:m, m:], m2[m:, :m], m2[m:, m:]
+    ss = _grow(ss_old, s_new[:, 0], s_new[:, 0])
+    sy = _grow(sy_old, y_new[:, 0], s_new[:, 1])  # sy[i, j] = s_i . y_j
+    ys = _grow(ys_old, s_new[:, 1], y_new[:, 0])
+    yy = _grow(yy_old, y_new[:, 1], y_new[:, 1])
+    gram = torch.cat([torch.cat([ss, sy], 1), torch.cat([ys, yy], 1)], 0)
+
+    finite = torch.isfinite(products[-1]).all()
+    tentative = torch.cat([memory.valid[1:], finite[None]])
+    accept = memory.has_prev & finite & accept_rule(gram, tentative)
+    valid = torch.cat([memory.valid[1:], accept[None]])
+    both = torch.cat([valid, valid])
+    gram = torch.where(both[:, None] & both[None, :], gram, torch.zeros_like(gram))
+    stored = torch.where(accept, pair, torch.zeros_like(pair))
+    new_memory = PairMemory(
+        pairs=(*memory.pairs[1:], stored),
+        gram=gram,
+        valid=valid,
+        prev_point=point,
+        has_prev=torch.ones_like(memory.has_prev),
+    )
+    zero = torch.zeros_like(sg)
+    return Pushed(new_memory, torch.where(valid, sg, zero), torch.where(valid, yg, zero), gg)
+
+
+def project(memory: PairMemory, v: torch.Tensor) -> torch.Tensor:
+    """``[S^T v; Y^T v]`` (``[2m]``) for a flat vector ``v``; zero on invalid slots."""
+    products = torch.stack([slot @ v for slot in memory.pairs])  # [m, 2]
+    out = torch.cat([products[:, 0], products[:, 1]])
+    both = torch.cat([memory.valid, memory.valid])
+    return torch.where(both, out, torch.zeros_like(out))
+
+
+def combine(
+    memory: PairMemory, v: torch.Tensor, scale: torch.Tensor, coef: torch.Tensor
+) -> torch.Tensor:
+    """``scale * v + S c_s + Y c_y`` with ``coef = [c_s; c_y]`` (``[2m]``)."""
+    m = len(memory.pairs)
+    both = torch.cat([memory.valid, memory.valid])
+    coef = torch.where(both, coef, torch.zeros_like(coef))
+    pair_coef = torch.stack([coef[:m], coef[m:]], dim=1)  # [m, 2]
+    out = v * scale  # a fresh tensor: accumulating into it in place mutates no input
+    for slot, c in zip(memory.pairs, pair_coef, strict=True):
+        out.addmv_(slot.T, c)
+    return out
+
+
+def flat_point(params, grad) -> torch.Tensor:
+    """``[2, n]``: the raveled params (row 0) and gradient (row 1), in one concatenation."""
+    p_leaves, g_leaves = tree.leaves(params), tree.leaves(grad)
+    dtypes = {leaf.dtype for leaf in p_leaves} | {leaf.dtype for leaf in g_leaves}
+    if len(dtypes) > 1:
+        raise TypeError(
+            f"quasi-Newton directions ravel the params into one vector and need one dtype "
+            f"across leaves, got {sorted(map(str, dtypes))}; cast the params to a common dtype"
+        )
+    flat = torch.cat([leaf.reshape(-1) for leaf in (*p_leaves, *g_leaves)])
+    return flat.view(2, -1)
+
+
+def check_memory_size(who: str, memory_size: int) -> None:
+    """Raise a clear error unless ``memory_size`` is a positive int."""
+    if isinstance(memory_size, bool) or not isinstance(memory_size, int) or memory_size < 1:
+        raise ValueError(f"{who}: memory_size must be a positive int, got {memory_size!r}")

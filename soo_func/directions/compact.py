@@ -1,0 +1,230 @@
+"""Compact (limited-memory) representations of quasi-Newton matrices.
+
+Byrd, Nocedal & Schnabel, "Representations of quasi-Newton matrices and their use in
+limited memory methods", Math. Programming 63 (1994). With the pairs ``S = [s_i]``,
+``Y = [y_i]`` (oldest first), ``D = diag(s_i^T y_i)``, ``L = tril(S^T Y, -1)``,
+``R = triu(S^T Y)``, ``B0 = sigma I`` and ``H0 = gamma I``:
+
+* BFGS, direct (BNS Thm 2.3, N&W eq. 7.24):
+  ``B = sigma I - [sigma S, Y] [[sigma S^T S, L], [L^T, -D]]^{-1} [sigma S, Y]^T``.
+* BFGS, inverse (BNS Thm 2.2, eq. 2.6):
+  ``H = gamma I + [S, gamma Y] [[R^-T (D + gamma Y^T Y) R^-1, -R^-T], [-R^-1, 0]] [S, gamma Y]^T``.
+* DFP: the BFGS formulas with ``s <-> y`` and ``B <-> H`` (the dual update).
+* SR1 (BNS Thm 5.1): ``B = sigma I + (Y - sigma S)(D + L + L^T - sigma S^T S)^{-1}(Y - sigma S)^T``,
+  ``H = gamma I + (S - gamma Y)(R + R^T - D - gamma Y^T Y)^{-1}(S - gamma Y)^T``.
+* Broyden's (good) rank-one update (BNS section 6): ``B = sigma I + (Y - sigma S) N^{-1} S^T``,
+  ``N = triu(S^T S)``; its inverse by Sherman-Morrison-Woodbury,
+  ``H = gamma I + (S - gamma Y)(gamma S^T Y - tril(S^T S, -1))^{-1} gamma S^T``.
+
+Each formula is stored as a *kernel* ``F`` (``2m x 2m``) with
+``M v = scale v + [S Y] F [S^T v; Y^T v]``, computed from the Gram matrix of
+``[S Y]`` only. :func:`kernel_apply` multiplies by ``M``; :func:`kernel_solve` solves
+``M x = v`` with one small dense solve (``x = v / scale + [S Y] c``,
+``(scale I + F G) c = -F [S^T v; Y^T v] / scale``), which is how the *direct* forms
+produce their direction ``-B^{-1} g`` matrix-free. Invalid (skipped or empty) slots
+get identity rows in the middle matrices and zero rows in ``F``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from soo_func import tree
+from soo_func.directions import _pair_memory as pm
+
+__all__ = [
+    "KERNELS",
+    "bfgs_direct_kernel",
+    "bfgs_inverse_kernel",
+    "broyden_direct_kernel",
+    "broyden_inverse_kernel",
+    "dfp_direct_kernel",
+    "dfp_inverse_kernel",
+    "kernel_apply",
+    "kernel_operator",
+    "kernel_solve",
+    "sr1_direct_kernel",
+    "sr1_inverse_kernel",
+]
+
+Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _blocks(gram: torch.Tensor):
+    m = gram.shape[0] // 2
+    return gram[:m, :m], gram[:m, m:], gram[m:, m:]
+
+
+def _with_identity(matrix: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Replace the rows and columns of invalid indices by those of the identity."""
+    keep = valid[:, None] & valid[None, :]
+    eye = torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
+    return torch.where(keep, matrix, eye)
+
+
+def _mask(kernel: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    both = torch.cat([valid, valid])
+    keep = both[:, None] & both[None, :]
+    return torch.where(keep, kernel, torch.zeros_like(kernel))
+
+
+def _solve(matrix: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """A dense solve without the error check (which would sync with a GPU)."""
+    return torch.linalg.solve_ex(matrix, rhs)[0]
+
+
+def _eye(m: int, like: torch.Tensor) -> torch.Tensor:
+    return torch.eye(m, dtype=like.dtype, device=like.device)
+
+
+def bfgs_direct_kernel(gram: torch.Tensor, valid: torch.Tensor, sigma: torch.Tensor):
+    """Kernel of the compact direct BFGS matrix ``B`` (BNS eq. 2.17) with ``B0 = sigma I``."""
+    ss, sy, _ = _blocks(gram)
+    m = ss.shape[0]
+    lower = torch.tril(sy, -1)
+    middle = torch.cat(
+        [
+            torch.cat([sigma * ss, lower], 1),
+            torch.cat([lower.T, -torch.diag(torch.diagonal(sy))], 1),
+        ]
+    )
+    both = torch.cat([valid, valid])
+    middle = _with_identity(middle, both)
+    scale = torch.cat([sigma.expand(m), torch.ones_like(sigma).expand(m)])
+    kernel = -scale[:, None] * _solve(middle, torch.diag(scale))
+    return _mask(kernel, valid)
+
+
+def bfgs_inverse_kernel(gram: torch.Tensor, valid: torch.Tensor, gamma: torch.Tensor):
+    """Kernel of the compact inverse BFGS matrix ``H`` (BNS eq. 2.6) with ``H0 = gamma I``."""
+    _, sy, yy = _blocks(gram)
+    m = sy.shape[0]
+    eye = _eye(m, gram)
+    upper = _with_identity(torch.triu(sy), valid)
+    r_inv = torch.linalg.solve_triangular(upper, eye, upper=True)
+    d_yy = torch.diag(
+        torch.where(valid, torch.diagonal(sy), torch.zeros_like(valid, dtype=sy.dtype))
+    )
+    top_left = r_inv.T @ (d_yy + gamma * yy) @ r_inv
+    middle = torch.cat(
+        [torch.cat([top_left, -r_inv.T], 1), torch.cat([-r_inv, torch.zeros_like(eye)], 1)]
+    )
+    scale = torch.cat([torch.ones_like(gamma).expand(m), gamma.expand(m)])
+    return _mask(scale[:, None] * middle * scale[None, :], valid)
+
+
+def _swap(matrix: torch.Tensor) -> torch.Tensor:
+    """Exchange the S and Y blocks of a ``2m x 2m`` matrix (the BFGS/DFP duality)."""
+    m = matrix.shape[0] // 2
+    perm = torch.cat([torch.arange(m, 2 * m), torch.arange(m)]).to(matrix.device)
+    return matrix[perm][:, perm]
+
+
+def dfp_inverse_kernel(gram: torch.Tensor, valid: torch.Tensor, gamma: torch.Tensor):
+    """DFP's ``H``: the direct BFGS formula with ``s <-> y`` (``H0 = gamma I``)."""
+    return _swap(bfgs_direct_kernel(_swap(gram), valid, gamma))
+
+
+def dfp_direct_kernel(gram: torch.Tensor, valid: torch.Tensor, sigma: torch.Tensor):
+    """DFP's ``B``: the inverse BFGS formula with ``s <-> y`` (``B0 = sigma I``)."""
+    return _swap(bfgs_inverse_kernel(_swap(gram), valid, sigma))
+
+
+def _rank_kernel(left: torch.Tensor, middle_inv: torch.Tensor, right: torch.Tensor, valid):
+    return _mask(left @ middle_inv @ right.T, valid)
+
+
+def sr1_direct_kernel(gram: torch.Tensor, valid: torch.Tensor, sigma: torch.Tensor):
+    """Kernel of the compact SR1 ``B`` (BNS eq. 5.2) with ``B0 = sigma I``."""
+    ss, sy, _ = _blocks(gram)
+    m = ss.shape[0]
+    lower = torch.tril(sy, -1)
+    middle = torch.diag(torch.diagonal(sy)) + lower + lower.T - sigma * ss
+    eye = _eye(m, gram)
+    factor = torch.cat([-sigma * eye, eye])  # Y - sigma S = [S Y] factor
+    inv = _solve(_with_identity(middle, valid), eye)
+    return _rank_kernel(factor, inv, factor, valid)
+
+
+def sr1_inverse_kernel(gram: torch.Tensor, valid: torch.Tensor, gamma: torch.Tensor):
+    """Kernel of the compact SR1 ``H`` (BNS eq. 5.3) with ``H0 = gamma I``."""
+    _, sy, yy = _blocks(gram)
+    m = sy.shape[0]
+    upper = torch.triu(sy)
+    middle = upper + upper.T - torch.diag(torch.diagonal(sy)) - gamma * yy
+    eye = _eye(m, gram)
+    factor = torch.cat([eye, -gamma * eye])  # S - gamma Y
+    inv = _solve(_with_identity(middle, valid), eye)
+    return _rank_kernel(factor, inv, factor, valid)
+
+
+def broyden_direct_kernel(gram: torch.Tensor, valid: torch.Tensor, sigma: torch.Tensor):
+    """Kernel of Broyden's compact ``B = sigma I + (Y - sigma S) triu(S^T S)^{-1} S^T``."""
+    ss, _, _ = _blocks(gram)
+    m = ss.shape[0]
+    eye = _eye(m, gram)
+    upper = _with_identity(torch.triu(ss), valid)
+    inv = torch.linalg.solve_triangular(upper, eye, upper=True)
+    left = torch.cat([-sigma * eye, eye])
+    right = torch.cat([eye, torch.zeros_like(eye)])
+    return _rank_kernel(left, inv, right, valid)
+
+
+def broyden_inverse_kernel(gram: torch.Tensor, valid: torch.Tensor, gamma: torch.Tensor):
+    """Kernel of the inverse of Broyden's compact ``B`` (Sherman-Morrison-Woodbury)."""
+    ss, sy, _ = _blocks(gram)
+    m = ss.shape[0]
+    eye = _eye(m, gram)
+    middle = gamma * sy - torch.tril(ss, -1)
+    inv = _solve(_with_identity(middle, valid), eye)
+    left = torch.cat([eye, -gamma * eye])
+    right = torch.cat([gamma * eye, torch.zeros_like(eye)])
+    return _rank_kernel(left, inv, right, valid)
+
+
+KERNELS: dict[str, tuple[Kernel, Kernel]] = {
+    "bfgs": (bfgs_direct_kernel, bfgs_inverse_kernel),
+    "dfp": (dfp_direct_kernel, dfp_inverse_kernel),
+    "sr1": (sr1_direct_kernel, sr1_inverse_kernel),
+    "broyden": (broyden_direct_kernel, broyden_inverse_kernel),
+}
+"""``method -> (direct kernel, inverse kernel)``."""
+
+
+def kernel_apply(
+    memory: pm.PairMemory, kernel: torch.Tensor, scale: torch.Tensor, v: torch.Tensor
+) -> torch.Tensor:
+    """``M v = scale v + [S Y] F [S^T v; Y^T v]`` for a flat ``v``."""
+    return pm.combine(memory, v, scale, kernel @ pm.project(memory, v))
+
+
+def kernel_solve(
+    memory: pm.PairMemory, kernel: torch.Tensor, scale: torch.Tensor, v: torch.Tensor
+) -> torch.Tensor:
+    """``M^{-1} v`` by one ``2m x 2m`` solve (see the module docstring)."""
+    projected = pm.project(memory, v)
+    eye = _eye(kernel.shape[0], kernel)
+    coef = _solve(scale * eye + kernel @ memory.gram, -(kernel @ projected) / scale)
+    return pm.combine(memory, v, 1.0 / scale, coef)
+
+
+def kernel_operator(
+    memory: pm.PairMemory,
+    kernel: torch.Tensor | Callable[[], torch.Tensor],
+    scale: torch.Tensor,
+    params: Any,
+) -> Callable[[Any], Any]:
+    """``v -> M v`` on pytrees shaped like ``params``; a callable ``kernel`` is built on
+    the first product (so publishing costs nothing when no one multiplies)."""
+    cache: list[torch.Tensor] = []
+
+    def operator(v: Any) -> Any:
+        if not cache:
+            cache.append(kernel() if callable(kernel) else kernel)
+        flat = tree.ravel(v).flat
+        return tree.unravel(kernel_apply(memory, cache[0], scale, flat), params)
+
+    return operator
