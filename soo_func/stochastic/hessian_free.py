@@ -1,0 +1,217 @@
+"""Hessian-free optimization (Martens 2010, "Deep learning via Hessian-free optimization").
+
+Each step approximately minimizes the damped quadratic model of the batch loss
+
+    q(p) = f + g^T p + 0.5 p^T (B + lambda I) p
+
+with conjugate gradients, where ``B`` is a curvature matrix given by its products
+(the Gauss-Newton matrix on a subsample, :func:`soo_func.training.ggn_operator`, as
+Martens recommends; the Hessian of ``value_fn`` by default). The pieces of the paper:
+
+* CG warm-started from the decayed previous solution ``x_0 = decay * p_{k-1}`` (sec. 4.5).
+* CG stopped by relative progress on the quadratic (sec. 4.4): after ``i > k``
+  iterations with ``k = max(10, 0.1 i)``, stop once ``(phi_i - phi_{i-k}) / phi_i < k * eps``.
+* CG backtracking (sec. 4.6): the iterates at ``i = ceil(gamma^j)`` are kept and the one
+  with the lowest batch loss is taken (no step at all when none lowers it).
+* Levenberg-Marquardt damping (sec. 4.1): with the reduction ratio
+  ``rho = (f(w + p) - f(w)) / (q(p) - q(0))`` (undamped ``q``), ``lambda`` grows by
+  3/2 when ``rho < 1/4`` and shrinks by 2/3 when ``rho > 3/4``.
+
+Every decision is a tensor mask (``torch.where``): no host synchronisation, a fixed
+number of curvature products (``max_cg_iters + 1``) and one forward pass per kept
+iterate. The output is the step itself (add it to the params with ``apply_updates``).
+With ``curvature_fn=hessian_operator(loss_fn, params, subsample(batch, h))`` this is
+the subsampled Hessian Newton-CG method of Byrd, Chin, Neveitt and Nocedal (2011).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import torch
+
+from soo_func import tree
+from soo_func.base import Transform, require_extras
+from soo_func.oracles import hvp
+
+PyTree = Any
+
+__all__ = ["HessianFreeState", "hessian_free"]
+
+
+class HessianFreeState(NamedTuple):
+    """``damping``: the current lambda (0-d); ``previous_solution``: the last CG iterate
+    (warm start); ``reduction_ratio``: rho of the last step (0-d); ``cg_iterations``: CG
+    iterations run in the last step (0-d int)."""
+
+    damping: torch.Tensor
+    previous_solution: PyTree
+    reduction_ratio: torch.Tensor
+    cg_iterations: torch.Tensor
+
+
+def _backtrack_schedule(max_cg_iters: int, gamma: float) -> list[int]:
+    """Iterations ``ceil(gamma^j)`` up to ``max_cg_iters``, plus the last one (sorted)."""
+    kept, j = {max_cg_iters}, 0
+    while math.ceil(gamma**j) < max_cg_iters:
+        kept.add(math.ceil(gamma**j))
+        j += 1
+    return sorted(kept)
+
+
+def _check_positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"hessian_free: {name} must be positive, got {value}")
+
+
+def hessian_free(
+    damping: float = 1.0,
+    max_cg_iters: int = 20,
+    progress_tol: float = 5e-4,
+    warm_start_decay: float = 0.95,
+    backtrack_gamma: float = 1.3,
+    damping_increase: float = 1.5,
+    damping_decrease: float = 2.0 / 3.0,
+    min_damping: float = 1e-8,
+) -> Transform:
+    """Martens' (2010) Hessian-free step with CG backtracking and LM damping.
+
+    Args:
+      damping: initial Levenberg-Marquardt lambda.
+      max_cg_iters: CG iterations per step (the budget of curvature products).
+      progress_tol: ``eps`` of the relative-progress CG stopping rule.
+      warm_start_decay: CG starts from ``warm_start_decay * previous solution``.
+      backtrack_gamma: CG iterates ``ceil(gamma^j)`` are candidates for backtracking.
+      damping_increase, damping_decrease: lambda factors for ``rho < 1/4`` / ``rho > 3/4``.
+      min_damping: lambda never drops below this.
+
+    Extras: ``value_fn`` (the batch loss, required), ``value`` and ``grad`` at params,
+    ``curvature_fn`` (``v -> B v``; Hessian products of ``value_fn`` when absent).
+    """
+    _check_positive("damping", damping)
+    _check_positive("progress_tol", progress_tol)
+    _check_positive("min_damping", min_damping)
+    if not isinstance(max_cg_iters, int) or max_cg_iters < 1:
+        raise ValueError(f"hessian_free: max_cg_iters must be an int >= 1, got {max_cg_iters!r}")
+    if not 0 <= warm_start_decay <= 1:
+        raise ValueError(
+            f"hessian_free: warm_start_decay must be in [0, 1], got {warm_start_decay}"
+        )
+    if not backtrack_gamma > 1:
+        raise ValueError(f"hessian_free: backtrack_gamma must be > 1, got {backtrack_gamma}")
+    if not (damping_increase > 1 and 0 < damping_decrease < 1):
+        raise ValueError(
+            "hessian_free: need damping_increase > 1 and 0 < damping_decrease < 1, got "
+            f"{damping_increase} and {damping_decrease}"
+        )
+    kept_iterations = _backtrack_schedule(max_cg_iters, backtrack_gamma)
+
+    def init(params: PyTree) -> HessianFreeState:
+        first = tree.leaves(params)[0]
+        zero = torch.zeros((), dtype=first.dtype, device=first.device)
+        return HessianFreeState(
+            damping=zero + damping,
+            previous_solution=tree.zeros_like(params),
+            reduction_ratio=zero,
+            cg_iterations=torch.zeros((), dtype=torch.int64, device=first.device),
+        )
+
+    def update(updates, state: HessianFreeState, params=None, **extra):
+        require_extras("hessian_free", extra, "value_fn")
+        if params is None:
+            raise TypeError("hessian_free needs params in update(updates, state, params, ...)")
+        value_fn = extra["value_fn"]
+        grad = extra.get("grad")
+        grad = updates if grad is None else grad
+        value = extra.get("value")
+        if value is None:
+            with torch.no_grad():
+                value = value_fn(params)
+        curvature = extra.get("curvature_fn")
+        if curvature is None:
+
+            def curvature(v):
+                return hvp(value_fn, params, v)
+
+        lam = state.damping
+
+        def damped(v):
+            return tree.axpy(lam, v, curvature(v))
+
+        solution, candidates, iterations = _cg(
+            damped,
+            grad,
+            tree.scale(warm_start_decay, state.previous_solution),
+            max_cg_iters,
+            progress_tol,
+            kept_iterations,
+        )
+        with torch.no_grad():
+            values = torch.stack([value_fn(tree.add(params, c)).detach() for c in candidates])
+        values = torch.where(torch.isfinite(values), values, torch.full_like(values, math.inf))
+        best = torch.argmin(values)
+        best_value = values[best]
+        improved = best_value < value
+        step = tree.zeros_like(grad)
+        for k, candidate in enumerate(candidates):
+            step = tree.where(best == k, candidate, step)
+        step = tree.where(improved, step, tree.zeros_like(grad))
+
+        model_change = tree.vdot(grad, step) + 0.5 * tree.vdot(step, curvature(step))
+        rho = torch.where(
+            improved & (model_change < 0),
+            (best_value - value) / torch.where(model_change < 0, model_change, -1.0),
+            torch.zeros_like(value),
+        )
+        new_damping = torch.where(
+            rho < 0.25, lam * damping_increase, torch.where(rho > 0.75, lam * damping_decrease, lam)
+        ).clamp_min(min_damping)
+        return step, HessianFreeState(new_damping, solution, rho.detach(), iterations)
+
+    def publish(state: HessianFreeState, params=None, **extra):
+        del params, extra
+        return {"damping": state.damping, "reduction_ratio": state.reduction_ratio}
+
+    return Transform(init, update, publish)
+
+
+def _cg(operator, grad, x0, max_iters, progress_tol, kept_iterations):
+    """Masked CG on ``A x = -grad`` from ``x0``; returns (last x, kept iterates, iterations run).
+
+    Martens' relative-progress rule freezes the iteration (by masks, no host sync) once
+    ``phi_i - phi_{i-k} > k * eps * phi_i`` no longer holds, ``phi(x) = 0.5 x^T A x + g^T x``.
+    """
+    b = tree.neg(grad)
+    x = x0
+    r = tree.sub(b, operator(x))
+    p = r
+    rr = tree.vdot(r, r)
+    active = torch.ones((), dtype=torch.bool, device=rr.device)
+    iterations = torch.zeros((), dtype=torch.int64, device=rr.device)
+    phis = []
+    kept = []
+    for i in range(1, max_iters + 1):
+        ap = operator(p)
+        pap = tree.vdot(p, ap)
+        active = active & (pap > 0) & (rr > 0)
+        alpha = torch.where(active, rr / torch.where(pap > 0, pap, 1.0), 0.0)
+        x = tree.axpy(alpha, p, x)
+        r = tree.axpy(-alpha, ap, r)
+        rr_new = tree.vdot(r, r)
+        beta = torch.where(active, rr_new / torch.where(rr > 0, rr, 1.0), 0.0)
+        p = tree.axpy(beta, p, r)
+        rr = rr_new
+        iterations = iterations + active.to(torch.int64)
+        # phi(x) = 0.5 x^T A x - b^T x = -0.5 x^T (r + b), since r = b - A x.
+        phis.append(-0.5 * tree.vdot(x, tree.add(r, b)))
+        window = max(10, int(0.1 * i))
+        if i > window:
+            phi, old = phis[-1], phis[-1 - window]
+            stalled = (phi < 0) & (
+                (phi - old) / torch.where(phi < 0, phi, -1.0) < window * progress_tol
+            )
+            active = active & ~stalled
+        if i in kept_iterations:
+            kept.append(x)
+    return x, kept, iterations

@@ -1,0 +1,150 @@
+"""Mini-batch helpers: a loss bound to a batch, subsampled curvature, one training step.
+
+In a training loop every soo_func optimizer sees the loss on the current batch as
+its objective: ``value_fn = bind_batch(loss_fn, batch)`` turns
+``loss_fn(params, batch)`` into ``params -> 0-d loss`` (what ``value_fn`` means in
+the protocol), so a line search, a trust region or a Levenberg-Marquardt step works
+on that batch unchanged.
+
+Subsampled curvature (Byrd, Chin, Neveitt and Nocedal 2011, "On the use of
+stochastic Hessian information in optimization methods for machine learning"): the
+gradient comes from a batch ``S`` and the curvature products from a smaller
+subsample ``H`` of ``S``, since a product costs about as much as a gradient but its
+noise hurts the step far less. :func:`hessian_operator` gives ``v -> H_H v`` and
+:func:`ggn_operator` the generalized Gauss-Newton product ``v -> J^T H_L J v``
+(Schraudolph 2002; Martens 2010, sec. 4.2), both on the subsample, as
+``curvature_fn`` for :func:`soo_func.stochastic.hessian_free`.
+
+:func:`training_step` runs one functional step of any transform on one batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.func as tf
+
+from soo_func import tree
+from soo_func.base import Transform, apply_updates
+from soo_func.oracles import _unwrap, value_and_grad
+
+PyTree = Any
+Batch = Any
+Operator = Callable[[PyTree], PyTree]
+
+__all__ = [
+    "bind_batch",
+    "ggn_operator",
+    "hessian_operator",
+    "subsample",
+    "training_step",
+]
+
+
+def bind_batch(loss_fn: Callable[[PyTree, Batch], torch.Tensor], batch: Batch) -> Callable:
+    """``params -> loss_fn(params, batch)``: the batch loss as a protocol ``value_fn``."""
+    if not callable(loss_fn):
+        raise TypeError(f"bind_batch: loss_fn must be callable, got {type(loss_fn).__name__}")
+
+    def value_fn(params: PyTree) -> torch.Tensor:
+        return loss_fn(params, batch)
+
+    return value_fn
+
+
+def _batch_len(batch: Batch) -> int:
+    sizes = {leaf.shape[0] for leaf in tree.leaves(batch) if isinstance(leaf, torch.Tensor)}
+    if len(sizes) != 1:
+        raise ValueError(
+            f"batch leaves must share their leading (example) dimension, got sizes {sorted(sizes)}"
+        )
+    return sizes.pop()
+
+
+def subsample(batch: Batch, size: int | float) -> Batch:
+    """The first ``size`` examples of ``batch`` (a fraction when ``size`` is a float in (0, 1]).
+
+    Batches are drawn in random order, so the leading examples are a uniform subsample
+    (Byrd et al. 2011 take the curvature sample ``H`` as a subset of ``S``).
+    """
+    n = _batch_len(batch)
+    if isinstance(size, float):
+        if not 0 < size <= 1:
+            raise ValueError(f"subsample fraction must be in (0, 1], got {size}")
+        size = max(1, round(size * n))
+    if size < 1:
+        raise ValueError(f"subsample size must be >= 1, got {size}")
+    size = min(size, n)
+    return tree.map(lambda t: t[:size] if isinstance(t, torch.Tensor) else t, batch)
+
+
+def hessian_operator(
+    loss_fn: Callable[[PyTree, Batch], torch.Tensor], params: PyTree, batch: Batch
+) -> Operator:
+    """``v -> H v`` with ``H`` the Hessian of ``loss_fn(., batch)`` at ``params``.
+
+    Forward-over-reverse (``jvp`` of ``grad``), one product per call.
+    """
+    raw = _unwrap(loss_fn)
+    grad_fn = tf.grad(lambda p: raw(p, batch))
+
+    def product(v: PyTree) -> PyTree:
+        tree.check_same_structure(params, v, names=("params", "v"))
+        return tf.jvp(grad_fn, (params,), (v,))[1]
+
+    return product
+
+
+def ggn_operator(
+    apply_fn: Callable[[PyTree, torch.Tensor], torch.Tensor],
+    output_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    params: PyTree,
+    batch: tuple[torch.Tensor, torch.Tensor],
+) -> Operator:
+    """``v -> G v = J^T H_L J v``: the generalized Gauss-Newton matrix on ``batch``.
+
+    ``apply_fn(params, inputs) -> outputs`` is the network, ``output_loss(outputs,
+    targets) -> 0-d`` the (convex in the outputs) loss, ``J`` the Jacobian of the
+    outputs in the params and ``H_L`` the Hessian of the loss in the outputs
+    (Schraudolph 2002, eq. 7; Martens 2010, sec. 4.2). For the mean cross-entropy,
+    ``H_L = (diag(p) - p p^T) / batch_size`` per example, so ``G`` is positive
+    semidefinite, unlike the Hessian. ``J v`` is one ``jvp``, ``H_L u`` a product on
+    the small output space and ``J^T w`` one ``vjp`` through a graph kept for all calls.
+    """
+    inputs, targets = batch
+    outputs, vjp_fn = tf.vjp(lambda p: apply_fn(p, inputs), params)
+    outputs = outputs.detach()
+    loss_grad = tf.grad(lambda z: output_loss(z, targets))
+
+    def product(v: PyTree) -> PyTree:
+        tree.check_same_structure(params, v, names=("params", "v"))
+        _, jv = tf.jvp(lambda p: apply_fn(p, inputs), (params,), (v,))
+        _, hjv = tf.jvp(loss_grad, (outputs,), (jv,))
+        return vjp_fn(hjv)[0]
+
+    return product
+
+
+def training_step(
+    optimizer: Transform,
+    loss_fn: Callable[[PyTree, Batch], torch.Tensor],
+    params: PyTree,
+    state: Any,
+    batch: Batch,
+    **extra: Any,
+) -> tuple[PyTree, Any, torch.Tensor]:
+    """One step of ``optimizer`` on ``batch``: returns ``(new_params, new_state, loss)``.
+
+    The loss is bound to the batch (:func:`bind_batch`) and its value and gradient
+    passed as the extras ``value``, ``grad`` and ``value_fn``; further extras (a
+    ``curvature_fn`` on a subsample, an ``overlap_value_fn``) are passed on. Pure: no
+    input is modified.
+    """
+    value_fn = bind_batch(loss_fn, batch)
+    value, grad = value_and_grad(value_fn)(params)
+    updates, state = optimizer.update(
+        grad, state, params, value=value, grad=grad, value_fn=value_fn, **extra
+    )
+    return apply_updates(params, updates), state, value
