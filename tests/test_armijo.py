@@ -76,9 +76,9 @@ def run_search(search, fn, x0, d, **extra):
 # --- the Armijo inequality -------------------------------------------------------------
 
 
+@pytest.mark.parametrize("c1", [1e-3, 0.4])
 @pytest.mark.parametrize("initial_step", ["unit", 10.0, "previous_decrease"])
-def test_accepted_steps_satisfy_armijo(initial_step):
-    c1 = 1e-3
+def test_accepted_steps_satisfy_armijo(initial_step, c1):
     search = armijo(slope_rtol=c1, initial_step=initial_step)
     for seed in range(40):
         fn, x0, d = random_problem(seed)

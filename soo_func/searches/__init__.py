@@ -2,5 +2,6 @@
 
 from soo_func.searches.armijo import armijo
 from soo_func.searches.line import LineSearchState
+from soo_func.searches.wolfe import wolfe
 
-__all__ = ["LineSearchState", "armijo"]
+__all__ = ["LineSearchState", "armijo", "wolfe"]
