@@ -29,7 +29,7 @@ from soo_func.oracles import (
     linearize_grad,
     value_and_grad,
 )
-from soo_func.searches import LineSearchState, armijo
+from soo_func.searches import LineSearchState, armijo, wolfe
 
 __version__ = "0.1.0"
 
@@ -56,4 +56,5 @@ __all__ = [
     "stateless",
     "tree",
     "value_and_grad",
+    "wolfe",
 ]
