@@ -13,7 +13,8 @@ subsample ``H`` of ``S``, since a product costs about as much as a gradient but 
 noise hurts the step far less. :func:`hessian_operator` gives ``v -> H_H v`` and
 :func:`ggn_operator` the generalized Gauss-Newton product ``v -> J^T H_L J v``
 (Schraudolph 2002; Martens 2010, sec. 4.2), both on the subsample, as
-``curvature_fn`` for :func:`soo_func.stochastic.hessian_free`.
+``curvature`` extra for :func:`soo_func.stochastic.hessian_free`, ``levenberg`` and
+``trust_region``.
 
 :func:`training_step` runs one functional step of any transform on one batch.
 """
@@ -139,7 +140,7 @@ def training_step(
 
     The loss is bound to the batch (:func:`bind_batch`) and its value and gradient
     passed as the extras ``value``, ``grad`` and ``value_fn``; further extras (a
-    ``curvature_fn`` on a subsample, an ``overlap_value_fn``) are passed on. Pure: no
+    ``curvature`` operator on a subsample, an ``overlap_value_fn``) are passed on. Pure: no
     input is modified.
     """
     value_fn = bind_batch(loss_fn, batch)

@@ -254,7 +254,7 @@ def test_hessian_free_rejects_a_bad_step_and_raises_damping():
         params,
         value=value,
         value_fn=steep,
-        curvature_fn=lambda v: sf.tree.scale(0.01, v),
+        curvature=lambda v: sf.tree.scale(0.01, v),
     )
     assert torch.all(step["x"] == 0)
     torch.testing.assert_close(state.damping, torch.tensor(1.5e-3, dtype=torch.float64))
@@ -272,7 +272,7 @@ def test_hessian_free_with_subsampled_ggn_trains_and_is_pure(dtype, device):
             apply_fn, cross_entropy, params, training.subsample(batch, 16)
         )
         params, state, _ = training.training_step(
-            opt, loss_fn, params, state, batch, curvature_fn=curvature
+            opt, loss_fn, params, state, batch, curvature=curvature
         )
         values.append(value_fn(params))
     # Backtracking only accepts a lower batch loss: the sequence never increases.

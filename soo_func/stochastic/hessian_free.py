@@ -20,7 +20,7 @@ Martens recommends; the Hessian of ``value_fn`` by default). The pieces of the p
 Every decision is a tensor mask (``torch.where``): no host synchronisation, a fixed
 number of curvature products (``max_cg_iters + 1``) and one forward pass per kept
 iterate. The output is the step itself (add it to the params with ``apply_updates``).
-With ``curvature_fn=hessian_operator(loss_fn, params, subsample(batch, h))`` this is
+With ``curvature=hessian_operator(loss_fn, params, subsample(batch, h))`` this is
 the subsampled Hessian Newton-CG method of Byrd, Chin, Neveitt and Nocedal (2011).
 """
 
@@ -87,7 +87,8 @@ def hessian_free(
       min_damping: lambda never drops below this.
 
     Extras: ``value_fn`` (the batch loss, required), ``value`` and ``grad`` at params,
-    ``curvature_fn`` (``v -> B v``; Hessian products of ``value_fn`` when absent).
+    ``curvature`` (``v -> B v``, the protocol key that levenberg and trust_region read too;
+    Hessian products of ``value_fn`` when absent).
     """
     _check_positive("damping", damping)
     _check_positive("progress_tol", progress_tol)
@@ -128,7 +129,7 @@ def hessian_free(
         if value is None:
             with torch.no_grad():
                 value = value_fn(params)
-        curvature = extra.get("curvature_fn")
+        curvature = extra.get("curvature")
         if curvature is None:
 
             def curvature(v):
