@@ -7,7 +7,7 @@ composed with :func:`chain` like optax::
     result = sf.minimize(loss_fn, params, opt)
 """
 
-from soo_func import tree
+from soo_func import stochastic, training, tree
 from soo_func.base import (
     ChainState,
     EmptyState,
@@ -30,6 +30,8 @@ from soo_func.oracles import (
     value_and_grad,
 )
 from soo_func.searches import LineSearchState, armijo, wolfe
+from soo_func.stochastic import hessian_free, multi_batch_lbfgs
+from soo_func.training import bind_batch, training_step
 
 __version__ = "0.1.0"
 
@@ -42,18 +44,24 @@ __all__ = [
     "Transform",
     "apply_updates",
     "armijo",
+    "bind_batch",
     "chain",
     "functional_loss",
     "ggn_vp",
+    "hessian_free",
     "hvp",
     "least_squares",
     "linearize_grad",
     "minimize",
+    "multi_batch_lbfgs",
     "publish",
     "require_extras",
     "scale",
     "sgd",
     "stateless",
+    "stochastic",
+    "training",
+    "training_step",
     "tree",
     "value_and_grad",
     "wolfe",
