@@ -20,6 +20,7 @@ from soo_func.base import (
     sgd,
     stateless,
 )
+from soo_func.directions import bfgs, broyden, dfp, lbfgs, sr1
 from soo_func.minimize import MinimizeResult, least_squares, minimize
 from soo_func.oracles import (
     CountedObjective,
@@ -44,12 +45,16 @@ __all__ = [
     "Transform",
     "apply_updates",
     "armijo",
+    "bfgs",
     "bind_batch",
+    "broyden",
     "chain",
+    "dfp",
     "functional_loss",
     "ggn_vp",
     "hessian_free",
     "hvp",
+    "lbfgs",
     "least_squares",
     "linearize_grad",
     "minimize",
@@ -58,6 +63,7 @@ __all__ = [
     "require_extras",
     "scale",
     "sgd",
+    "sr1",
     "stateless",
     "stochastic",
     "training",

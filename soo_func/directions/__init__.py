@@ -1,5 +1,6 @@
 """Direction transforms: each maps the gradient to a descent direction ``d``."""
 
 from soo_func.directions.lbfgs import lbfgs
+from soo_func.directions.quasi_newton import bfgs, broyden, dfp, sr1
 
-__all__ = ["lbfgs"]
+__all__ = ["bfgs", "broyden", "dfp", "lbfgs", "sr1"]

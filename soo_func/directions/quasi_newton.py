@@ -1,0 +1,335 @@
+"""Dense quasi-Newton directions: BFGS, DFP, SR1 and Broyden.
+
+Each keeps an ``n x n`` matrix over the raveled params: the inverse approximation
+``H`` (``form="inverse"``, direction ``-H g``) or the Hessian approximation ``B``
+(``form="direct"``, direction ``-B^{-1} g`` by a dense solve). With ``memory_size=m``
+the same methods use the compact limited-memory representations of
+:mod:`soo_func.directions.limited_memory` instead.
+
+Updates (Nocedal & Wright 2006, chapter 6), with ``rho = 1 / y^T s``:
+
+* BFGS: ``H+ = (I - rho s y^T) H (I - rho y s^T) + rho s s^T`` (eq. 6.17),
+  ``B+ = B - B s s^T B / s^T B s + y y^T / y^T s`` (eq. 6.19).
+* DFP: ``H+ = H - H y y^T H / y^T H y + s s^T / y^T s`` (eq. 6.15),
+  ``B+ = (I - rho y s^T) B (I - rho s y^T) + rho y y^T`` (eq. 6.13).
+* SR1: ``B+ = B + (y - B s)(y - B s)^T / (y - B s)^T s`` (eq. 6.24),
+  ``H+ = H + (s - H y)(s - H y)^T / (s - H y)^T y`` (eq. 6.25).
+* Broyden's (good) method on the gradient: ``B+ = B + (y - B s) s^T / s^T s``
+  (N&W eq. 11.24, nonsymmetric), ``H+ = H + (s - H y) s^T H / s^T H y`` (Sherman-Morrison).
+
+Safeguards, all by ``torch.where`` (no host sync): BFGS/DFP skip a pair with
+``s^T y <= eps |s| |y|``; SR1 skips unless ``|s^T (y - B s)| >= r |s| |y - B s|``
+(eq. 6.26); Broyden skips ``s = 0`` (and, inverse form, ``|s^T H y| <= eps |s| |H y|``).
+BFGS offers Powell's damping (N&W Procedure 18.2). When the direction is not a
+descent direction the matrix is reset and the direction is ``-g``. Before the first
+update the initial matrix is rescaled to ``H0 = (y^T s / y^T y) I`` (eq. 6.20) unless
+``initial_scaling`` fixes ``H0``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+
+from soo_func import tree
+from soo_func.base import Transform
+from soo_func.directions import _pair_memory as pm
+
+__all__ = ["METHODS", "DenseQuasiNewtonState", "bfgs", "broyden", "dense_update", "dfp", "sr1"]
+
+METHODS = ("bfgs", "dfp", "sr1", "broyden")
+FORMS = ("inverse", "direct")
+
+
+class DenseQuasiNewtonState(NamedTuple):
+    """``matrix``: ``H`` or ``B`` (``n x n``); ``prev_point``: flat params and gradient at the
+    last update (``[2, n]``); ``has_prev``, ``scaled`` (``H0`` rescaled yet): 0-d bools;
+    ``initial_step``: a step hint for the search (``1 / |g|`` while ``matrix`` is ``H0``)."""
+
+    matrix: torch.Tensor
+    prev_point: torch.Tensor
+    has_prev: torch.Tensor
+    scaled: torch.Tensor
+    initial_step: torch.Tensor
+
+
+def _ratio(num: torch.Tensor | float, den: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+    """``num / den`` where ``ok``, else 0 (no division by a rejected denominator)."""
+    num = torch.as_tensor(num, dtype=den.dtype, device=den.device)
+    return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(num))
+
+
+def dense_update(method: str, form: str, matrix, s, y, ok):
+    """One quasi-Newton update of ``matrix`` (``H`` or ``B``) by the pair ``(s, y)``.
+
+    Returns the updated matrix where ``ok`` holds (``matrix`` unchanged elsewhere).
+    """
+    inverse = form == "inverse"
+    if method == "bfgs" and inverse:
+        hy = matrix @ y
+        rho = _ratio(torch.ones_like(s @ y), s @ y, ok)
+        new = (
+            matrix
+            - rho * (torch.outer(s, hy) + torch.outer(hy, s))
+            + (rho * rho * (y @ hy) + rho) * torch.outer(s, s)
+        )
+    elif method == "bfgs" or (method == "dfp" and inverse):
+        # B+ = B - Bs (Bs)^T / s^T B s + y y^T / y^T s, and its dual for DFP's H.
+        a, b = (y, s) if inverse else (s, y)
+        ma = matrix @ a
+        new = (
+            matrix
+            - _ratio(1.0, a @ ma, ok) * torch.outer(ma, ma)
+            + _ratio(1.0, a @ b, ok) * torch.outer(b, b)
+        )
+    elif method == "dfp":
+        by = matrix @ s
+        rho = _ratio(torch.ones_like(s @ y), s @ y, ok)
+        new = (
+            matrix
+            - rho * (torch.outer(y, by) + torch.outer(by, y))
+            + (rho * rho * (s @ by) + rho) * torch.outer(y, y)
+        )
+    elif method == "sr1":
+        a, b = (y, s) if inverse else (s, y)
+        residual = b - matrix @ a
+        new = matrix + _ratio(1.0, residual @ a, ok) * torch.outer(residual, residual)
+    elif method == "broyden" and not inverse:
+        new = matrix + _ratio(1.0, s @ s, ok) * torch.outer(y - matrix @ s, s)
+    else:
+        hy = matrix @ y
+        new = matrix + _ratio(1.0, s @ hy, ok) * torch.outer(s - hy, s @ matrix)
+    return torch.where(ok, new, matrix)
+
+
+def _solve(matrix: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.solve_ex(matrix, rhs)[0]
+
+
+class _Config(NamedTuple):
+    method: str
+    form: str
+    curvature_eps: float | None
+    sr1_rtol: float | None
+    damping: bool
+    initial_scaling: float | None
+
+
+def _sr1_default_rtol(dtype: torch.dtype) -> float:
+    """``sqrt(eps)``: N&W's ``r = 1e-8`` in float64, scaled to the dtype's rounding."""
+    return torch.finfo(dtype).eps ** 0.5
+
+
+def _sr1_rule(a, b, m_a, rtol):
+    """N&W eq. 6.26: ``|a^T (b - M a)| >= rtol |a| |b - M a|``."""
+    residual = b - m_a
+    norms = torch.linalg.vector_norm(a) * torch.linalg.vector_norm(residual)
+    return torch.abs(a @ residual) >= rtol * norms
+
+
+def _accept(cfg: _Config, matrix, s, y, b_s, h_y) -> torch.Tensor:
+    """The skip rule of ``cfg.method`` for the pair ``(s, y)``; ``b_s = B s``, ``h_y = H y``.
+
+    SR1 needs both eq. 6.26 (the direct update's denominator) and its dual
+    ``|y^T (s - H y)| >= r |y| |s - H y|`` (the inverse update's), so that both forms
+    skip the same pairs and stay inverses of each other."""
+    eps = torch.finfo(s.dtype).eps if cfg.curvature_eps is None else cfg.curvature_eps
+    s_norm, y_norm = torch.linalg.vector_norm(s), torch.linalg.vector_norm(y)
+    finite = torch.isfinite(s_norm * y_norm)
+    if cfg.method in ("bfgs", "dfp"):
+        return finite & (s @ y > eps * s_norm * y_norm)
+    if cfg.method == "sr1":
+        rtol = _sr1_default_rtol(s.dtype) if cfg.sr1_rtol is None else cfg.sr1_rtol
+        return finite & _sr1_rule(s, y, b_s, rtol) & _sr1_rule(y, s, h_y, rtol)
+    ok = finite & (s_norm > 0)
+    if cfg.form == "inverse":
+        ok = ok & (torch.abs(s @ h_y) > eps * s_norm * torch.linalg.vector_norm(h_y))
+    return ok
+
+
+def _scalable(s, y) -> torch.Tensor:
+    """Whether eq. 6.20's ``gamma = s^T y / y^T y`` is usable (positive and finite)."""
+    sy, yy = s @ y, y @ y
+    return (sy > 0) & (yy > 0) & torch.isfinite(sy)
+
+
+def _powell_damped(s, y, b_s) -> torch.Tensor:
+    """N&W Procedure 18.2: ``r = theta y + (1 - theta) B s`` so that ``s^T r >= 0.2 s^T B s``."""
+    sbs, sy = s @ b_s, s @ y
+    low = sy < 0.2 * sbs
+    theta = torch.where(low, _ratio(0.8 * sbs, sbs - sy, low), torch.ones_like(sy))
+    return theta * y + (1 - theta) * b_s
+
+
+def _dense(cfg: _Config, who: str) -> Transform:
+    inverse = cfg.form == "inverse"
+
+    def init(params: Any) -> DenseQuasiNewtonState:
+        leaves = tree.leaves(params)
+        n = sum(leaf.numel() for leaf in leaves)
+        dtype, device = leaves[0].dtype, leaves[0].device
+        h0 = 1.0 if cfg.initial_scaling is None else cfg.initial_scaling
+        diag = h0 if inverse else 1.0 / h0
+        one = torch.ones((), dtype=dtype, device=device)
+        return DenseQuasiNewtonState(
+            matrix=diag * torch.eye(n, dtype=dtype, device=device),
+            prev_point=torch.zeros(2, n, dtype=dtype, device=device),
+            has_prev=torch.zeros((), dtype=torch.bool, device=device),
+            scaled=torch.full((), cfg.initial_scaling is not None, device=device),
+            initial_step=one,
+        )
+
+    def initial_matrix(state, s, y):
+        """N&W eq. 6.20: ``H0 = (y^T s / y^T y) I`` before the first update."""
+        eye = torch.eye(s.shape[0], dtype=s.dtype, device=s.device)
+        sy, yy = s @ y, y @ y
+        usable = _scalable(s, y)
+        gamma = torch.where(usable, _ratio(sy, yy, usable), torch.ones_like(sy))
+        h0 = gamma * eye if inverse else eye / gamma
+        return torch.where(state.scaled, state.matrix, h0)
+
+    def update(updates, state: DenseQuasiNewtonState, params=None, **extra):
+        del extra
+        if params is None:
+            raise TypeError(f"{who} needs params in update(updates, state, params) to form s")
+        point = pm.flat_point(params, updates)
+        s, y = point - state.prev_point
+        g = point[1]
+        matrix = torch.where(state.has_prev, initial_matrix(state, s, y), state.matrix)
+        b_s = _solve(matrix, s) if inverse else matrix @ s
+        if cfg.damping:
+            y = _powell_damped(s, y, b_s)
+        h_y = matrix @ y if inverse else _solve(matrix, y)
+        ok = state.has_prev & _accept(cfg, matrix, s, y, b_s, h_y)
+        matrix = dense_update(cfg.method, cfg.form, matrix, s, y, ok)
+        scaled = state.scaled | ok | (state.has_prev & _scalable(s, y))
+        direction = -(matrix @ g) if inverse else -_solve(matrix, g)
+        slope = g @ direction
+        descent = (slope < 0) & torch.isfinite(slope)
+        h0 = torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
+        if cfg.initial_scaling is not None:
+            h0 = h0 * (cfg.initial_scaling if inverse else 1.0 / cfg.initial_scaling)
+        matrix = torch.where(descent, matrix, h0)
+        direction = torch.where(descent, direction, -g)
+        scaled = scaled & (descent | torch.full_like(scaled, cfg.initial_scaling is not None))
+        gg = g @ g
+        first = torch.clamp(torch.rsqrt(gg), max=1.0)
+        hint = torch.where(~scaled & (gg > 0), first, torch.ones_like(first))
+        new_state = DenseQuasiNewtonState(
+            matrix, point, torch.ones_like(state.has_prev), scaled, hint
+        )
+        return tree.unravel(direction, params), new_state
+
+    def publish(state: DenseQuasiNewtonState, params=None, **extra) -> dict[str, Any]:
+        del extra
+        matrix = state.matrix
+
+        def curvature(v: Any) -> Any:
+            flat = tree.ravel(v).flat
+            out = _solve(matrix, flat) if inverse else matrix @ flat
+            return tree.unravel(out, params)
+
+        return {"curvature": curvature, "initial_step": state.initial_step}
+
+    return Transform(init, update, publish)
+
+
+def _make(
+    method: str,
+    memory_size: int | None,
+    form: str,
+    curvature_eps: float | None,
+    initial_scaling: float | None,
+    sr1_rtol: float | None = None,
+    damping: bool = False,
+) -> Transform:
+    if form not in FORMS:
+        raise ValueError(f"{method}: form must be 'inverse' or 'direct', got {form!r}")
+    if curvature_eps is not None and not curvature_eps >= 0:
+        raise ValueError(f"{method}: curvature_eps must be >= 0, got {curvature_eps}")
+    if initial_scaling is not None and not initial_scaling > 0:
+        raise ValueError(f"{method}: initial_scaling must be positive, got {initial_scaling}")
+    if sr1_rtol is not None and not 0 <= sr1_rtol < 1:
+        raise ValueError(f"{method}: sr1_rtol must be in [0, 1), got {sr1_rtol}")
+    cfg = _Config(method, form, curvature_eps, sr1_rtol, damping, initial_scaling)
+    if memory_size is None:
+        return _dense(cfg, method)
+    if damping:
+        raise ValueError(
+            f"{method}: Powell damping is available for the dense form only; drop "
+            "memory_size or damping"
+        )
+    from soo_func.directions.limited_memory import limited_memory
+
+    return limited_memory(method, memory_size, form, curvature_eps, initial_scaling, sr1_rtol)
+
+
+def bfgs(
+    memory_size: int | None = None,
+    *,
+    form: str = "inverse",
+    damping: bool = False,
+    curvature_eps: float | None = None,
+    initial_scaling: float | None = None,
+) -> Transform:
+    """The BFGS direction (N&W eqs. 6.17 / 6.19); limited memory with ``memory_size``.
+
+    Args:
+      memory_size: ``None`` for the dense ``n x n`` matrix, else the number of pairs of the
+        compact representation (Byrd, Nocedal & Schnabel 1994).
+      form: ``"inverse"`` (keep ``H``, direction ``-H g``) or ``"direct"`` (keep ``B``,
+        direction by a solve).
+      damping: Powell's damped update (N&W Procedure 18.2; dense only).
+      curvature_eps: skip pairs with ``s^T y <= curvature_eps |s||y|`` (default: the dtype's
+        machine epsilon).
+      initial_scaling: fix ``H0 = initial_scaling * I`` (default: eq. 6.20, or eq. 7.20's
+        newest-pair scaling in limited memory).
+
+    Publishes ``curvature`` (``v -> B v``) and ``initial_step``.
+    """
+    return _make("bfgs", memory_size, form, curvature_eps, initial_scaling, damping=damping)
+
+
+def dfp(
+    memory_size: int | None = None,
+    *,
+    form: str = "inverse",
+    curvature_eps: float | None = None,
+    initial_scaling: float | None = None,
+) -> Transform:
+    """The DFP direction (N&W eqs. 6.13 / 6.15); arguments as :func:`bfgs`."""
+    return _make("dfp", memory_size, form, curvature_eps, initial_scaling)
+
+
+def sr1(
+    memory_size: int | None = None,
+    *,
+    form: str = "inverse",
+    sr1_rtol: float | None = None,
+    initial_scaling: float | None = None,
+) -> Transform:
+    """The symmetric rank-one direction (N&W eqs. 6.24 / 6.25).
+
+    A pair is used only when ``|s^T (y - B s)| >= sr1_rtol |s| |y - B s|`` (eq. 6.26), and its dual
+    ``|y^T (s - H y)| >= sr1_rtol |y| |s - H y|``; ``sr1_rtol`` defaults to the square root
+    of the dtype's machine epsilon (N&W's ``1e-8`` in float64, ``3.5e-4`` in float32). SR1
+    matrices may be indefinite: where ``-H g`` is not a descent direction the matrix is
+    reset and the direction is ``-g`` (a trust region uses the published curvature instead).
+    """
+    return _make("sr1", memory_size, form, None, initial_scaling, sr1_rtol=sr1_rtol)
+
+
+def broyden(
+    memory_size: int | None = None,
+    *,
+    form: str = "inverse",
+    curvature_eps: float | None = None,
+    initial_scaling: float | None = None,
+) -> Transform:
+    """Broyden's (good) nonsymmetric rank-one secant method applied to the gradient.
+
+    ``B+ = B + (y - B s) s^T / s^T s`` (N&W eq. 11.24) or its Sherman-Morrison inverse.
+    The matrix need not be symmetric or definite; non-descent directions reset it.
+    """
+    return _make("broyden", memory_size, form, curvature_eps, initial_scaling)
