@@ -1,0 +1,245 @@
+"""Trust regions: the classical radius update around an upstream quadratic model.
+
+At ``x`` with value ``f``, gradient ``g`` and the curvature ``B`` published by the
+direction before it (``curvature``: ``v -> B v``), each update solves the subproblem
+
+    min_p  m(p) = f + <g, p> + 0.5 <p, B p>   subject to  |p| <= radius
+
+approximately, evaluates ``f(x + p)`` once, and compares the actual reduction with the
+predicted one, ``rho = (f(x) - f(x + p)) / (m(0) - m(p))`` (Nocedal & Wright, *Numerical
+Optimization*, 2nd ed., eq. (4.4)). The step is accepted when ``rho > accept_ratio``
+(``eta``); the radius follows Algorithm 4.1 (:func:`~soo_func.searches.damping.radius_update`).
+A rejected step returns a zero update and the current value and gradient, with the
+radius shrunk: nothing else changes, so the next update retries from the same point.
+
+Subproblem solvers:
+
+* ``"steihaug"`` (default): truncated CG of Steihaug (N&W Algorithm 7.2), from
+  :func:`soo_func.krylov.steihaug`; any symmetric ``B``, indefinite included.
+* ``"dogleg"``: the dogleg path of N&W §4.1 (eqs. (4.15)-(4.16)) between the Cauchy
+  point ``-(g.g / g.Bg) g`` and the Newton point, which is the upstream direction
+  (``-B^{-1} g`` for a quasi-Newton or Newton direction). For positive definite models;
+  where ``<g, B g> <= 0`` it takes the steepest-descent step to the boundary.
+
+The decisions are ``torch.where`` selections (no host synchronisation here; the
+Steihaug solver may synchronise inside, see :mod:`soo_func.krylov`). Each update costs
+one evaluation of ``value_and_grad(value_fn)`` and one curvature product for the
+predicted reduction (plus the subproblem's products).
+
+Publishes ``next_value``, ``next_grad``, ``next_value_fn`` (the driver reuses them),
+``radius`` (after the update), ``ratio``, ``step_accepted`` and ``search_failed`` (only
+when the radius has collapsed below ``min_radius``: a rejected step is not a failure).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+
+from soo_func import tree
+from soo_func.base import Transform, require_extras
+from soo_func.oracles import value_and_grad
+from soo_func.searches.damping import gain_ratio, radius_update
+
+PyTree = Any
+
+__all__ = ["SOLVERS", "TrustRegionState", "dogleg_step", "trust_region"]
+
+SOLVERS = ("steihaug", "dogleg")
+
+
+class TrustRegionState(NamedTuple):
+    """State of :func:`trust_region` (0-d tensors, ``next_grad`` a pytree like the params).
+
+    ``radius`` is the radius for the next update; ``ratio`` and ``step_accepted`` describe
+    the last one; ``next_value``/``next_grad`` are the objective and gradient at
+    ``params + updates`` (at ``params`` after a rejection).
+    """
+
+    radius: torch.Tensor
+    ratio: torch.Tensor
+    step_accepted: torch.Tensor
+    search_failed: torch.Tensor
+    next_value: torch.Tensor
+    next_grad: PyTree
+
+
+def _missing_curvature_error() -> TypeError:
+    return TypeError(
+        "trust_region needs the quadratic model of the direction before it, published as "
+        "'curvature' (v -> B v), and none was published. Chain it after a direction that "
+        "publishes one: chain(newton_krylov(), trust_region()), chain(gauss_newton(), "
+        "trust_region()), chain(bfgs(), trust_region()) or chain(sr1(), trust_region()); "
+        "or pass curvature=... to update()."
+    )
+
+
+def dogleg_step(
+    grad: PyTree, newton: PyTree, curvature: Any, radius: torch.Tensor
+) -> tuple[PyTree, torch.Tensor]:
+    """The dogleg step of N&W §4.1 and ``<g, B g>`` (no host sync).
+
+    ``|p_B| <= radius``: ``p = p_B``. ``|p_U| >= radius`` (or ``<g, B g> <= 0``):
+    ``p = -radius g / |g|``. Otherwise ``p = p_U + tau (p_B - p_U)`` with ``tau`` in
+    ``[0, 1]`` the root of ``|p_U + tau (p_B - p_U)| = radius`` (eq. (4.16), with
+    ``tau - 1`` of the book's parameterisation).
+    """
+    g_norm_sq = tree.sum_of_squares(grad)
+    g_curv = tree.vdot(grad, curvature(grad))
+    positive = g_curv > 0
+    safe_curv = torch.where(positive, g_curv, torch.ones_like(g_curv))
+    cauchy = tree.scale(-(g_norm_sq / safe_curv), grad)
+    cauchy_norm = torch.sqrt(g_norm_sq) * g_norm_sq / safe_curv
+    g_norm = torch.sqrt(g_norm_sq)
+    safe_g_norm = torch.where(g_norm > 0, g_norm, torch.ones_like(g_norm))
+    boundary_sd = tree.scale(-radius / safe_g_norm, grad)
+    newton_norm = tree.norm(newton)
+    # |p_U + tau w|^2 = radius^2 with w = p_B - p_U: a tau^2 + 2 b tau + c = 0, c <= 0.
+    w = tree.sub(newton, cauchy)
+    a = tree.sum_of_squares(w)
+    b = tree.vdot(cauchy, w)
+    c = cauchy_norm**2 - radius**2
+    safe_a = torch.where(a > 0, a, torch.ones_like(a))
+    tau = (-b + torch.sqrt(torch.clamp(b * b - a * c, min=0))) / safe_a
+    tau = torch.clamp(tau, 0, 1)
+    dog = tree.axpy(tau, w, cauchy)
+    use_newton = newton_norm <= radius
+    use_sd = (~positive) | (cauchy_norm >= radius)
+    step = tree.where(use_newton & positive, newton, tree.where(use_sd, boundary_sd, dog))
+    return step, g_curv
+
+
+def _validate(
+    *, solver, initial_radius, max_radius, min_radius, accept_ratio, shrink_below,
+    grow_above, shrink_factor, grow_factor,
+):  # fmt: skip
+    who = "trust_region"
+    if solver not in SOLVERS:
+        raise ValueError(f"{who}: solver must be one of {SOLVERS}, got {solver!r}")
+    if not 0 < initial_radius <= max_radius:
+        raise ValueError(
+            f"{who}: need 0 < initial_radius <= max_radius, got {initial_radius} and {max_radius}"
+        )
+    if not 0 <= min_radius < initial_radius:
+        raise ValueError(
+            f"{who}: need 0 <= min_radius < initial_radius, got {min_radius} and {initial_radius}"
+        )
+    if not 0 <= accept_ratio < 1:
+        raise ValueError(f"{who}: accept_ratio (eta) must be in [0, 1), got {accept_ratio}")
+    if not 0 < shrink_below <= grow_above < 1:
+        raise ValueError(
+            f"{who}: need 0 < shrink_below <= grow_above < 1 (N&W use 1/4 and 3/4), got "
+            f"{shrink_below} and {grow_above}"
+        )
+    if not 0 < shrink_factor < 1:
+        raise ValueError(f"{who}: shrink_factor must be in (0, 1), got {shrink_factor}")
+    if not grow_factor > 1:
+        raise ValueError(f"{who}: grow_factor must exceed 1, got {grow_factor}")
+
+
+def trust_region(
+    *,
+    solver: str = "steihaug",
+    initial_radius: float = 1.0,
+    max_radius: float = 1e10,
+    min_radius: float = 1e-14,
+    accept_ratio: float = 1e-4,
+    shrink_below: float = 0.25,
+    grow_above: float = 0.75,
+    shrink_factor: float = 0.25,
+    grow_factor: float = 2.0,
+    max_iters: int | None = None,
+    rtol: float = 1e-5,
+) -> Transform:
+    """A trust region around the upstream direction's quadratic model (N&W Algorithm 4.1).
+
+    Args:
+      solver: ``"steihaug"`` (truncated CG, any symmetric model) or ``"dogleg"``
+        (positive definite models; the upstream direction is the Newton point).
+      initial_radius: the first radius.
+      max_radius: the radius never grows beyond this (N&W's ``Delta-hat``).
+      min_radius: a rejected step that leaves the radius below this publishes
+        ``search_failed`` (the driver then stops: no progress is possible).
+      accept_ratio: ``eta``: accept the step when ``rho > eta``.
+      shrink_below: ``rho`` below this shrinks the radius (N&W: 1/4).
+      grow_above: ``rho`` above this with the step on the boundary grows it (N&W: 3/4).
+      shrink_factor: the shrunk radius is ``shrink_factor * min(|p|, radius)`` (N&W: 1/4).
+      grow_factor: the grown radius is ``min(grow_factor * radius, max_radius)`` (N&W: 2).
+      max_iters, rtol: passed to the Steihaug-CG solver.
+
+    Needs the extras ``value``, ``grad``, ``value_fn`` and the published ``curvature``.
+    """
+    _validate(
+        solver=solver, initial_radius=initial_radius, max_radius=max_radius,
+        min_radius=min_radius, accept_ratio=accept_ratio, shrink_below=shrink_below,
+        grow_above=grow_above, shrink_factor=shrink_factor, grow_factor=grow_factor,
+    )  # fmt: skip
+
+    def init(params: PyTree) -> TrustRegionState:
+        like = tree.leaves(params)[0]
+        scalar = {"dtype": like.dtype, "device": like.device}
+        return TrustRegionState(
+            radius=torch.full((), initial_radius, **scalar),
+            ratio=torch.zeros((), **scalar),
+            step_accepted=torch.zeros((), dtype=torch.bool, device=like.device),
+            search_failed=torch.zeros((), dtype=torch.bool, device=like.device),
+            next_value=torch.zeros((), **scalar),
+            next_grad=tree.zeros_like(params),
+        )
+
+    def subproblem(updates, grad, curvature, radius) -> PyTree:
+        if solver == "dogleg":
+            return dogleg_step(grad, updates, curvature, radius)[0]
+        from soo_func.krylov import steihaug
+
+        return steihaug(curvature, grad, radius, max_iters=max_iters, rtol=rtol).x
+
+    def update(updates, state: TrustRegionState, params=None, **extra):
+        require_extras("trust_region", extra, "value_fn", "grad")
+        if params is None:
+            raise TypeError("trust_region needs params in update(): update(d, state, params, ...)")
+        curvature = extra.get("curvature")
+        if curvature is None:
+            raise _missing_curvature_error()
+        value_fn, grad = extra["value_fn"], extra["grad"]
+        value = extra.get("value")
+        if value is None:
+            value = value_fn(params)
+        step = subproblem(updates, grad, curvature, state.radius)
+        predicted = -(tree.vdot(grad, step) + 0.5 * tree.vdot(step, curvature(step)))
+        trial_value, trial_grad = value_and_grad(value_fn)(tree.add(params, step))
+        ratio = gain_ratio(value - trial_value, predicted)
+        accepted = ratio > accept_ratio
+        radius = radius_update(
+            state.radius,
+            ratio,
+            tree.norm(step),
+            shrink_below=shrink_below,
+            grow_above=grow_above,
+            shrink_factor=shrink_factor,
+            grow_factor=grow_factor,
+            max_radius=max_radius,
+        )
+        new_state = TrustRegionState(
+            radius=radius,
+            ratio=ratio,
+            step_accepted=accepted,
+            search_failed=~accepted & (radius < min_radius),
+            next_value=torch.where(accepted, trial_value, value),
+            next_grad=tree.where(accepted, trial_grad, grad),
+        )
+        return tree.where(accepted, step, tree.zeros_like(step)), new_state
+
+    def publish(state: TrustRegionState, params=None, **extra) -> dict[str, Any]:
+        return {
+            "next_value": state.next_value,
+            "next_grad": state.next_grad,
+            "next_value_fn": extra.get("value_fn"),
+            "radius": state.radius,
+            "ratio": state.ratio,
+            "step_accepted": state.step_accepted,
+            "search_failed": state.search_failed,
+        }
+
+    return Transform(init, update, publish)

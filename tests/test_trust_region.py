@@ -1,0 +1,250 @@
+"""trust_region: ratios and radius sequences on hand-made quadratics, the dogleg path
+against an independent formula, rejection, purity, dtypes and errors.
+
+The direction used here is a local, dense "model Newton" transform: it outputs
+``-B^{-1} g`` and publishes ``curvature = v -> B v`` for a chosen matrix ``B``, so the
+model and therefore ``rho`` are known in closed form.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import NamedTuple
+
+import numpy as np
+import pytest
+import torch
+from helpers import assert_update_is_pure
+
+import soo_func as sf
+from soo_func.searches.trust_region import dogleg_step, trust_region
+
+A = torch.tensor([[3.0, 1.0], [1.0, 2.0]], dtype=torch.float64)
+B_VEC = torch.tensor([1.0, -2.0], dtype=torch.float64)
+
+
+class _Empty(NamedTuple):
+    pass
+
+
+def model_newton(B: torch.Tensor) -> sf.Transform:
+    """Direction ``-B^{-1} g`` with the published model curvature ``B``."""
+
+    def init(params):
+        return _Empty()
+
+    def update(updates, state, params=None, **extra):
+        return torch.linalg.solve(B.to(updates.dtype), -updates), state
+
+    def publish(state, params=None, **extra):
+        return {"curvature": lambda v: B.to(v.dtype) @ v}
+
+    return sf.Transform(init, update, publish)
+
+
+def quadratic(x):
+    """f(x) = 0.5 x^T A x - b^T x: a Newton model with B = theta A gives rho = 2 - 1/theta."""
+    a, b = A.to(x.dtype), B_VEC.to(x.dtype)
+    return 0.5 * x @ (a @ x) - b @ x
+
+
+def _step(opt, state, x):
+    value, grad = sf.value_and_grad(quadratic)(x)
+    extra = {"value": value, "grad": grad, "value_fn": quadratic}
+    updates, state = opt.update(grad, state, x, **extra)
+    return updates, state, value, grad
+
+
+@pytest.mark.parametrize("solver", ["dogleg", "steihaug"])
+@pytest.mark.parametrize(
+    ("theta", "rho"), [(1.0, 1.0), (2.0, 1.5), (2 / 3, 0.5), (0.4, -0.5), (1 / 1.9, 0.1)]
+)
+def test_ratio_is_the_chosen_one_and_radius_follows_the_rule(solver, theta, rho):
+    """Radius 10 holds the Newton point: rho = 2 - 1/theta exactly, and the radius is
+    kept (interior step) unless rho < 1/4, where it becomes |p| / 4."""
+    opt = sf.chain(model_newton(theta * A), trust_region(solver=solver, initial_radius=10.0))
+    x = torch.tensor([2.0, 1.0], dtype=torch.float64)
+    state = opt.init(x)
+    updates, state, value, grad = _step(opt, state, x)
+    tr = state.states[1]
+    newton = torch.linalg.solve(theta * A, -grad)
+    assert float(tr.ratio) == pytest.approx(rho, rel=1e-9)
+    accepted = rho > 1e-4
+    assert bool(tr.step_accepted) == accepted
+    if accepted:
+        assert torch.allclose(updates, newton, rtol=1e-10)
+        assert torch.allclose(tr.next_value, quadratic(x + newton), rtol=1e-12)
+    else:
+        assert torch.equal(updates, torch.zeros_like(x))
+        assert tr.next_value == value and torch.equal(tr.next_grad, grad)
+    expected_radius = 0.25 * float(newton.norm()) if rho < 0.25 else 10.0
+    assert float(tr.radius) == pytest.approx(expected_radius, rel=1e-12)
+    assert not bool(tr.search_failed)
+
+
+def test_radius_sequence_grows_on_the_boundary_and_caps():
+    """Exact model (rho = 1) with the Newton point far outside: every step ends on the
+    boundary, so the radius doubles each time up to max_radius."""
+    opt = sf.chain(
+        model_newton(A), trust_region(solver="dogleg", initial_radius=0.01, max_radius=0.05)
+    )
+    x = torch.tensor([30.0, -40.0], dtype=torch.float64)
+    state = opt.init(x)
+    radii = []
+    for _ in range(4):
+        updates, state, _, _ = _step(opt, state, x)
+        tr = state.states[1]
+        assert float(tr.ratio) == pytest.approx(1.0, rel=1e-9)
+        assert float(updates.norm()) == pytest.approx(radii[-1] if radii else 0.01, rel=1e-9)
+        radii.append(float(tr.radius))
+        x = x + updates
+    assert radii == pytest.approx([0.02, 0.04, 0.05, 0.05])
+
+
+def test_rejected_steps_shrink_until_accepted_and_params_stay():
+    """A model four times too flat (theta = 1/4, rho = -2 for the Newton point): the
+    first steps are rejected, params stay, the radius shrinks; then a short step whose
+    model is good enough is accepted."""
+    opt = sf.chain(model_newton(0.25 * A), trust_region(solver="dogleg", initial_radius=100.0))
+    x0 = torch.tensor([2.0, 1.0], dtype=torch.float64)
+    x, state = x0, opt.init(x0)
+    history = []
+    for _ in range(6):
+        updates, state, value, _grad = _step(opt, state, x)
+        tr = state.states[1]
+        history.append((bool(tr.step_accepted), float(tr.radius), float(tr.ratio)))
+        if not bool(tr.step_accepted):
+            assert torch.equal(updates, torch.zeros_like(x))
+            assert tr.next_value == value
+        x = sf.apply_updates(x, updates)
+    assert not history[0][0] and history[0][2] == pytest.approx(-2.0)
+    assert any(accepted for accepted, _, _ in history)
+    first_accept = next(i for i, h in enumerate(history) if h[0])
+    assert torch.equal(x0, torch.tensor([2.0, 1.0], dtype=torch.float64))
+    radii = [r for _, r, _ in history[:first_accept]]
+    assert all(b < a for a, b in itertools.pairwise(radii))
+
+
+def _dogleg_reference(g, B, pb, radius):
+    """N&W eq. (4.16) with the book's tau in [0, 2], solved independently with numpy."""
+    pu = -(g @ g) / (g @ B @ g) * g
+    if np.linalg.norm(pb) <= radius:
+        return pb
+    if np.linalg.norm(pu) >= radius:
+        return radius * pu / np.linalg.norm(pu)
+    w = pb - pu
+    roots = np.roots([w @ w, 2 * pu @ w, pu @ pu - radius**2])
+    t = max(r.real for r in roots)
+    return pu + t * w
+
+
+@pytest.mark.parametrize("radius", [0.05, 0.3, 0.6, 1.0, 5.0])
+def test_dogleg_matches_the_book(radius):
+    B = np.array([[4.0, 1.0], [1.0, 1.5]])
+    g = np.array([1.0, -0.7])
+    pb = -np.linalg.solve(B, g)
+    expected = _dogleg_reference(g, B, pb, radius)
+    Bt = torch.from_numpy(B)
+    step, _ = dogleg_step(
+        torch.from_numpy(g),
+        torch.from_numpy(pb),
+        lambda v: Bt @ v,
+        torch.tensor(radius, dtype=torch.float64),
+    )
+    np.testing.assert_allclose(step.numpy(), expected, rtol=1e-10, atol=1e-14)
+    assert float(step.norm()) <= radius * (1 + 1e-12)
+
+
+def test_dogleg_negative_curvature_takes_steepest_descent_to_boundary():
+    g = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    B = torch.tensor([[-1.0, 0.0], [0.0, -1.0]], dtype=torch.float64)
+    step, _ = dogleg_step(g, -g, lambda v: B @ v, torch.tensor(0.5, dtype=torch.float64))
+    assert torch.allclose(step, -0.5 * g / g.norm())
+
+
+@pytest.mark.parametrize("solver", ["dogleg", "steihaug"])
+def test_update_is_pure(solver, dtype):
+    opt = sf.chain(model_newton(A), trust_region(solver=solver, initial_radius=0.5))
+    x = torch.tensor([2.0, 1.0], dtype=dtype)
+    value, grad = sf.value_and_grad(quadratic)(x)
+    updates, state = assert_update_is_pure(opt, x, grad, steps=3, value=value, value_fn=quadratic)
+    assert updates.dtype == dtype and state.states[1].radius.dtype == dtype
+
+
+@pytest.mark.parametrize("solver", ["dogleg", "steihaug"])
+def test_minimize_rosenbrock_with_exact_newton(solver, dtype):
+    def rosenbrock(x):
+        return (1 - x[0]) ** 2 + 100 * (x[1] - x[0] ** 2) ** 2
+
+    class Newton(NamedTuple):
+        pass
+
+    def newton():
+        def update(updates, state, params=None, **extra):
+            H = torch.func.hessian(rosenbrock)(params)
+            evals, evecs = torch.linalg.eigh(H)
+            inv = evecs @ torch.diag(1 / evals.abs().clamp(min=1e-8)) @ evecs.T
+            return -(inv @ updates), state
+
+        def publish(state, params=None, **extra):
+            H = torch.func.hessian(rosenbrock)(params)
+            return {"curvature": lambda v: H @ v}
+
+        return sf.Transform(lambda p: Newton(), update, publish)
+
+    x0 = torch.tensor([-1.2, 1.0], dtype=dtype)
+    result = sf.minimize(
+        rosenbrock,
+        x0,
+        sf.chain(newton(), trust_region(solver=solver)),
+        gtol=1e-4 if dtype == torch.float32 else 1e-8,
+        max_steps=200,
+    )
+    assert result.converged, result.reason
+    assert torch.allclose(
+        result.params, torch.ones(2, dtype=dtype), atol=1e-3 if dtype == torch.float32 else 1e-7
+    )
+    # one value_and_grad per step (the driver reuses the trial point) plus the start
+    assert result.num_grad_evals == result.num_steps + 1
+    assert "radius" in result.history[-1] and "ratio" in result.history[-1]
+
+
+def test_collapsed_radius_reports_failure():
+    """An objective that is NaN everywhere but at the start: every trial is rejected
+    (rho = -inf), the radius shrinks by 1/4 each time, and once it is below min_radius
+    search_failed is published and minimize stops at the start with a finite value."""
+    x0 = torch.tensor([2.0, 1.0], dtype=torch.float64)
+
+    def spiky(x):
+        return quadratic(x) + torch.where((x == x0).all(), 0.0, torch.nan)
+
+    opt = sf.chain(model_newton(A), trust_region(solver="dogleg", min_radius=1e-3))
+    result = sf.minimize(spiky, x0, opt, max_steps=100)
+    assert result.reason.startswith("search_failed")
+    assert torch.equal(result.params, x0) and torch.isfinite(result.value)
+    radii = [row["radius"] for row in result.history[1:]]
+    newton_norm = float(torch.linalg.solve(A, -sf.value_and_grad(quadratic)(x0)[1]).norm())
+    expected = [0.25 * min(newton_norm, 1.0)]
+    while expected[-1] >= 1e-3:
+        expected.append(0.25 * expected[-1])
+    assert radii == pytest.approx(expected, rel=1e-12)
+    assert all(row["step_accepted"] == 0.0 for row in result.history[1:])
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="solver"):
+        trust_region(solver="exact")
+    with pytest.raises(ValueError, match="initial_radius"):
+        trust_region(initial_radius=2.0, max_radius=1.0)
+    with pytest.raises(ValueError, match="shrink_below"):
+        trust_region(shrink_below=0.8, grow_above=0.5)
+    with pytest.raises(ValueError, match="grow_factor"):
+        trust_region(grow_factor=1.0)
+    with pytest.raises(ValueError, match="accept_ratio"):
+        trust_region(accept_ratio=1.0)
+    tr = trust_region()
+    x = torch.tensor([1.0, 2.0])
+    with pytest.raises(TypeError, match="newton_krylov"):
+        tr.update(x, tr.init(x), x, value=quadratic(x), grad=x, value_fn=quadratic)
+    with pytest.raises(TypeError, match="newton_krylov"):
+        sf.minimize(quadratic, x, sf.chain(sf.scale(-1.0), trust_region()))
