@@ -30,7 +30,14 @@ from soo_func.oracles import (
     linearize_grad,
     value_and_grad,
 )
-from soo_func.searches import LineSearchState, armijo, wolfe
+from soo_func.searches import (
+    LineSearchState,
+    armijo,
+    levenberg,
+    levenberg_marquardt,
+    trust_region,
+    wolfe,
+)
 from soo_func.stochastic import hessian_free, multi_batch_lbfgs
 from soo_func.training import bind_batch, training_step
 
@@ -56,6 +63,8 @@ __all__ = [
     "hvp",
     "lbfgs",
     "least_squares",
+    "levenberg",
+    "levenberg_marquardt",
     "linearize_grad",
     "minimize",
     "multi_batch_lbfgs",
@@ -69,6 +78,7 @@ __all__ = [
     "training",
     "training_step",
     "tree",
+    "trust_region",
     "value_and_grad",
     "wolfe",
 ]
