@@ -7,7 +7,7 @@ composed with :func:`chain` like optax::
     result = sf.minimize(loss_fn, params, opt)
 """
 
-from soo_func import stochastic, training, tree
+from soo_func import krylov, stochastic, training, tree
 from soo_func.base import (
     ChainState,
     EmptyState,
@@ -21,6 +21,7 @@ from soo_func.base import (
     stateless,
 )
 from soo_func.directions import bfgs, broyden, dfp, lbfgs, sr1
+from soo_func.directions.newton import newton_krylov
 from soo_func.minimize import MinimizeResult, least_squares, minimize
 from soo_func.oracles import (
     CountedObjective,
@@ -61,6 +62,7 @@ __all__ = [
     "ggn_vp",
     "hessian_free",
     "hvp",
+    "krylov",
     "lbfgs",
     "least_squares",
     "levenberg",
@@ -68,6 +70,7 @@ __all__ = [
     "linearize_grad",
     "minimize",
     "multi_batch_lbfgs",
+    "newton_krylov",
     "publish",
     "require_extras",
     "scale",

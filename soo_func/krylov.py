@@ -91,7 +91,8 @@ def _freeze(done: torch.Tensor, old: Any, new: Any) -> Any:
 def _check_options(who: str, max_iters, rtol, atol, check_every) -> None:
     if max_iters is not None and (not isinstance(max_iters, int) or max_iters < 0):
         raise ValueError(f"{who}: max_iters must be a non-negative int or None, got {max_iters!r}")
-    if rtol < 0 or atol < 0:
+    # A tensor rtol (a forcing term computed on the device) is not checked: no host sync.
+    if (not isinstance(rtol, torch.Tensor) and rtol < 0) or atol < 0:
         raise ValueError(f"{who}: rtol and atol must be >= 0, got rtol={rtol}, atol={atol}")
     if check_every is not None and (not isinstance(check_every, int) or check_every < 1):
         raise ValueError(
@@ -151,7 +152,7 @@ def cg(
     x0: PyTree | None = None,
     *,
     max_iters: int | None = None,
-    rtol: float = 1e-5,
+    rtol: float | torch.Tensor = 1e-5,
     atol: float = 0.0,
     check_every: int | None = 1,
     stop_on_negative_curvature: bool = False,
@@ -223,7 +224,7 @@ def cr(
     x0: PyTree | None = None,
     *,
     max_iters: int | None = None,
-    rtol: float = 1e-5,
+    rtol: float | torch.Tensor = 1e-5,
     atol: float = 0.0,
     check_every: int | None = 1,
     stop_on_negative_curvature: bool = False,
@@ -310,7 +311,7 @@ def minres(
     x0: PyTree | None = None,
     *,
     max_iters: int | None = None,
-    rtol: float = 1e-5,
+    rtol: float | torch.Tensor = 1e-5,
     atol: float = 0.0,
     check_every: int | None = 1,
 ) -> KrylovResult:
@@ -406,7 +407,7 @@ def steihaug(
     radius: float | torch.Tensor,
     *,
     max_iters: int | None = None,
-    rtol: float = 1e-5,
+    rtol: float | torch.Tensor = 1e-5,
     atol: float = 0.0,
     check_every: int | None = 1,
 ) -> KrylovResult:

@@ -1,6 +1,7 @@
 """Direction transforms: each maps the gradient to a descent direction ``d``."""
 
 from soo_func.directions.lbfgs import lbfgs
+from soo_func.directions.newton import newton_krylov
 from soo_func.directions.quasi_newton import bfgs, broyden, dfp, sr1
 
-__all__ = ["bfgs", "broyden", "dfp", "lbfgs", "sr1"]
+__all__ = ["bfgs", "broyden", "dfp", "lbfgs", "newton_krylov", "sr1"]

@@ -1,0 +1,218 @@
+"""Matrix-free (truncated, inexact) Newton: ``newton_krylov``.
+
+The direction solves ``(H + damping I) d = -g`` with a Krylov method whose products
+``H v`` come from ``torch.func`` (:mod:`soo_func.oracles`), to the relative tolerance
+``||(H + damping I) d + g|| <= eta_k ||g||`` of a forcing term ``eta_k``
+(inexact Newton: Dembo, Eisenstat & Steihaug 1982; Nocedal & Wright section 7.1):
+
+* ``"eisenstat_walker_1"``: ``eta_k = | ||g_k|| - ||g_{k-1} + B_{k-1} d_{k-1}|| | / ||g_{k-1}||``,
+  safeguarded by ``max(eta_k, eta_{k-1}^phi)`` when ``eta_{k-1}^phi > 0.1``,
+  ``phi = (1 + sqrt 5) / 2`` (Eisenstat & Walker 1996, Choice 1);
+* ``"eisenstat_walker_2"``: ``eta_k = gamma (||g_k|| / ||g_{k-1}||)^alpha``,
+  safeguarded by ``max(eta_k, gamma eta_{k-1}^alpha)`` when that exceeds 0.1 (Choice 2,
+  ``gamma = 0.9``, ``alpha = 2``);
+* ``"nocedal_wright"``: ``eta_k = min(0.5, sqrt(||g_k||))`` (N&W eq. (7.3), superlinear);
+* a number: a constant ``eta``.
+
+All are capped at ``eta_max`` (and ``eta_0 = eta_initial`` for the two EW choices).
+
+Negative curvature: CG and CR stop on a direction ``p`` with ``p^T B p <= 0`` and return
+the iterate reached before it (N&W Algorithm 7.1, Newton-CG; Dahito & Orban 2019 for
+CR). When no step was taken (negative curvature at the first iteration), or whenever the
+result is not a descent direction (``<g, d> >= 0``, possible with MINRES), the direction
+falls back to ``-g``. All of this is ``torch.where`` on 0-d tensors: no host sync in
+``update`` unless ``check_every`` asks for it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+
+from soo_func import krylov, oracles, tree
+from soo_func.base import Transform, require_extras
+
+PyTree = Any
+
+__all__ = ["NewtonKrylovState", "newton_krylov"]
+
+SOLVERS = ("cg", "cr", "minres")
+FORCING = ("eisenstat_walker_1", "eisenstat_walker_2", "nocedal_wright")
+HVP_MODES = ("linearize", "forward-over-reverse", "reverse-over-reverse")
+GOLDEN = (1 + math.sqrt(5)) / 2
+
+
+class NewtonKrylovState(NamedTuple):
+    """State of :func:`newton_krylov` (all 0-d tensors).
+
+    ``forcing_term``: the ``eta`` used at the last update; ``grad_norm`` and
+    ``linear_residual``: ``||g||`` and ``||B d + g||`` there (for Eisenstat-Walker);
+    ``num_hvps``: Hessian products made so far; ``krylov_iters``, ``negative_curvature``,
+    ``fallback``: the last solve's iterations, whether it met negative curvature, and
+    whether the direction fell back to ``-g``; ``count``: updates made.
+    """
+
+    forcing_term: torch.Tensor
+    grad_norm: torch.Tensor
+    linear_residual: torch.Tensor
+    num_hvps: torch.Tensor
+    krylov_iters: torch.Tensor
+    negative_curvature: torch.Tensor
+    fallback: torch.Tensor
+    count: torch.Tensor
+
+
+def hessian_operator(
+    value_fn: Callable, params: PyTree, mode: str = "forward-over-reverse", damping: float = 0.0
+) -> Callable[[PyTree], PyTree]:
+    """``v -> (H + damping I) v`` at ``params`` through :mod:`soo_func.oracles`.
+
+    ``mode="linearize"`` shares one gradient pass across all products
+    (:func:`~soo_func.oracles.linearize_grad`, charged as one value and gradient);
+    the other modes are :func:`~soo_func.oracles.hvp`'s.
+    """
+    if mode == "linearize":
+        _, _, hvp_fn = oracles.linearize_grad(value_fn, params)
+    else:
+
+        def hvp_fn(v: PyTree) -> PyTree:
+            return oracles.hvp(value_fn, params, v, mode=mode)
+
+    if damping == 0:
+        return hvp_fn
+    return lambda v: tree.axpy(damping, v, hvp_fn(v))
+
+
+def _forcing(
+    forcing: str | float, state: NewtonKrylovState, grad_norm: torch.Tensor, eta_initial, eta_max
+) -> torch.Tensor:
+    """The forcing term ``eta_k`` (see the module docstring)."""
+    if not isinstance(forcing, str):
+        return torch.full_like(grad_norm, forcing)
+    if forcing == "nocedal_wright":
+        return torch.clamp(torch.sqrt(grad_norm), max=min(0.5, eta_max))
+    previous = state.forcing_term
+    safe_norm = torch.where(state.grad_norm > 0, state.grad_norm, torch.ones_like(grad_norm))
+    if forcing == "eisenstat_walker_1":
+        eta = (grad_norm - state.linear_residual).abs() / safe_norm
+        floor = previous**GOLDEN
+    else:
+        eta = 0.9 * (grad_norm / safe_norm) ** 2
+        floor = 0.9 * previous**2
+    eta = torch.where(floor > 0.1, torch.maximum(eta, floor), eta)
+    eta = torch.where(state.count == 0, torch.full_like(eta, eta_initial), eta)
+    return torch.clamp(eta, max=eta_max)
+
+
+def newton_krylov(
+    solver: str = "cr",
+    *,
+    damping: float = 0.0,
+    forcing: str | float = "eisenstat_walker_2",
+    eta_initial: float = 0.5,
+    eta_max: float = 0.9,
+    max_iters: int | None = None,
+    check_every: int | None = None,
+    hvp_mode: str = "forward-over-reverse",
+) -> Transform:
+    """The inexact Newton direction ``d ~ -(H + damping I)^{-1} g`` from a Krylov solve.
+
+    Args:
+      solver: ``"cr"`` (conjugate residual, default), ``"cg"`` or ``"minres"``
+        (:mod:`soo_func.krylov`).
+      damping: ``lambda >= 0`` added to the Hessian (Levenberg-style regularization).
+      forcing: ``"eisenstat_walker_2"`` (default), ``"eisenstat_walker_1"``,
+        ``"nocedal_wright"`` or a constant in (0, 1): the solve's relative tolerance.
+      eta_initial, eta_max: ``eta_0`` of the EW choices and the cap on every ``eta``.
+      max_iters: the most Krylov iterations per update (default ``min(2 n, 100)``).
+      check_every: ``None`` (default) never syncs: the solve runs ``max_iters``
+        iterations, frozen once converged (each frozen one still costs a product);
+        an int ``k`` checks convergence on the host every ``k`` iterations.
+      hvp_mode: how ``H v`` is computed: ``"forward-over-reverse"`` (``jvp`` of the
+        gradient, default), ``"reverse-over-reverse"``, or ``"linearize"`` (one extra
+        gradient pass per update whose graph every product reuses; see
+        ``benchmarks/bench_krylov.py`` for which is faster where).
+
+    Needs the extra ``value_fn`` (and ``grad``, which :func:`~soo_func.chain` supplies).
+    Publishes ``curvature`` (``v -> (H + damping I) v`` at ``params``, one
+    ``oracles.hvp`` per call) for a trust region, and the diagnostics
+    ``newton_forcing_term``, ``newton_krylov_iters``, ``newton_negative_curvature`` and
+    ``newton_fallback``.
+    """
+    if solver not in SOLVERS:
+        raise ValueError(f"newton_krylov: solver must be one of {SOLVERS}, got {solver!r}")
+    if isinstance(forcing, str):
+        if forcing not in FORCING:
+            raise ValueError(
+                f"newton_krylov: forcing must be one of {FORCING} or a number in (0, 1), "
+                f"got {forcing!r}"
+            )
+    elif not 0 < forcing < 1:
+        raise ValueError(f"newton_krylov: a constant forcing term must be in (0, 1), got {forcing}")
+    if not 0 < eta_initial < 1 or not 0 < eta_max < 1:
+        raise ValueError(
+            f"newton_krylov: eta_initial and eta_max must be in (0, 1), got {eta_initial}, "
+            f"{eta_max}"
+        )
+    if damping < 0:
+        raise ValueError(f"newton_krylov: damping must be >= 0, got {damping}")
+    if max_iters is not None and (not isinstance(max_iters, int) or max_iters < 1):
+        raise ValueError(f"newton_krylov: max_iters must be a positive int, got {max_iters!r}")
+    if hvp_mode not in HVP_MODES:
+        raise ValueError(f"newton_krylov: hvp_mode must be one of {HVP_MODES}, got {hvp_mode!r}")
+    solve = getattr(krylov, solver)
+    options = {} if solver == "minres" else {"stop_on_negative_curvature": True}
+
+    def init(params: PyTree) -> NewtonKrylovState:
+        ref = tree.leaves(params)[0]
+        zero = torch.zeros((), dtype=ref.dtype, device=ref.device)
+        count = torch.zeros((), dtype=torch.int64, device=ref.device)
+        false = torch.zeros((), dtype=torch.bool, device=ref.device)
+        return NewtonKrylovState(zero, zero, zero, count, count, false, false, count)
+
+    def update(updates: PyTree, state: NewtonKrylovState, params: PyTree = None, **extra: Any):
+        require_extras("newton_krylov", extra, "value_fn")
+        if params is None:
+            raise TypeError("newton_krylov needs params in update(updates, state, params, ...)")
+        grad = extra.get("grad")
+        grad = updates if grad is None else grad
+        n = sum(leaf.numel() for leaf in tree.leaves(grad))
+        iters = min(2 * n, 100) if max_iters is None else max_iters
+        matvec = hessian_operator(extra["value_fn"], params, hvp_mode, damping)
+        grad_norm = tree.norm(grad)
+        eta = _forcing(forcing, state, grad_norm, eta_initial, eta_max)
+        result = solve(
+            matvec, tree.neg(grad), rtol=eta, max_iters=iters, check_every=check_every, **options
+        )
+        slope = tree.vdot(grad, result.x)
+        fallback = ~(slope < 0)  # no step taken, ascent, or NaN
+        direction = tree.where(fallback, tree.neg(grad), result.x)
+        new_state = NewtonKrylovState(
+            forcing_term=eta,
+            grad_norm=grad_norm,
+            linear_residual=torch.where(fallback, grad_norm, result.residual_norm),
+            num_hvps=state.num_hvps + result.num_matvecs,
+            krylov_iters=result.num_iters,
+            negative_curvature=result.negative_curvature,
+            fallback=fallback,
+            count=state.count + 1,
+        )
+        return direction, new_state
+
+    def publish(state: NewtonKrylovState, params: PyTree = None, **extra: Any) -> dict:
+        out = {
+            "newton_forcing_term": state.forcing_term,
+            "newton_krylov_iters": state.krylov_iters,
+            "newton_negative_curvature": state.negative_curvature,
+            "newton_fallback": state.fallback,
+        }
+        if params is not None and extra.get("value_fn") is not None:
+            out["curvature"] = hessian_operator(
+                extra["value_fn"], params, "forward-over-reverse", damping
+            )
+        return out
+
+    return Transform(init, update, publish)
