@@ -269,6 +269,9 @@ def test_driver_reuses_the_accepted_value_and_gradient():
     assert result.num_grad_evals == 1 + sum(int(r["num_search_grads"]) for r in rows)
     assert result.num_value_evals == 1 + sum(int(r["num_search_evals"]) for r in rows)
     assert result.value < rosenbrock(x0)
+    # steepest descent's unit first trials are rejected: after the first step no gradient is
+    # spent on them, one per step at the accepted point
+    assert [int(r["num_search_grads"]) for r in rows[1:]] == [1] * (len(rows) - 1)
     assert all(b["value"] < a["value"] for a, b in zip(result.history, rows, strict=False))
 
 
@@ -316,3 +319,13 @@ def test_bad_arguments_are_refused():
     x = torch.ones(2)
     with pytest.raises(TypeError, match="value_fn"):
         search.update(x, search.init(x), x, value=torch.tensor(1.0), grad=x)
+
+
+def test_lbfgs_with_armijo_smoke():
+    lbfgs = pytest.importorskip("soo_func.directions").lbfgs
+    x0 = torch.tensor([-1.2, 1.0], dtype=torch.float64)
+    result = sf.minimize(rosenbrock, x0, sf.chain(lbfgs(), armijo()), max_steps=300, gtol=1e-8)
+    assert result.converged, result.reason
+    torch.testing.assert_close(result.params, torch.ones(2, dtype=torch.float64))
+    # quasi-Newton unit steps are mostly accepted at once: few wasted evaluations
+    assert result.num_grad_evals <= 1.5 * result.num_steps

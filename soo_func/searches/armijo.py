@@ -33,6 +33,14 @@ PyTree = Any
 __all__ = ["armijo"]
 
 
+def first_was_accepted(start: Start) -> bool:
+    """Whether the previous update accepted its first trial (true before the first update):
+    then it evaluated one point with its gradient, or one value and then that point again
+    with its gradient."""
+    evals, grads = start.previous_evals, start.previous_grads
+    return evals <= 1 or (evals == 2 and grads == 1)
+
+
 def armijo(
     slope_rtol: float | None = None,
     min_shrink: float = 0.1,
@@ -50,11 +58,14 @@ def armijo(
     minimizer of the quadratic through ``phi(0), phi'(0), phi(alpha)`` (N&W eq. (3.57)),
     then of the cubic through the last two trials (eq. (3.58)), kept in
     ``[min_shrink * alpha, max_shrink * alpha]`` (a non-finite trial value shrinks by
-    ``max_shrink``).
+    ``min_shrink``: overflowing objectives can need steps many orders of magnitude shorter).
 
-    Evaluations: the first trial is evaluated with its gradient (a scaled quasi-Newton or
-    Newton step is usually accepted at once); later trials evaluate the value only, and the
-    accepted one is then evaluated with its gradient (that point's value is computed twice).
+    Evaluations: trials evaluate the value only, and the accepted one is then evaluated
+    with its gradient (its value is computed twice), except that the first trial is
+    evaluated with its gradient when the previous update accepted its first trial (or
+    before the first update): a scaled quasi-Newton or Newton step is usually accepted at
+    once, and then no point is evaluated twice; with steepest descent the first trial is
+    usually rejected, and no gradient is wasted on it.
     Host syncs: one to read ``phi(0)``, ``phi'(0)``, one per trial (``state.num_syncs``).
 
     Failure (``search_failed`` true, the state stays consistent): an ascent or zero
@@ -92,14 +103,15 @@ def armijo(
         best: Trial | None = None
         previous: Trial | None = None
         for i in range(max_steps):
-            trial = ray.value_and_slope(alpha) if i == 0 else ray.value(alpha)
+            with_grad = i == 0 and first_was_accepted(start)
+            trial = ray.value_and_slope(alpha) if with_grad else ray.value(alpha)
             if trial.finite and trial.value <= f0 + slope_rtol * alpha * slope:
                 return trial, False
             if trial.finite and trial.value < f0 and (best is None or trial.value < best.value):
                 best = trial
             shortest, longest = min_shrink * alpha, max_shrink * alpha
             if not trial.finite:
-                candidate = longest
+                candidate = shortest
             elif previous is None:
                 candidate = quadratic_minimizer(0.0, f0, slope, alpha, trial.value)
             else:

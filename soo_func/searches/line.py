@@ -173,11 +173,14 @@ class Ray:
 
 
 class Start(NamedTuple):
-    """``phi(0)``, ``phi'(0)`` and the first trial step, read in one host sync."""
+    """``phi(0)``, ``phi'(0)`` and the first trial step, read in one host sync, with the
+    numbers of evaluations and gradients of the previous update (0 before the first)."""
 
     value: float
     slope: float
     initial_step: float
+    previous_evals: int
+    previous_grads: int
 
 
 def read_start(
@@ -215,10 +218,12 @@ def read_start(
             hint,
             state.previous_value.double().to(slope.device),
             grad_norm,
+            state.num_search_evals.double().to(slope.device),
+            state.num_search_grads.double().to(slope.device),
         ]
     ).tolist()
     ray.num_syncs += 1
-    f0, slope0, hint_f, previous, norm = numbers
+    f0, slope0, hint_f, previous, norm, previous_evals, previous_grads = numbers
     if math.isfinite(hint_f) and hint_f > 0:
         alpha0 = hint_f
     elif initial_step == "unit":
@@ -231,7 +236,7 @@ def read_start(
         alpha0 = min(1.0, alpha0) if math.isfinite(alpha0) and alpha0 > 0 else 1.0
     else:
         alpha0 = float(initial_step)
-    return Start(f0, slope0, alpha0)
+    return Start(f0, slope0, alpha0, int(previous_evals), int(previous_grads))
 
 
 def check_initial_step(who: str, initial_step: str | float) -> str | float:

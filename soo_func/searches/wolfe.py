@@ -40,8 +40,9 @@ ZOOM_MARGIN = 0.1
 MIN_GROWTH, MAX_GROWTH = 2.0, 10.0
 """While bracketing, the next trial step is between these multiples of the current one."""
 
-NON_FINITE_SHRINK = 0.5
-"""After a non-finite trial value, the step moves back this fraction towards the last good one."""
+NON_FINITE_SHRINK = 0.1
+"""After a non-finite trial value, the step moves back to this fraction of its distance from the
+last finite trial (overflowing objectives can need steps many orders of magnitude shorter)."""
 
 
 def wolfe(
@@ -73,8 +74,9 @@ def wolfe(
     midpoint), at least 10% of the bracket's width from either end.
 
     A non-finite trial value or slope marks an upper limit on the step: while bracketing the
-    step moves halfway back to the last finite trial; while zooming it becomes the bracket's
-    far end (and the next trial is the midpoint).
+    step moves back to a tenth of its distance from the last finite trial (and later growth
+    stays below the limit); while zooming it becomes the bracket's far end (and the next
+    trial is the midpoint).
 
     Every trial evaluates the value and gradient (``soo_func.oracles.value_and_grad``),
     and the accepted one is handed on (``next_value``, ``next_grad``): no point is evaluated
@@ -158,7 +160,7 @@ def wolfe(
             )
             alpha = safeguard(candidate, MIN_GROWTH * alpha, MAX_GROWTH * alpha, MIN_GROWTH * alpha)
             if math.isfinite(upper):
-                alpha = min(alpha, t.alpha + NON_FINITE_SHRINK * (upper - t.alpha))
+                alpha = min(alpha, t.alpha + 0.5 * (upper - t.alpha))
             previous = t
         return (previous if previous.alpha > 0 else None), True
 
