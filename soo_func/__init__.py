@@ -22,6 +22,7 @@ from soo_func.base import (
 )
 from soo_func.directions import bfgs, broyden, dfp, lbfgs, sr1
 from soo_func.directions.newton import newton_krylov
+from soo_func.directions.nonlinear_cg import nonlinear_cg
 from soo_func.minimize import MinimizeResult, least_squares, minimize
 from soo_func.oracles import (
     CountedObjective,
@@ -71,6 +72,7 @@ __all__ = [
     "minimize",
     "multi_batch_lbfgs",
     "newton_krylov",
+    "nonlinear_cg",
     "publish",
     "require_extras",
     "scale",
