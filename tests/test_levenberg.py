@@ -182,8 +182,11 @@ def test_least_squares_default_and_dtype(dtype):
     assert result.params.dtype == dtype
     tol = 1e-8 if dtype == torch.float64 else 1e-3
     assert torch.allclose(result.params.double(), reference.params, rtol=tol, atol=tol)
-    # the driver reused the published values: one value_and_grad per step, plus the start
-    assert result.num_grad_evals == result.num_steps + 1
+    # the driver reused the published values: its own value_and_grad at the start only;
+    # the dense solver evaluates one Jacobian (and residual) at the start and per trial
+    assert result.num_grad_evals == 1
+    assert result.num_value_evals == 1 + (result.num_steps + 1)
+    assert result.num_hvp_evals == 2 * (result.num_steps + 1)
 
 
 def test_pytree_params_and_counts():
@@ -200,7 +203,8 @@ def test_pytree_params_and_counts():
     expected = torch.linalg.lstsq(A, rhs[:, None]).solution[:, 0]
     assert torch.allclose(result.params["a"], expected[0], atol=1e-8)
     assert torch.allclose(result.params["b"][0], expected[1], atol=1e-8)
-    assert result.num_hvp_evals == 2 * result.num_steps  # dense Jacobian: n = 2 products
+    # dense Jacobians (n = 2 products each) at the start and at every trial point
+    assert result.num_hvp_evals == 2 * (result.num_steps + 1)
 
 
 def test_general_loss_uses_hessian_products():

@@ -27,6 +27,9 @@ from soo_func import tree
 
 PyTree = Any
 
+DAMPING_RULES = ("nielsen", "multiply")
+SOLVERS = ("auto", "dense", "cg")
+
 __all__ = [
     "DampingUpdate",
     "dense_jacobian",
@@ -36,6 +39,7 @@ __all__ = [
     "nielsen_update",
     "radius_update",
     "solve_damped_dense",
+    "validate_levenberg_options",
 ]
 
 
@@ -152,3 +156,37 @@ def floor_scale(scale: torch.Tensor) -> torch.Tensor:
     eps = torch.finfo(scale.dtype).eps
     tiny = torch.finfo(scale.dtype).tiny
     return torch.clamp(scale, min=eps * scale.max() + tiny)
+
+
+def validate_levenberg_options(
+    who, *, tau, initial_damping, accept_ratio, damping_rule, increase_factor, decrease_factor,
+    min_damping, max_damping, solver, dense_max_params, cg_rtol, step_rtol,
+):  # fmt: skip
+    """Check :func:`~soo_func.searches.levenberg` arguments; errors name ``who``."""
+    if tau <= 0:
+        raise ValueError(f"{who}: tau must be positive (typical 1e-6 to 1), got {tau}")
+    if initial_damping is not None and initial_damping <= 0:
+        raise ValueError(f"{who}: initial_damping must be positive or None, got {initial_damping}")
+    if not 0 <= accept_ratio < 1:
+        raise ValueError(f"{who}: accept_ratio must be in [0, 1), got {accept_ratio}")
+    if damping_rule not in DAMPING_RULES:
+        raise ValueError(
+            f"{who}: damping_rule must be one of {DAMPING_RULES}, got {damping_rule!r}"
+        )
+    if increase_factor <= 1 or decrease_factor <= 1:
+        raise ValueError(
+            f"{who}: increase_factor and decrease_factor must exceed 1, got "
+            f"{increase_factor} and {decrease_factor}"
+        )
+    if not 0 < min_damping < max_damping:
+        raise ValueError(
+            f"{who}: need 0 < min_damping < max_damping, got {min_damping} and {max_damping}"
+        )
+    if solver not in SOLVERS:
+        raise ValueError(f"{who}: solver must be one of {SOLVERS}, got {solver!r}")
+    if dense_max_params < 1:
+        raise ValueError(f"{who}: dense_max_params must be at least 1, got {dense_max_params}")
+    if not 0 < cg_rtol < 1:
+        raise ValueError(f"{who}: cg_rtol must be in (0, 1), got {cg_rtol}")
+    if step_rtol < 0:
+        raise ValueError(f"{who}: step_rtol must be non-negative, got {step_rtol}")

@@ -36,8 +36,13 @@ with at most ``dense_max_params`` parameters and ``"cg"`` otherwise.
 
 Counting: every Jacobian product (a column of the dense Jacobian, one ``jvp``, one
 ``vjp``) is charged as one Hessian product to the driver's ``CountedObjective``
-(``value_fn``), and the trial point costs one value and one gradient. No host
-synchronisation happens in the dense mode (acceptance is a ``torch.where``).
+(``value_fn``), each residual evaluation as one value. The dense solver evaluates the
+Jacobian at each trial point (``n`` products and one residual evaluation: the trial's
+value ``0.5 |r|^2`` and gradient ``J^T r`` come with it) and keeps it in the state for
+the next update, so a step costs ``n + 1``, accepted or not (MINPACK: ``1`` per trial
+plus ``n`` per accepted step). The matrix-free modes evaluate the trial with
+``value_and_grad``. Host synchronisation: the dense mode makes one per update (checking
+that the cached Jacobian belongs to ``params``); acceptance is a ``torch.where``.
 """
 
 from __future__ import annotations
@@ -58,14 +63,12 @@ from soo_func.searches.damping import (
     multiply_update,
     nielsen_update,
     solve_damped_dense,
+    validate_levenberg_options,
 )
 
 PyTree = Any
 
 __all__ = ["LevenbergState", "levenberg", "levenberg_marquardt"]
-
-DAMPING_RULES = ("nielsen", "multiply")
-SOLVERS = ("auto", "dense", "cg")
 
 
 class LevenbergState(NamedTuple):
@@ -75,6 +78,8 @@ class LevenbergState(NamedTuple):
     ``nu`` is Nielsen's growth factor; ``scale`` is Marquardt's running ``diag(J^T J)``
     (a pytree like the params; ones for Levenberg); ``next_value``/``next_grad`` are the
     objective and gradient at ``params + updates`` (at ``params`` after a rejection).
+    The dense solver caches the Jacobian ``jacobian`` (m x n), ``residuals`` (m) and the
+    flat point ``jacobian_at`` (n) where they were computed (empty before the first).
     """
 
     damping: torch.Tensor
@@ -85,6 +90,9 @@ class LevenbergState(NamedTuple):
     next_value: torch.Tensor
     next_grad: PyTree
     scale: PyTree
+    jacobian: torch.Tensor
+    residuals: torch.Tensor
+    jacobian_at: torch.Tensor
 
 
 class _Model(NamedTuple):
@@ -95,48 +103,18 @@ class _Model(NamedTuple):
     initial_damping: torch.Tensor
     scale: PyTree
     valid: torch.Tensor
+    jacobian: torch.Tensor | None = None
+    residuals: torch.Tensor | None = None
 
 
-def _charge(value_fn: Callable, products: int) -> None:
+def _charge(value_fn: Callable, products: int, values: int = 0) -> None:
     if isinstance(value_fn, CountedObjective):
         value_fn.num_hvp_evals += products
-
-
-def _validate(
-    who, *, tau, initial_damping, accept_ratio, damping_rule, increase_factor, decrease_factor,
-    min_damping, max_damping, solver, dense_max_params, cg_rtol, step_rtol,
-):  # fmt: skip
-    if tau <= 0:
-        raise ValueError(f"{who}: tau must be positive (typical 1e-6 to 1), got {tau}")
-    if initial_damping is not None and initial_damping <= 0:
-        raise ValueError(f"{who}: initial_damping must be positive or None, got {initial_damping}")
-    if not 0 <= accept_ratio < 1:
-        raise ValueError(f"{who}: accept_ratio must be in [0, 1), got {accept_ratio}")
-    if damping_rule not in DAMPING_RULES:
-        raise ValueError(
-            f"{who}: damping_rule must be one of {DAMPING_RULES}, got {damping_rule!r}"
-        )
-    if increase_factor <= 1 or decrease_factor <= 1:
-        raise ValueError(
-            f"{who}: increase_factor and decrease_factor must exceed 1, got "
-            f"{increase_factor} and {decrease_factor}"
-        )
-    if not 0 < min_damping < max_damping:
-        raise ValueError(
-            f"{who}: need 0 < min_damping < max_damping, got {min_damping} and {max_damping}"
-        )
-    if solver not in SOLVERS:
-        raise ValueError(f"{who}: solver must be one of {SOLVERS}, got {solver!r}")
-    if dense_max_params < 1:
-        raise ValueError(f"{who}: dense_max_params must be at least 1, got {dense_max_params}")
-    if not 0 < cg_rtol < 1:
-        raise ValueError(f"{who}: cg_rtol must be in (0, 1), got {cg_rtol}")
-    if step_rtol < 0:
-        raise ValueError(f"{who}: step_rtol must be non-negative, got {step_rtol}")
+        value_fn.num_value_evals += values
 
 
 def _make(who: str, marquardt: bool, **options: Any) -> Transform:
-    _validate(who, **options)
+    validate_levenberg_options(who, **options)
     tau = options["tau"]
     initial_damping = options["initial_damping"]
     solver = options["solver"]
@@ -153,15 +131,26 @@ def _make(who: str, marquardt: bool, **options: Any) -> Transform:
             next_value=torch.zeros((), **scalar),
             next_grad=tree.zeros_like(params),
             scale=tree.zeros_like(params) if marquardt else tree.ones_like(params),
+            jacobian=torch.zeros((0, 0), **scalar),
+            residuals=torch.zeros((0,), **scalar),
+            jacobian_at=torch.zeros((0,), **scalar),
         )
 
     def first_damping(state: LevenbergState, estimate: torch.Tensor) -> torch.Tensor:
         start = estimate if initial_damping is None else torch.full_like(estimate, initial_damping)
         return torch.where(state.damping < 0, start, state.damping)
 
-    def dense_model(state, params, residual_fn, value_fn) -> _Model:
+    def cached_jacobian(state, params, residual_fn, value_fn):
+        flat = tree.ravel(params).flat
+        at = state.jacobian_at
+        if at.shape == flat.shape and torch.equal(at, flat):  # one host sync
+            return state.jacobian, state.residuals
         jac, r = dense_jacobian(residual_fn, params)
-        _charge(value_fn, jac.shape[1])
+        _charge(value_fn, jac.shape[1], values=1)
+        return jac, r
+
+    def dense_model(state, params, residual_fn, value_fn) -> _Model:
+        jac, r = cached_jacobian(state, params, residual_fn, value_fn)
         column_sq = (jac * jac).sum(0)
         if marquardt:
             scale = floor_scale(torch.maximum(tree.ravel(state.scale).flat, column_sq))
@@ -175,7 +164,7 @@ def _make(who: str, marquardt: bool, **options: Any) -> Transform:
         predicted = -torch.dot(r, jd) - 0.5 * torch.dot(jd, jd)
         valid = torch.isfinite(d).all()
         return _Model(
-            tree.unravel(d, params), predicted, damping, tree.unravel(scale, params), valid
+            tree.unravel(d, params), predicted, damping, tree.unravel(scale, params), valid, jac, r
         )
 
     def krylov_model(state, params, grad, operator, value_fn, scale) -> _Model:
@@ -253,7 +242,13 @@ def _make(who: str, marquardt: bool, **options: Any) -> Transform:
                 _, _, operator = linearize_grad(value_fn, params)
             model = krylov_model(state, params, grad, operator, value_fn, scale)
         trial = tree.add(params, model.step)
-        trial_value, trial_grad = value_and_grad(value_fn)(trial)
+        if use_dense:  # the trial's Jacobian gives its value and gradient, and is kept
+            trial_jac, trial_r = dense_jacobian(residual_fn, trial)
+            _charge(value_fn, trial_jac.shape[1], values=1)
+            trial_value = 0.5 * torch.dot(trial_r, trial_r)
+            trial_grad = tree.unravel(trial_jac.T @ trial_r, params)
+        else:
+            trial_value, trial_grad = value_and_grad(value_fn)(trial)
         ratio = gain_ratio(value - trial_value, model.predicted)
         ratio = torch.where(model.valid, ratio, torch.full_like(ratio, -torch.inf))
         accepted = ratio > options["accept_ratio"]
@@ -267,6 +262,14 @@ def _make(who: str, marquardt: bool, **options: Any) -> Transform:
                 increase_factor=options["increase_factor"],
                 decrease_factor=options["decrease_factor"],
             )
+        cache = {"jacobian": state.jacobian, "residuals": state.residuals}
+        cache["jacobian_at"] = state.jacobian_at
+        if use_dense:
+            cache = {
+                "jacobian": torch.where(accepted, trial_jac, model.jacobian),
+                "residuals": torch.where(accepted, trial_r, model.residuals),
+                "jacobian_at": tree.ravel(tree.where(accepted, trial, params)).flat,
+            }
         damping = torch.clamp(new.damping, options["min_damping"], options["max_damping"])
         step_norm = tree.norm(model.step)
         stalled = step_norm <= options["step_rtol"] * (tree.norm(params) + options["step_rtol"])
@@ -280,6 +283,7 @@ def _make(who: str, marquardt: bool, **options: Any) -> Transform:
             next_value=torch.where(accepted, trial_value, value),
             next_grad=tree.where(accepted, trial_grad, grad),
             scale=model.scale,
+            **cache,
         )
         step = tree.where(accepted, model.step, tree.zeros_like(params))
         return step, new_state
