@@ -10,7 +10,7 @@ import torch
 from helpers import assert_update_is_pure
 
 import soo_func as sf
-from soo_func.searches import armijo
+from soo_func.searches import armijo, armijo_sync_free
 from soo_func.searches.line import (
     cubic_minimizer,
     cubic_minimizer_from_values,
@@ -329,3 +329,71 @@ def test_lbfgs_with_armijo_smoke():
     torch.testing.assert_close(result.params, torch.ones(2, dtype=torch.float64))
     # quasi-Newton unit steps are mostly accepted at once: few wasted evaluations
     assert result.num_grad_evals <= 1.5 * result.num_steps
+
+
+# --- the sync-free variant ------------------------------------------------------------------
+
+
+def test_sync_free_update_reads_nothing_on_the_host():
+    fn, x0, d = random_problem(3)
+    value, grad = sf.value_and_grad(fn)(x0)
+    search = armijo_sync_free(initial_step="previous_decrease")
+    state = search.init(x0)
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__"):
+            patch.setattr(torch.Tensor, name, _refuse_sync)
+        updates, state = search.update(
+            d, state, x0, value=value, grad=grad, value_fn=fn, initial_step=torch.tensor(0.5)
+        )
+    assert int(state.num_syncs) == 0
+    assert not bool(state.search_failed)
+    torch.testing.assert_close(updates, float(state.step_size) * d, rtol=0, atol=0)
+    # and the host variant does read (the check above is not vacuous)
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(AssertionError, match="sync"):
+        patch.setattr(torch.Tensor, "tolist", _refuse_sync)
+        armijo().update(d, armijo().init(x0), x0, value=value, grad=grad, value_fn=fn)
+
+
+def _refuse_sync(*args, **kwargs):
+    raise AssertionError("host synchronisation in a sync-free update")
+
+
+@pytest.mark.parametrize("c1", [1e-4, 0.4])
+def test_sync_free_steps_satisfy_armijo_and_match_the_host_search(c1):
+    matched = 0
+    for seed in range(40):
+        fn, x0, d = random_problem(seed)
+        updates, state = run_search(armijo_sync_free(slope_rtol=c1, max_steps=30), fn, x0, d)
+        alpha = float(state.step_size)
+        assert not bool(state.search_failed), seed
+        torch.testing.assert_close(updates, alpha * d, rtol=0, atol=0)
+        f0, df0 = phi(fn, x0, d, 0.0), slope(fn, x0, d)
+        assert phi(fn, x0, d, alpha) <= f0 + c1 * alpha * df0 + 1e-12 * abs(f0), seed
+        assert float(state.next_value) == pytest.approx(phi(fn, x0, d, alpha), rel=1e-12)
+        _, host = run_search(armijo(slope_rtol=c1), fn, x0, d)
+        evals, grads = int(host.num_search_evals), int(host.num_search_grads)
+        if evals == 1 or (evals == 3 and grads == 2):  # host accepted trial 1 or 2
+            assert alpha == pytest.approx(float(host.step_size), rel=1e-12), seed
+            matched += 1
+    assert matched > 10
+
+
+def test_sync_free_failures_give_a_zero_step():
+    fn, x0, d = random_problem(0)
+    value, grad = sf.value_and_grad(fn)(x0)
+    for direction, kwargs in ((-d, {}), (d, {"initial_step": 1e9, "max_steps": 2})):
+        updates, state = run_search(armijo_sync_free(**kwargs), fn, x0, direction)
+        assert bool(state.search_failed)
+        assert torch.equal(updates, torch.zeros_like(x0))
+        assert torch.equal(state.next_value, value) and torch.equal(state.next_grad, grad)
+
+
+def test_sync_free_in_the_driver_is_pure_and_counted(dtype, device):
+    x0 = torch.tensor([-1.2, 1.0], dtype=dtype, device=device)
+    opt = sf.chain(sf.scale(-1.0), armijo_sync_free(max_steps=6))
+    value, grad = sf.value_and_grad(rosenbrock)(x0)
+    assert_update_is_pure(opt, x0, grad, steps=3, value=value, value_fn=rosenbrock)
+    result = sf.minimize(rosenbrock, x0, opt, max_steps=20)
+    assert result.num_grad_evals == 1 + result.num_steps
+    assert result.num_value_evals == 1 + 7 * result.num_steps
+    assert result.params.dtype == dtype and float(result.value) < float(value)

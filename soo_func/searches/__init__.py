@@ -1,6 +1,6 @@
 """Line searches and trust regions: they turn a direction into a step."""
 
-from soo_func.searches.armijo import armijo
+from soo_func.searches.armijo import armijo, armijo_sync_free
 from soo_func.searches.levenberg import LevenbergState, levenberg, levenberg_marquardt
 from soo_func.searches.line import LineSearchState
 from soo_func.searches.trust_region import TrustRegionState, trust_region
@@ -11,6 +11,7 @@ __all__ = [
     "LineSearchState",
     "TrustRegionState",
     "armijo",
+    "armijo_sync_free",
     "levenberg",
     "levenberg_marquardt",
     "trust_region",

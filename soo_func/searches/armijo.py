@@ -9,7 +9,11 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch
+
+from soo_func import tree
 from soo_func.base import Transform, require_extras
+from soo_func.oracles import value_and_grad
 from soo_func.searches.line import (
     LineSearchState,
     Ray,
@@ -30,7 +34,7 @@ from soo_func.searches.line import (
 
 PyTree = Any
 
-__all__ = ["armijo"]
+__all__ = ["armijo", "armijo_sync_free"]
 
 
 def first_was_accepted(start: Start) -> bool:
@@ -141,5 +145,113 @@ def armijo(
         if accepted is not None and accepted.grad is None:
             accepted = ray.value_and_slope(accepted.alpha)
         return finish(ray, state, extra["value"], extra["grad"], accepted, failed)
+
+    return Transform(init_search_state, update, publish_search)
+
+
+def _initial_step_tensor(
+    initial_step: str | float,
+    value: torch.Tensor,
+    slope: torch.Tensor,
+    grad: PyTree,
+    state: LineSearchState,
+    published_step: Any,
+) -> torch.Tensor:
+    """The first trial step as a 0-d tensor (the rules of ``line.read_start``, no sync)."""
+    one = torch.ones_like(slope)
+    if initial_step == "unit":
+        alpha0 = one
+    elif initial_step == "previous_decrease":
+        previous = state.previous_value.to(slope)
+        from_previous = 2.0 * (value.to(slope) - previous) / slope
+        first = tree.norm(grad).to(slope) / slope.abs()
+        alpha0 = torch.where(torch.isfinite(previous), from_previous, first)
+        alpha0 = torch.where(torch.isfinite(alpha0) & (alpha0 > 0), alpha0.clamp(max=1.0), one)
+    else:
+        alpha0 = one * initial_step
+    if isinstance(published_step, torch.Tensor) and published_step.numel() == 1:
+        hint = published_step.detach().reshape(()).to(slope)
+        alpha0 = torch.where(torch.isfinite(hint) & (hint > 0), hint, alpha0)
+    return alpha0
+
+
+def armijo_sync_free(
+    slope_rtol: float | None = None,
+    min_shrink: float = 0.1,
+    max_shrink: float = 0.5,
+    max_steps: int = 8,
+    initial_step: str | float = "unit",
+    *,
+    c1: float | None = None,
+) -> Transform:
+    """Backtracking for the Armijo condition without host synchronisation.
+
+    The same acceptance rule as :func:`armijo` (N&W eq. (3.4)) and the same safeguarded
+    quadratic interpolation (eq. (3.57), between ``min_shrink`` and ``max_shrink`` times
+    the last trial; a non-finite value shrinks by ``min_shrink``), but decided with
+    ``torch.where`` on the device: all ``max_steps`` trial values are evaluated (the
+    search cannot stop early without reading a value on the host), the first trial that
+    satisfies the condition is kept, and its value and gradient are evaluated once. So an
+    update costs ``max_steps + 1`` values and one gradient, and never waits for the device
+    (``state.num_syncs`` stays 0): for GPUs, where a sync costs more than a value.
+
+    Failure (``search_failed``, a zero step, the start's value and gradient handed on): an
+    ascent, zero or non-finite direction, or no trial with sufficient decrease. Unlike
+    :func:`armijo` it does not fall back to the best decreasing trial. Arguments as for
+    :func:`armijo`.
+    """
+    slope_rtol = resolve_alias("armijo_sync_free", "slope_rtol", slope_rtol, "c1", c1, 1e-4)
+    if not 0 < slope_rtol < 1:
+        raise ValueError(f"armijo_sync_free: slope_rtol (c1) must be in (0, 1), got {slope_rtol}")
+    if not 0 < min_shrink <= max_shrink < 1:
+        raise ValueError(
+            "armijo_sync_free: need 0 < min_shrink <= max_shrink < 1, got "
+            f"min_shrink={min_shrink}, max_shrink={max_shrink}"
+        )
+    max_steps = check_max_steps("armijo_sync_free", max_steps)
+    initial_step = check_initial_step("armijo_sync_free", initial_step)
+
+    def update(updates: PyTree, state: LineSearchState, params: PyTree = None, **extra: Any):
+        require_extras("armijo_sync_free", extra, "value", "grad", "value_fn")
+        if params is None:
+            raise TypeError("armijo_sync_free needs params in update(updates, state, params, ...)")
+        check_extras("armijo_sync_free", updates, state, extra)
+        value_fn, grad = extra["value_fn"], extra["grad"]
+        f0 = extra["value"].detach().reshape(())
+        slope = tree.vdot(grad, updates).to(f0.dtype)
+        ok_start = torch.isfinite(f0) & torch.isfinite(slope) & (slope < 0)
+        alpha = _initial_step_tensor(
+            initial_step, f0, slope, grad, state, extra.get("initial_step")
+        )
+        accepted = torch.zeros_like(alpha)
+        found = torch.zeros((), dtype=torch.bool, device=f0.device)
+        for _ in range(max_steps):
+            with torch.no_grad():
+                f = value_fn(tree.add(params, tree.scale(alpha, updates))).detach().reshape(())
+            finite = torch.isfinite(f)
+            good = ok_start & ~found & finite & (f <= f0 + slope_rtol * alpha * slope)
+            accepted = torch.where(good, alpha, accepted)
+            found = found | good
+            curvature = (f - f0 - slope * alpha) / (alpha * alpha)
+            candidate = -slope / (2.0 * curvature)
+            usable = finite & torch.isfinite(candidate) & (curvature > 0)
+            candidate = torch.where(usable, candidate, max_shrink * alpha)
+            candidate = torch.minimum(
+                torch.maximum(candidate, min_shrink * alpha), max_shrink * alpha
+            )
+            alpha = torch.where(finite, candidate, min_shrink * alpha)
+        step = tree.where(found, tree.scale(accepted, updates), tree.zeros_like(updates))
+        new_value, new_grad = value_and_grad(value_fn)(tree.add(params, step))
+        new_state = LineSearchState(
+            step_size=accepted,
+            next_value=torch.where(found, new_value.reshape(()), f0),
+            next_grad=tree.where(found, new_grad, grad),
+            search_failed=~found,
+            num_search_evals=torch.full_like(state.num_search_evals, max_steps + 1),
+            num_search_grads=torch.ones_like(state.num_search_grads),
+            num_syncs=state.num_syncs,
+            previous_value=f0,
+        )
+        return step, new_state
 
     return Transform(init_search_state, update, publish_search)
