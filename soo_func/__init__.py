@@ -35,6 +35,7 @@ from soo_func.oracles import (
 from soo_func.searches import (
     LineSearchState,
     armijo,
+    armijo_sync_free,
     levenberg,
     levenberg_marquardt,
     trust_region,
@@ -54,6 +55,7 @@ __all__ = [
     "Transform",
     "apply_updates",
     "armijo",
+    "armijo_sync_free",
     "bfgs",
     "bind_batch",
     "broyden",
