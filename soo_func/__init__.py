@@ -21,6 +21,7 @@ from soo_func.base import (
     stateless,
 )
 from soo_func.directions import bfgs, broyden, dfp, lbfgs, sr1
+from soo_func.directions.gauss_newton import gauss_newton
 from soo_func.directions.newton import newton_krylov
 from soo_func.directions.nonlinear_cg import nonlinear_cg
 from soo_func.minimize import MinimizeResult, least_squares, minimize
@@ -62,6 +63,7 @@ __all__ = [
     "chain",
     "dfp",
     "functional_loss",
+    "gauss_newton",
     "ggn_vp",
     "hessian_free",
     "hvp",

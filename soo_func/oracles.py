@@ -6,6 +6,8 @@
 * :func:`linearize_grad` -- the gradient and an operator ``v -> H v`` that shares the
   gradient's forward pass across many products (for Krylov solves).
 * :func:`ggn_vp` -- Gauss-Newton products ``J^T J v`` for a residual function.
+* :func:`ggn_operator` -- generalized Gauss-Newton products ``J^T H_L J v`` for a loss
+  on model outputs, sharing one linearization of the model across products.
 * :func:`functional_loss` -- an ``nn.Module`` and a loss turned into a pure
   ``value_fn(params, batch)`` with ``torch.func.functional_call``.
 * :class:`CountedObjective` -- wraps an objective and counts evaluations; the
@@ -28,6 +30,7 @@ PyTree = Any
 __all__ = [
     "CountedObjective",
     "functional_loss",
+    "ggn_operator",
     "ggn_vp",
     "hvp",
     "linearize_grad",
@@ -235,3 +238,44 @@ def functional_loss(
         return loss_fn(outputs, targets)
 
     return value_fn, params
+
+
+def ggn_operator(
+    model_fn: Callable[..., PyTree],
+    params: PyTree,
+    loss_fn: Callable[[PyTree], torch.Tensor] | None = None,
+    *args: Any,
+) -> tuple[PyTree, Callable[[PyTree], PyTree]]:
+    """``(outputs, matvec)`` with ``matvec(v) = J^T H_L J v`` at ``params``.
+
+    ``J`` is the Jacobian of ``outputs = model_fn(params, *args)`` and ``H_L`` the
+    Hessian of ``loss_fn(outputs)`` (a 0-d loss) with respect to the outputs: the
+    generalized Gauss-Newton matrix of ``loss_fn(model_fn(params))`` (Schraudolph 2002;
+    Martens 2010, "Deep learning via Hessian-free optimization"). With ``loss_fn=None``
+    the loss is ``0.5 ||outputs||^2`` (``H_L = I``) and ``matvec`` is ``J^T J v`` (the
+    Gauss-Newton matrix of a residual function, as :func:`ggn_vp`).
+
+    The model's forward pass and its ``vjp`` are made once here; each product costs
+    one ``jvp`` of the model (``J v``), one Hessian product of the loss at the outputs
+    (forward-over-reverse; nothing for ``loss_fn=None``) and one reverse pass through
+    the saved graph (``J^T u``). Each product is charged as one Hessian product when
+    ``model_fn`` is a :class:`CountedObjective`.
+    """
+    counted = model_fn if isinstance(model_fn, CountedObjective) else None
+    raw = _unwrap(model_fn)
+
+    def model(p):
+        return raw(p, *args)
+
+    outputs, vjp_fn = tf.vjp(model, params)
+    loss_grad = None if loss_fn is None else tf.grad(_scalar_loss(loss_fn, has_aux=False))
+
+    def matvec(v: PyTree) -> PyTree:
+        tree.check_same_structure(params, v, names=("params", "v"))
+        if counted is not None:
+            counted.num_hvp_evals += 1
+        _, jv = tf.jvp(model, (params,), (v,))
+        hjv = jv if loss_grad is None else tf.jvp(loss_grad, (outputs,), (jv,))[1]
+        return vjp_fn(hjv)[0]
+
+    return outputs, matvec
