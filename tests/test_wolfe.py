@@ -296,3 +296,16 @@ def test_scipy_reference_is_not_trivially_equal():
     fn, x0, d = quadratic_ray(0.25)
     assert phi(fn, x0, d, 1.0) > phi(fn, x0, d, 0.0)
     assert np.isfinite(scipy_search(fn, x0, d, 1e-4, 0.1))
+
+
+@pytest.mark.parametrize("make", [sf.wolfe, sf.armijo, sf.armijo_sync_free])
+def test_bfloat16_params_keep_their_dtype(make):
+    def fn(x):
+        target = torch.tensor([1.0, -2.0], dtype=x.dtype)
+        weight = torch.tensor([1.0, 3.0], dtype=x.dtype)
+        return ((x - target) ** 2 * weight).sum()
+
+    x0 = torch.zeros(2, dtype=torch.bfloat16)
+    result = sf.minimize(fn, x0, sf.chain(sf.scale(-1.0), make()), max_steps=20, gtol=1e-2)
+    assert result.params.dtype == torch.bfloat16 and result.value.dtype == torch.bfloat16
+    assert float(result.value) < 0.05 * float(fn(x0))
