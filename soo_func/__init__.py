@@ -20,6 +20,13 @@ from soo_func.base import (
     sgd,
     stateless,
 )
+from soo_func.continuation import HomotopyState, homotopy
+from soo_func.continuation_path import (
+    PathResult,
+    continuation_path,
+    path_tangent,
+    reset_at_stage_change,
+)
 from soo_func.directions import bfgs, broyden, dfp, lbfgs, sr1
 from soo_func.directions.gauss_newton import gauss_newton
 from soo_func.directions.newton import newton_krylov
@@ -51,8 +58,10 @@ __all__ = [
     "ChainState",
     "CountedObjective",
     "EmptyState",
+    "HomotopyState",
     "LineSearchState",
     "MinimizeResult",
+    "PathResult",
     "Transform",
     "apply_updates",
     "armijo",
@@ -61,11 +70,13 @@ __all__ = [
     "bind_batch",
     "broyden",
     "chain",
+    "continuation_path",
     "dfp",
     "functional_loss",
     "gauss_newton",
     "ggn_vp",
     "hessian_free",
+    "homotopy",
     "hvp",
     "krylov",
     "lbfgs",
@@ -77,8 +88,10 @@ __all__ = [
     "multi_batch_lbfgs",
     "newton_krylov",
     "nonlinear_cg",
+    "path_tangent",
     "publish",
     "require_extras",
+    "reset_at_stage_change",
     "scale",
     "sgd",
     "sr1",

@@ -34,6 +34,11 @@ driver (:func:`soo_func.minimize`) reads it the same way. Keys with a fixed mean
     0-d bool: whether the driver may declare convergence (homotopy says no before t = 1).
 ``initial_step``
     0-d tensor: a step-length hint for the search (nonlinear CG).
+``params_offset``
+    A pytree like ``params``: the member moved the point to ``params + params_offset``
+    (a homotopy's predictor) and published the objective as seen from there
+    (``p -> f(p + params_offset)``). :func:`chain` adds it to its final updates and does
+    not publish it further (an enclosing chain does not add it twice).
 
 Transforms written for optax's two-function protocol, with or without ``**extra``,
 work as chain members unchanged: they publish nothing, and receive no extras unless
@@ -185,13 +190,19 @@ def chain(*transforms: Transform) -> Transform:
         if extra.get("grad") is None:
             extra["grad"] = updates
         new_states = []
+        offsets = []
         for t, s, wants in zip(transforms, state.states, takes_extras, strict=True):
             if wants:
                 updates, s = t.update(updates, s, params, **extra)
             else:
                 updates, s = t.update(updates, s, params)
             new_states.append(s)
-            extra.update(publish(t, s, params, **extra))
+            out = publish(t, s, params, **extra)
+            if out.get("params_offset") is not None:
+                offsets.append(out["params_offset"])
+            extra.update(out)
+        for offset in offsets:
+            updates = tree.add(updates, offset)
         return updates, ChainState(tuple(new_states))
 
     def publish_all(state: ChainState, params=None, **extra) -> dict[str, Any]:
@@ -201,6 +212,7 @@ def chain(*transforms: Transform) -> Transform:
             out = publish(t, s, params, **extra)
             extra.update(out)
             published.update(out)
+        published.pop("params_offset", None)  # consumed by this chain's update
         return published
 
     return Transform(init, update, publish_all)

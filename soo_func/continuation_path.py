@@ -1,0 +1,244 @@
+"""Path tools for :mod:`soo_func.continuation`: the path tangent, parameter paths and
+memory resets at stage changes.
+
+* :func:`path_tangent` -- ``dx/dt`` of the path of minimizers of ``f_t`` (matrix-free).
+* :func:`continuation_path` -- solutions of ``value_fn(params, lam)`` over a schedule of
+  ``lam`` (a regularization path, say), with warm starts and tangent predictors, built on
+  :func:`~soo_func.continuation.homotopy` with a fixed schedule.
+* :func:`reset_at_stage_change` -- wraps a direction with a memory (L-BFGS, BFGS) so
+  that its state restarts when the homotopy changes the objective.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import optree
+import torch
+import torch.func as tf
+
+from soo_func import tree
+from soo_func.base import Transform, chain
+from soo_func.krylov import minres
+from soo_func.oracles import CountedObjective, hvp
+
+PyTree = Any
+Family = Callable[[PyTree, torch.Tensor], torch.Tensor]
+
+__all__ = ["PathResult", "continuation_path", "path_tangent", "reset_at_stage_change"]
+
+
+class _ChargedObjective(CountedObjective):
+    """``fn`` as a counted objective whose evaluations are charged to ``charge_to``."""
+
+    def __init__(self, fn: Callable, charge_to: Any):
+        self.fn = fn
+        self._target = charge_to if isinstance(charge_to, CountedObjective) else None
+        self._own = {"num_value_evals": 0, "num_grad_evals": 0, "num_hvp_evals": 0}
+
+    def _get(name):  # noqa: N805 - property factory
+        def get(self):
+            return getattr(self._target, name) if self._target is not None else self._own[name]
+
+        def set_(self, value):
+            if self._target is not None:
+                setattr(self._target, name, value)
+            else:
+                self._own[name] = value
+
+        return property(get, set_)
+
+    num_value_evals = _get("num_value_evals")
+    num_grad_evals = _get("num_grad_evals")
+    num_hvp_evals = _get("num_hvp_evals")
+    del _get
+
+
+def _raw(fn: Callable) -> Callable:
+    return fn.fn if isinstance(fn, CountedObjective) else fn
+
+
+def path_tangent(
+    family_fn: Family,
+    x: PyTree,
+    t: torch.Tensor,
+    *,
+    rtol: float = 1e-8,
+    max_iters: int | None = None,
+) -> PyTree:
+    """The tangent ``dx/dt = -(d^2 f_t/dx^2)^{-1} d/dt grad f_t`` of the path at ``(x, t)``.
+
+    Implicit differentiation of ``grad_x f_t(x(t)) = 0`` (Allgower & Georg eq. (2.1.9)):
+    ``d/dt grad f_t`` is one ``jvp`` of ``grad_x f_t`` in ``t``; the Hessian solve is
+    MINRES (Paige & Saunders 1975) on Hessian-vector products of ``f_t``. When
+    ``family_fn`` is a :class:`~soo_func.CountedObjective` the ``jvp`` and each product
+    are charged to it as Hessian products.
+    """
+    raw = _raw(family_fn)
+    t = torch.as_tensor(t, dtype=tree.leaves(x)[0].dtype, device=tree.leaves(x)[0].device)
+
+    def grad_at(s):
+        return tf.grad(lambda p: raw(p, s))(x)
+
+    _, dgrad_dt = tf.jvp(grad_at, (t,), (torch.ones_like(t),))
+    # forward AD through Python-scalar products can promote float32 tangents to float64
+    dgrad_dt = tree.map(lambda d, p: d.to(p.dtype), dgrad_dt, x)
+    if isinstance(family_fn, CountedObjective):
+        family_fn.num_hvp_evals += 1
+    counted = family_fn if isinstance(family_fn, CountedObjective) else None
+
+    def objective_t(p):
+        return raw(p, t)
+
+    def matvec(v):
+        if counted is not None:
+            counted.num_hvp_evals += 1
+        return tree.map(lambda hv, p: hv.to(p.dtype), hvp(objective_t, x, v), x)
+
+    n = sum(leaf.numel() for leaf in tree.leaves(x))
+    iters = max_iters if max_iters is not None else min(2 * n, 200)
+    return minres(matvec, tree.neg(dgrad_dt), max_iters=iters, rtol=rtol).x
+
+
+def reset_at_stage_change(direction: Transform) -> Transform:
+    """Wrap ``direction`` so that its state restarts when a homotopy changes the objective.
+
+    A quasi-Newton memory holds pairs ``(s, y)`` of one objective; across a stage change
+    of :func:`~soo_func.continuation.homotopy` (a new ``t``, and a predictor jump that the
+    direction does not see as a step) its newest pair mixes two objectives and two
+    points. The wrapper reads the ``continuation_restart`` flag that the homotopy
+    publishes (true on the update that starts a stage and on the one after it) and
+    replaces the state by ``direction.init(params)`` there, with ``torch.where`` (no
+    host sync). Use it as ``chain(homotopy(), reset_at_stage_change(lbfgs()), wolfe())``.
+    """
+
+    def update(updates, state, params=None, **extra):
+        restart = extra.get("continuation_restart")
+        if restart is not None:
+            if params is None:
+                raise TypeError("reset_at_stage_change needs params to re-initialize the state")
+            fresh = direction.init(params)
+            state = optree.tree_map(lambda new, old: torch.where(restart, new, old), fresh, state)
+        return direction.update(updates, state, params, **extra)
+
+    return Transform(direction.init, update, direction.publish)
+
+
+@dataclass
+class PathResult:
+    """What :func:`continuation_path` returns: ``params[k]`` minimizes
+    ``value_fn(., schedule[k])``; the counts cover the whole path."""
+
+    schedule: list[float]
+    params: list[PyTree]
+    values: list[float]
+    grad_norms: list[float]
+    num_steps: int
+    num_value_evals: int
+    num_grad_evals: int
+    num_hvp_evals: int
+    converged: bool
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def _interpolate(schedule: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Piecewise-linear ``lam(t)`` through ``(k / K, schedule[k])``; at a knot ``t_k`` the
+    derivative is that of the segment after it (the direction the path is followed)."""
+    segments = schedule.numel() - 1
+
+    def lam(t: torch.Tensor) -> torch.Tensor:
+        u = t * segments
+        i = torch.clamp(torch.floor(u.detach() + 1e-6), 0, segments - 1).long()
+        return schedule[i] + (u - i) * (schedule[i + 1] - schedule[i])
+
+    return lam
+
+
+def continuation_path(
+    value_fn: Callable[[PyTree, torch.Tensor], torch.Tensor],
+    params: PyTree,
+    optimizer: Transform,
+    schedule: Sequence[float],
+    *,
+    gtol: float = 1e-8,
+    max_steps: int = 1000,
+    predictor: str = "tangent",
+) -> PathResult:
+    """Minimize ``value_fn(params, lam)`` for each ``lam`` in ``schedule`` in turn.
+
+    Each solve starts from the previous solution moved along the path tangent
+    ``dx/dlam`` (a warm start with an Euler predictor, Allgower & Georg Algorithm
+    2.2.3): it is :func:`~soo_func.minimize` with
+    ``chain(homotopy(family, schedule=[0, 1/K, ..., 1]), optimizer)`` where
+    ``family(params, t) = value_fn(params, lam(t))`` and ``lam`` interpolates the
+    schedule linearly. A point counts as solved when ``|grad|_inf <= gtol``.
+
+    Args:
+      value_fn: ``(params, lam) -> 0-d loss`` (``lam`` is a 0-d tensor).
+      params: the starting point of the first solve.
+      optimizer: the corrector, e.g. ``chain(newton_krylov(), armijo())``.
+      schedule: the parameter values in the order to solve them (strong to weak
+        regularization, say).
+      gtol: the gradient tolerance at every point of the path.
+      max_steps: the most optimizer steps for the whole path.
+      predictor: ``"tangent"`` or ``"none"`` (warm start only).
+    """
+    from soo_func.continuation import homotopy
+    from soo_func.minimize import minimize
+
+    values = [float(s) for s in schedule]
+    if not values or not all(math.isfinite(v) for v in values):
+        raise ValueError(f"continuation_path: schedule must be finite numbers, got {values}")
+    ref = tree.leaves(params)[0]
+    lams = torch.tensor(values, dtype=ref.dtype, device=ref.device)
+    last = lams[-1]
+
+    def final(p):
+        return value_fn(p, last)
+
+    if len(values) == 1:
+        result = minimize(final, params, optimizer, gtol=gtol, max_steps=max_steps)
+        points = [result.params]
+    else:
+        lam = _interpolate(lams)
+        ts = [k / (len(values) - 1) for k in range(len(values))]
+        ts[-1] = 1.0
+        follow = homotopy(
+            lambda p, t: value_fn(p, lam(t)),
+            schedule=ts,
+            corrector_rtol=0.0,
+            corrector_atol=gtol,
+            predictor=predictor,
+        )
+        points, previous = [], [params, 0]
+
+        def record(row, new_params):
+            if row["continuation_stage"] > previous[1] and row["continuation_t_path"] < 1:
+                points.append(previous[0])
+                previous[1] = row["continuation_stage"]
+            previous[0] = new_params
+
+        result = minimize(
+            final, params, chain(follow, optimizer), gtol=gtol, max_steps=max_steps,
+            callback=record,
+        )  # fmt: skip
+        points = [*points, result.params]
+    solved = [
+        (float(value_fn(p, lam_k)), float(tree.norm(tf.grad(value_fn)(p, lam_k), math.inf)))
+        for p, lam_k in zip(points, lams, strict=False)
+    ]
+    return PathResult(
+        schedule=values,
+        params=points,
+        values=[v for v, _ in solved],
+        grad_norms=[g for _, g in solved],
+        num_steps=result.num_steps,
+        num_value_evals=result.num_value_evals,
+        num_grad_evals=result.num_grad_evals,
+        num_hvp_evals=result.num_hvp_evals,
+        converged=result.converged and len(points) == len(values),
+        history=result.history,
+    )
