@@ -28,7 +28,8 @@ def assert_trees_equal(a: Any, b: Any) -> None:
     sf.tree.check_same_structure(a, b)
     for x, y in zip(optree.tree_leaves(a), optree.tree_leaves(b), strict=True):
         if isinstance(x, torch.Tensor):
-            assert torch.equal(x, y), (x, y)
+            same = x.shape == y.shape and x.dtype == y.dtype
+            assert same and torch.allclose(x, y, rtol=0, atol=0, equal_nan=True), (x, y)
         else:
             assert x == y
 
