@@ -10,7 +10,9 @@ Stopping rules (checked in this order after each step):
 
 * ``gtol``: ``||grad||_inf <= gtol`` (scipy's BFGS / L-BFGS-B convention), only when
   the optimizer does not publish ``converged_ok=False`` (homotopy before t = 1).
-* ``ftol``: ``f_k - f_{k+1} <= ftol * max(|f_k|, |f_{k+1}|, 1)`` (L-BFGS-B's ``factr`` rule).
+* ``ftol``: ``f_k - f_{k+1} <= ftol * max(|f_k|, |f_{k+1}|, 1)`` (L-BFGS-B's ``factr`` rule),
+  tested on non-zero steps only (a rejected trust-region step is not a stall).
+* ``xtol``: a non-zero step with ``||s|| <= xtol * (||x|| + xtol)`` (scipy's least_squares rule).
 * ``search_failed``: the search published a failure and returned a zero step.
 * ``non-finite``: the objective became NaN/inf; the last finite point is returned.
 * ``max_steps``; ``callback`` returning ``True``.
@@ -117,6 +119,7 @@ def minimize(
     max_steps: int = 1000,
     gtol: float = 1e-5,
     ftol: float = 0.0,
+    xtol: float = 0.0,
     callback: Callable[[dict[str, float], PyTree], bool | None] | None = None,
     progress: bool = False,
     extra: dict[str, Any] | None = None,
@@ -130,6 +133,9 @@ def minimize(
       max_steps: the most optimizer steps.
       gtol: stop when the gradient's infinity norm is at most ``gtol``.
       ftol: stop when the relative decrease of the value is at most ``ftol`` (0 disables).
+        Steps that a trust region or Levenberg-Marquardt rejected (zero steps) are not tested.
+      xtol: stop when an accepted step is at most ``xtol * (||params|| + xtol)``
+        (``scipy.optimize.least_squares``' rule; 0 disables).
       callback: ``callback(row, params)`` after each step; returning ``True`` stops.
       progress: show a progress bar (tqdm) with the value and gradient norm.
       extra: more keyword extras for ``update`` (e.g. ``residual_fn``).
@@ -185,13 +191,21 @@ def minimize(
             reason, converged = "gtol", True
         elif (
             may_converge
+            and step_norm > 0.0
             and ftol > 0
             and float(old_value - value)
             <= ftol * max(abs(float(old_value)), abs(float(value)), 1.0)
         ):
             reason, converged = "ftol", True
+        elif (
+            may_converge
+            and step_norm > 0.0
+            and xtol > 0
+            and step_norm <= xtol * (float(tree.norm(params)) + xtol)
+        ):
+            reason, converged = "xtol", True
         elif failed is not None and bool(failed) and step_norm == 0.0:
-            reason = "search_failed: no acceptable step along the direction"
+            reason = "search_failed: no acceptable step (the point cannot be improved at this precision or along this direction)"
             break
         if callback is not None and callback(row, params):
             reason = "callback"
