@@ -21,6 +21,7 @@ noise hurts the step far less. :func:`hessian_operator` gives ``v -> H_H v`` and
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -37,6 +38,7 @@ Operator = Callable[[PyTree], PyTree]
 
 __all__ = [
     "bind_batch",
+    "cross_entropy_ggn_residual",
     "ggn_operator",
     "hessian_operator",
     "subsample",
@@ -126,6 +128,35 @@ def ggn_operator(
         return vjp_fn(hjv)[0]
 
     return product
+
+
+def cross_entropy_ggn_residual(
+    apply_fn: Callable[[PyTree, torch.Tensor], torch.Tensor],
+    params: PyTree,
+    inputs: torch.Tensor,
+) -> Callable[[PyTree], torch.Tensor]:
+    """A ``residual_fn`` whose Gauss-Newton matrix ``J_r^T J_r`` at ``params`` is the GGN of
+    the mean softmax cross-entropy of ``apply_fn(., inputs)``.
+
+    Per example, the cross-entropy's Hessian in the logits factors as
+    ``diag(p) - p p^T = A^T A`` with ``A = diag(sqrt p) - sqrt(p) p^T`` (using
+    ``sum p = 1``), so ``r(w) = A z(w) / sqrt(N)`` with ``A`` frozen at ``params`` has
+    ``J_r^T J_r = J^T H_L J``. This lets a ``residual_fn``-based Gauss-Newton direction
+    (``gauss_newton()``, ``levenberg_marquardt``) use the classification GGN on a batch.
+    Only its Jacobian at ``params`` is meaningful: ``0.5 |r|^2`` is *not* the loss, so
+    pass the true ``value_fn``, ``value`` and ``grad`` alongside.
+    """
+    with torch.no_grad():
+        probs = torch.softmax(apply_fn(params, inputs), dim=-1)
+    root = probs.sqrt()
+    factor = torch.diag_embed(root) - root.unsqueeze(-1) * probs.unsqueeze(-2)
+    scale = 1.0 / math.sqrt(inputs.shape[0])
+
+    def residual_fn(p: PyTree) -> torch.Tensor:
+        logits = apply_fn(p, inputs)
+        return (scale * torch.einsum("nij,nj->ni", factor, logits)).reshape(-1)
+
+    return residual_fn
 
 
 def training_step(

@@ -91,6 +91,21 @@ def test_subsampled_ggn_equals_dense_formula_on_the_subsample(dtype, device):
     assert not torch.allclose(sf.tree.ravel(whole(unravel(v))).flat, got, rtol=1e-3)
 
 
+def test_cross_entropy_ggn_residual_factors_the_ggn(dtype, device):
+    """J_r^T J_r of the residual factor equals the cross-entropy GGN (A^T A = diag(p) - p p^T)."""
+    params, batch, apply_fn, _ = _mlp_problem(dtype, device)
+    residual_fn = training.cross_entropy_ggn_residual(apply_fn, params, batch[0])
+    ggn = training.ggn_operator(apply_fn, cross_entropy, params, batch)
+    v = sf.tree.map(
+        lambda t: torch.cos(torch.arange(t.numel(), dtype=dtype, device=device)).reshape(t.shape),
+        params,
+    )
+    tol = {} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-6}
+    torch.testing.assert_close(
+        sf.tree.ravel(sf.ggn_vp(residual_fn, params, v)).flat, sf.tree.ravel(ggn(v)).flat, **tol
+    )
+
+
 def test_subsampled_hessian_equals_dense_hessian(dtype, device):
     params, batch, _, loss_fn = _mlp_problem(dtype, device)
     sub = training.subsample(batch, 5)
