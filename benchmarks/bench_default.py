@@ -34,7 +34,7 @@ def _find(name: str):
     return None
 
 
-def soo_func_optimizers() -> dict[str, Callable[[], sf.Transform]]:
+def soo_func_optimizers(baseline: bool = True) -> dict[str, Callable[[], sf.Transform]]:
     """The optimizers available in this checkout, by label (each built fresh per run)."""
     import soo_func.directions
     import soo_func.searches  # noqa: F401
@@ -49,7 +49,7 @@ def soo_func_optimizers() -> dict[str, Callable[[], sf.Transform]]:
             candidates[f"sf {direction}+wolfe"] = lambda d=make_direction: sf.chain(d(), wolfe())
         elif armijo is not None:
             candidates[f"sf {direction}+armijo"] = lambda d=make_direction: sf.chain(d(), armijo())
-    if armijo is not None:
+    if armijo is not None and (baseline or not candidates):
         candidates["sf gradient+armijo"] = lambda: sf.chain(sf.scale(-1.0), armijo())
     if not candidates:
         candidates["sf sgd(1e-3)"] = lambda: sf.sgd(1e-3)
@@ -110,7 +110,7 @@ def _run_scipy(problem: Problem, method: str, max_steps: int) -> dict:
     }
 
 
-def classic(quick: bool) -> list[dict]:
+def classic(quick: bool, baseline: bool = True) -> list[dict]:
     """soo_func and scipy on MGH problems and breast-cancer logistic regression."""
     names = QUICK_PROBLEMS if quick else PROBLEMS
     problems = [UNCONSTRAINED[n] for n in names] + [logistic_regression()]
@@ -118,7 +118,7 @@ def classic(quick: bool) -> list[dict]:
     rows = []
     for problem in problems:
         f_opt = problem.f_opt if problem.f_opt is not None else float("nan")
-        for label, make in soo_func_optimizers().items():
+        for label, make in soo_func_optimizers(baseline).items():
             run = _run_soo_func(problem, make, max_steps)
             rows.append({"problem": problem.name, "optimizer": label, "f_opt": f_opt, **run})
         for method in ("L-BFGS-B", "BFGS"):
@@ -129,8 +129,14 @@ def classic(quick: bool) -> list[dict]:
     return rows
 
 
-SUITES = {"classic": classic}
-DEFAULT = ["classic"]
+def classic_quick(quick: bool) -> list[dict]:
+    """The bundled default (``make bench``): quick sizes, no gradient-descent baseline."""
+    del quick
+    return classic(quick=True, baseline=False)
+
+
+SUITES = {"classic": classic, "classic_quick": classic_quick}
+DEFAULT = ["classic_quick"]
 
 if __name__ == "__main__":
     from benchmarks.run import format_table

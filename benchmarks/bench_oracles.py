@@ -50,15 +50,21 @@ def _convnet(quick: bool) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     return model, inputs, targets
 
 
-def _median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 3) -> float:
+def _round_robin_medians(
+    cases: dict[str, Callable[[], object]], repeats: int, warmup: int = 3
+) -> dict[str, float]:
+    """Median seconds per case, timing one call of each case in turn, so that load changes
+    on a shared machine hit every case alike (the ratios are what we report)."""
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in cases.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in cases.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def _measure(name: str, build, quick: bool) -> list[dict]:
@@ -80,9 +86,6 @@ def _measure(name: str, build, quick: bool) -> list[dict]:
 
     vg = sf.value_and_grad(loss)
     _, _, hvp_op = sf.linearize_grad(loss, params)
-    repeats = 15 if quick else 40
-    # Interleave the measurements so that load changes on a shared machine hit all alike.
-    timings: dict[str, list[float]] = {}
     cases = {
         "eager_grad": eager,
         "value_and_grad": lambda: vg(params),
@@ -91,10 +94,8 @@ def _measure(name: str, build, quick: bool) -> list[dict]:
         "linearized_hvp": lambda: hvp_op(v),
         "linearize_grad": lambda: sf.linearize_grad(loss, params),
     }
-    for _ in range(3):
-        for case, fn in cases.items():
-            timings.setdefault(case, []).append(_median_seconds(fn, repeats // 3 + 1))
-    t = {case: min(vals) for case, vals in timings.items()}
+    repeats = 21 if quick else 41
+    t = _round_robin_medians(cases, repeats)
     num_params = sum(p.numel() for p in params.values())
     row = {
         "model": name,
@@ -116,8 +117,14 @@ def oracles(quick: bool) -> list[dict]:
     return _measure("mlp", _mlp, quick) + _measure("convnet_groupnorm", _convnet, quick)
 
 
-SUITES = {"oracles": oracles}
-DEFAULT = ["oracles"]
+def oracles_quick(quick: bool) -> list[dict]:
+    """The bundled default (``make bench``): the quick sizes."""
+    del quick
+    return oracles(quick=True)
+
+
+SUITES = {"oracles": oracles, "oracles_quick": oracles_quick}
+DEFAULT = ["oracles_quick"]
 
 if __name__ == "__main__":
     from benchmarks.run import format_table

@@ -26,7 +26,7 @@ def test_discover_finds_the_bundled_suites():
     suites, default, errors = run.discover()
     assert not errors, errors
     assert {"classic", "oracles"} <= set(suites)
-    assert {"classic", "oracles"} <= set(default)
+    assert {"classic_quick", "oracles_quick"} <= set(default)
     assert set(default) <= set(suites)
 
 
