@@ -49,13 +49,15 @@ class PairMemory(NamedTuple):
     ``gram``: ``[2m, 2m]`` inner products of ``[s_0..s_{m-1}, y_0..y_{m-1}]``
     (zero rows and columns for invalid slots).
     ``valid``: ``[m]`` bool. ``prev_point``: ``[2, n]``, the flat params and gradient at
-    the last update. ``has_prev``: 0-d bool, false before the first update.
+    the last update. ``prev_products``: ``[m, 2]``, ``(s_i^T g, y_i^T g)`` for that gradient.
+    ``has_prev``: 0-d bool, false before the first update.
     """
 
     pairs: tuple[torch.Tensor, ...]
     gram: torch.Tensor
     valid: torch.Tensor
     prev_point: torch.Tensor
+    prev_products: torch.Tensor
     has_prev: torch.Tensor
 
 
@@ -76,6 +78,7 @@ def init_memory(memory_size: int, n: int, dtype: torch.dtype, device: torch.devi
         gram=torch.zeros(2 * memory_size, 2 * memory_size, dtype=dtype, device=device),
         valid=torch.zeros(memory_size, dtype=torch.bool, device=device),
         prev_point=zeros,
+        prev_products=torch.zeros(memory_size, 2, dtype=dtype, device=device),
         has_prev=torch.zeros((), dtype=torch.bool, device=device),
     )
 
@@ -101,10 +104,21 @@ def push(
     """
     m = len(memory.pairs)
     g = point[1]
-    pair = point - memory.prev_point
-    probes = torch.cat([point[1:2], pair])  # [3, n]: g, s, y
-    slots = (*memory.pairs[1:], pair)
-    products = torch.stack([slot @ probes.T for slot in slots])  # [m, 2, 3]
+    # One fresh [3, n] buffer holds g, s, y: the stored pair is the view of rows 1:3 (no
+    # extra copy) and rows 0:2 are the probes (g, s) that every retained slot is read against.
+    buffer = torch.empty((3, point.shape[1]), dtype=point.dtype, device=point.device)
+    pair = buffer[1:]
+    torch.sub(point, memory.prev_point, out=pair)
+    buffer[0].copy_(g)
+    own = pair @ buffer.T  # [2, 3]: (s, y) . (g, s, y)
+    if m > 1:
+        kept = torch.stack([slot @ buffer[:2].T for slot in memory.pairs[1:]])  # [m-1, 2, 2]
+        # (s_i, y_i) . y = (s_i, y_i) . g - (s_i, y_i) . g_prev: y's products by differences,
+        # as accurate as y = g - g_prev itself, and one pass over the memory fewer.
+        kept_y = kept[:, :, 0] - memory.prev_products[1:]
+        products = torch.cat([torch.cat([kept, kept_y[:, :, None]], 2), own[None]])
+    else:
+        products = own[None]  # [m, 2, 3]: (s_i, y_i) . (g, s, y)
     gg = torch.dot(g, g)
 
     sg, yg = products[:, 0, 0], products[:, 1, 0]
@@ -123,12 +137,13 @@ def push(
     valid = torch.cat([memory.valid[1:], accept[None]])
     both = torch.cat([valid, valid])
     gram = torch.where(both[:, None] & both[None, :], gram, torch.zeros_like(gram))
-    stored = torch.where(accept, pair, torch.zeros_like(pair))
+    pair.masked_fill_(~accept, 0.0)  # a rejected pair (maybe non-finite) is stored as zeros
     new_memory = PairMemory(
-        pairs=(*memory.pairs[1:], stored),
+        pairs=(*memory.pairs[1:], pair),
         gram=gram,
         valid=valid,
         prev_point=point,
+        prev_products=torch.where(valid[:, None], products[:, :, 0], 0.0),
         has_prev=torch.ones_like(memory.has_prev),
     )
     zero = torch.zeros_like(sg)
