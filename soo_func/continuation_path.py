@@ -21,7 +21,7 @@ import torch
 import torch.func as tf
 
 from soo_func import tree
-from soo_func.base import Transform, chain
+from soo_func.base import Transform
 from soo_func.krylov import minres
 from soo_func.oracles import CountedObjective, hvp
 
@@ -169,12 +169,14 @@ def continuation_path(
 ) -> PathResult:
     """Minimize ``value_fn(params, lam)`` for each ``lam`` in ``schedule`` in turn.
 
-    Each solve starts from the previous solution moved along the path tangent
-    ``dx/dlam`` (a warm start with an Euler predictor, Allgower & Georg Algorithm
-    2.2.3): it is :func:`~soo_func.minimize` with
-    ``chain(homotopy(family, schedule=[0, 1/K, ..., 1]), optimizer)`` where
-    ``family(params, t) = value_fn(params, lam(t))`` and ``lam`` interpolates the
-    schedule linearly. A point counts as solved when ``|grad|_inf <= gtol``.
+    Each solve is :func:`~soo_func.minimize` on ``value_fn(., lam_k)`` started from the
+    previous solution moved along the path tangent (a warm start with the Euler
+    predictor of Allgower & Georg Algorithm 2.2.3):
+    ``x_start = x_{k-1} + (lam_k - lam_{k-1}) dx/dlam``, ``dx/dlam`` from
+    :func:`path_tangent` (the same predictor :func:`~soo_func.continuation.homotopy`
+    uses). The predicted point is kept only when its value is below that of
+    ``x_{k-1}`` (two value evaluations). A point counts as solved when
+    ``|grad|_inf <= gtol``. The evaluation counts cover every solve and predictor.
 
     Args:
       value_fn: ``(params, lam) -> 0-d loss`` (``lam`` is a 0-d tensor).
@@ -183,62 +185,53 @@ def continuation_path(
       schedule: the parameter values in the order to solve them (strong to weak
         regularization, say).
       gtol: the gradient tolerance at every point of the path.
-      max_steps: the most optimizer steps for the whole path.
+      max_steps: the most optimizer steps per point.
       predictor: ``"tangent"`` or ``"none"`` (warm start only).
     """
-    from soo_func.continuation import homotopy
     from soo_func.minimize import minimize
 
     values = [float(s) for s in schedule]
     if not values or not all(math.isfinite(v) for v in values):
         raise ValueError(f"continuation_path: schedule must be finite numbers, got {values}")
-    ref = tree.leaves(params)[0]
-    lams = torch.tensor(values, dtype=ref.dtype, device=ref.device)
-    last = lams[-1]
-
-    def final(p):
-        return value_fn(p, last)
-
-    if len(values) == 1:
-        result = minimize(final, params, optimizer, gtol=gtol, max_steps=max_steps)
-        points = [result.params]
-    else:
-        lam = _interpolate(lams)
-        ts = [k / (len(values) - 1) for k in range(len(values))]
-        ts[-1] = 1.0
-        follow = homotopy(
-            lambda p, t: value_fn(p, lam(t)),
-            schedule=ts,
-            corrector_rtol=0.0,
-            corrector_atol=gtol,
-            predictor=predictor,
+    if predictor not in ("tangent", "none"):
+        raise ValueError(
+            f"continuation_path: predictor must be 'tangent' or 'none', got {predictor!r}"
         )
-        points, previous = [], [params, 0]
-
-        def record(row, new_params):
-            if row["continuation_stage"] > previous[1] and row["continuation_t_path"] < 1:
-                points.append(previous[0])
-                previous[1] = row["continuation_stage"]
-            previous[0] = new_params
-
+    ref = tree.leaves(params)[0]
+    lams = [torch.tensor(v, dtype=ref.dtype, device=ref.device) for v in values]
+    counted = CountedObjective(value_fn)
+    points, history, grad_norms, final_values = [], [], [], []
+    counts = [0, 0, 0, 0]
+    converged = True
+    start = params
+    for k, lam in enumerate(lams):
+        if k > 0 and predictor == "tangent":
+            tangent = path_tangent(counted, points[-1], lams[k - 1], rtol=1e-4)
+            guess = tree.axpy(lam - lams[k - 1], tangent, points[-1])
+            if bool(counted(guess, lam) < counted(points[-1], lam)):
+                start = guess
         result = minimize(
-            final, params, chain(follow, optimizer), gtol=gtol, max_steps=max_steps,
-            callback=record,
-        )  # fmt: skip
-        points = [*points, result.params]
-    solved = [
-        (float(value_fn(p, lam_k)), float(tree.norm(tf.grad(value_fn)(p, lam_k), math.inf)))
-        for p, lam_k in zip(points, lams, strict=False)
-    ]
+            lambda p, lam=lam: value_fn(p, lam), start, optimizer, gtol=gtol, max_steps=max_steps
+        )
+        counts = [
+            counts[0] + result.num_value_evals, counts[1] + result.num_grad_evals,
+            counts[2] + result.num_hvp_evals, counts[3] + result.num_steps,
+        ]  # fmt: skip
+        converged = converged and result.converged
+        points.append(result.params)
+        final_values.append(float(result.value))
+        grad_norms.append(float(tree.norm(result.grad, math.inf)))
+        history.extend(dict(row, lam=values[k]) for row in result.history)
+        start = result.params
     return PathResult(
         schedule=values,
         params=points,
-        values=[v for v, _ in solved],
-        grad_norms=[g for _, g in solved],
-        num_steps=result.num_steps,
-        num_value_evals=result.num_value_evals,
-        num_grad_evals=result.num_grad_evals,
-        num_hvp_evals=result.num_hvp_evals,
-        converged=result.converged and len(points) == len(values),
-        history=result.history,
+        values=final_values,
+        grad_norms=grad_norms,
+        num_steps=counts[3],
+        num_value_evals=counts[0] + counted.num_value_evals,
+        num_grad_evals=counts[1] + counted.num_grad_evals,
+        num_hvp_evals=counts[2] + counted.num_hvp_evals,
+        converged=converged,
+        history=history,
     )
