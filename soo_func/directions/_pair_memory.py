@@ -35,6 +35,7 @@ __all__ = [
     "Pushed",
     "check_memory_size",
     "combine",
+    "complete_gram",
     "flat_point",
     "init_memory",
     "project",
@@ -94,6 +95,7 @@ def push(
     memory: PairMemory,
     point: torch.Tensor,
     accept_rule: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    full_gram: bool = True,
 ) -> Pushed:
     """Form ``s = x - x_prev``, ``y = g - g_prev`` from ``point = [x; g]`` (``[2, n]``) and
     append the pair, valid when ``accept_rule(gram, valid)`` holds.
@@ -101,18 +103,30 @@ def push(
     ``accept_rule`` sees the tentative Gram matrix (new pair in the last slot) and the
     validity of the retained slots (the new slot marked valid); it returns a 0-d bool.
     Non-finite pairs and the first call (no previous point) are always rejected.
+
+    With ``full_gram=False`` the retained slots are read against ``g`` only (half the work):
+    their inner products with the new ``s`` (``S^T s``, ``Y^T s``) are left at zero. The
+    two-loop recursion never reads them (it needs ``triu(S^T Y)``, ``Y^T Y`` and the
+    products with ``g``); :func:`complete_gram` recomputes them when another formula must.
     """
     m = len(memory.pairs)
     g = point[1]
-    # One fresh [3, n] buffer holds g, s, y: the stored pair is the view of rows 1:3 (no
-    # extra copy) and rows 0:2 are the probes (g, s) that every retained slot is read against.
-    buffer = torch.empty((3, point.shape[1]), dtype=point.dtype, device=point.device)
-    pair = buffer[1:]
-    torch.sub(point, memory.prev_point, out=pair)
-    buffer[0].copy_(g)
-    own = pair @ buffer.T  # [2, 3]: (s, y) . (g, s, y)
+    if full_gram:
+        # One fresh [3, n] buffer holds g, s, y: the stored pair is the view of rows 1:3 (no
+        # extra copy); rows 0:2 are the probes (g, s) every retained slot is read against.
+        buffer = torch.empty((3, point.shape[1]), dtype=point.dtype, device=point.device)
+        pair = buffer[1:]
+        torch.sub(point, memory.prev_point, out=pair)
+        buffer[0].copy_(g)
+        own = pair @ buffer.T  # [2, 3]: (s, y) . (g, s, y)
+        kept = [slot @ buffer[:2].T for slot in memory.pairs[1:]]  # [2, 2]: . g, . s
+    else:
+        pair = point - memory.prev_point
+        own = torch.cat([torch.mv(pair, g)[:, None], pair @ pair.T], 1)
+        kept = [torch.mv(slot, g) for slot in memory.pairs[1:]]
+        kept = [torch.stack([k, torch.zeros_like(k)], 1) for k in kept]
     if m > 1:
-        kept = torch.stack([slot @ buffer[:2].T for slot in memory.pairs[1:]])  # [m-1, 2, 2]
+        kept = torch.stack(kept)  # [m-1, 2, 2]
         # (s_i, y_i) . y = (s_i, y_i) . g - (s_i, y_i) . g_prev: y's products by differences,
         # as accurate as y = g - g_prev itself, and one pass over the memory fewer.
         kept_y = kept[:, :, 0] - memory.prev_products[1:]
@@ -148,6 +162,15 @@ def push(
     )
     zero = torch.zeros_like(sg)
     return Pushed(new_memory, torch.where(valid, sg, zero), torch.where(valid, yg, zero), gg)
+
+
+def complete_gram(memory: PairMemory) -> torch.Tensor:
+    """The Gram matrix of ``[S Y]`` computed afresh from the stored pairs (masked)."""
+    stacked = torch.stack(memory.pairs)  # [m, 2, n]
+    columns = torch.cat([stacked[:, 0], stacked[:, 1]])  # [2m, n]: s_0..s_{m-1}, y_0..
+    gram = columns @ columns.T
+    both = torch.cat([memory.valid, memory.valid])
+    return torch.where(both[:, None] & both[None, :], gram, torch.zeros_like(gram))
 
 
 def project(memory: PairMemory, v: torch.Tensor) -> torch.Tensor:

@@ -134,7 +134,7 @@ def lbfgs(
         if params is None:
             raise TypeError("lbfgs needs params in update(updates, state, params) to form s")
         point = pm.flat_point(params, updates)
-        memory, sg, yg, gg = pm.push(state.memory, point, accept_rule)
+        memory, sg, yg, gg = pm.push(state.memory, point, accept_rule, full_gram=False)
         if initial_scaling is None:
             gamma = lbfgs_gamma(memory.gram, memory.valid)
         else:
@@ -155,9 +155,14 @@ def lbfgs(
 
     def publish(state: LbfgsState, params=None, **extra) -> dict[str, Any]:
         del extra
-        memory, sigma = state.memory, 1.0 / state.gamma
+        sigma = 1.0 / state.gamma
+        memory = state.memory
 
         def kernel() -> torch.Tensor:
+            # The update skips S^T s (see push(full_gram=False)): complete the Gram
+            # matrix here, once per published operator, only when someone multiplies.
+            nonlocal memory
+            memory = memory._replace(gram=pm.complete_gram(memory))
             return bfgs_direct_kernel(memory.gram, memory.valid, sigma)
 
         operator = kernel_operator(memory, kernel, sigma, params)
