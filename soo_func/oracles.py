@@ -3,6 +3,7 @@
 * :func:`value_and_grad` -- the loss and its gradient.
 * :func:`hvp` -- Hessian-vector products ``H v`` (forward-over-reverse by default:
   ``jvp`` of ``grad``; reverse-over-reverse, ``vjp`` of ``grad``, selectable).
+* :func:`hvp_operator` -- ``v -> H v`` at fixed params for many products (Krylov solves).
 * :func:`linearize_grad` -- the gradient and an operator ``v -> H v`` that shares the
   gradient's forward pass across many products (for Krylov solves).
 * :func:`ggn_vp` -- Gauss-Newton products ``J^T J v`` for a residual function.
@@ -33,6 +34,7 @@ __all__ = [
     "ggn_operator",
     "ggn_vp",
     "hvp",
+    "hvp_operator",
     "linearize_grad",
     "value_and_grad",
 ]
@@ -279,3 +281,45 @@ def ggn_operator(
         return vjp_fn(hjv)[0]
 
     return outputs, matvec
+
+
+def hvp_operator(
+    fn: Callable[..., torch.Tensor],
+    params: PyTree,
+    *args: Any,
+    mode: str = "linearize",
+) -> Callable[[PyTree], PyTree]:
+    """``v -> H(params) v`` for many products at the same ``params`` (a Krylov solve).
+
+    ``mode="linearize"`` (default) runs the gradient's forward and backward pass once,
+    on the first product, and answers every product with one more reverse pass through
+    that saved graph (reverse-over-reverse, as :func:`linearize_grad`). The shared
+    gradient pass serves only the products, so it is charged to a
+    :class:`CountedObjective` as one Hessian product (not as a value and gradient), and
+    each product as one more. The other modes are :func:`hvp`'s
+    (``"forward-over-reverse"``, ``"reverse-over-reverse"``), one full product per call.
+    On small CPU problems ``torch.func``'s forward-over-reverse carries a large fixed
+    overhead per call, which the shared linearization avoids (``benchmarks/bench_krylov.py``).
+    """
+    if mode != "linearize":
+        if mode not in ("forward-over-reverse", "reverse-over-reverse"):
+            raise ValueError(
+                "hvp_operator mode must be 'linearize', 'forward-over-reverse' or "
+                f"'reverse-over-reverse', got {mode!r}"
+            )
+        return lambda v: hvp(fn, params, v, *args, mode=mode)
+    counted = fn if isinstance(fn, CountedObjective) else None
+    raw = fn.fn if counted is not None else fn
+    saved: list = []
+
+    def product(v: PyTree) -> PyTree:
+        tree.check_same_structure(params, v, names=("params", "v"))
+        if not saved:
+            if counted is not None:
+                counted.num_hvp_evals += 1
+            saved.append(tf.vjp(_grad_fn(raw, args), params)[1])
+        if counted is not None:
+            counted.num_hvp_evals += 1
+        return saved[0](v)[0]
+
+    return product
