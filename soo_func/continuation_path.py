@@ -3,8 +3,12 @@ memory resets at stage changes.
 
 * :func:`path_tangent` -- ``dx/dt`` of the path of minimizers of ``f_t`` (matrix-free).
 * :func:`continuation_path` -- solutions of ``value_fn(params, lam)`` over a schedule of
-  ``lam`` (a regularization path, say), with warm starts and tangent predictors, built on
-  :func:`~soo_func.continuation.homotopy` with a fixed schedule.
+  ``lam`` (a regularization path, say): one :func:`~soo_func.minimize` per value, warm
+  started from the previous solution moved along :func:`path_tangent` (the homotopy's
+  predictor). It does not chain :func:`~soo_func.continuation.homotopy` with a fixed
+  schedule (which works, see the tests) because there the driver re-evaluates its own
+  objective at every step while ``t < 1``, which costs more evaluations than the
+  warm starts save.
 * :func:`reset_at_stage_change` -- wraps a direction with a memory (L-BFGS, BFGS) so
   that its state restarts when the homotopy changes the objective.
 """
@@ -142,19 +146,6 @@ class PathResult:
     num_hvp_evals: int
     converged: bool
     history: list[dict[str, float]] = field(default_factory=list)
-
-
-def _interpolate(schedule: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Piecewise-linear ``lam(t)`` through ``(k / K, schedule[k])``; at a knot ``t_k`` the
-    derivative is that of the segment after it (the direction the path is followed)."""
-    segments = schedule.numel() - 1
-
-    def lam(t: torch.Tensor) -> torch.Tensor:
-        u = t * segments
-        i = torch.clamp(torch.floor(u.detach() + 1e-6), 0, segments - 1).long()
-        return schedule[i] + (u - i) * (schedule[i + 1] - schedule[i])
-
-    return lam
 
 
 def continuation_path(
