@@ -55,11 +55,15 @@ def cheap_problem(quick: bool, dtype=torch.float32):
 
 
 def logreg_problem(quick: bool, dtype=torch.float32):
-    """Mean logistic loss on ``X w + b`` with labels in {-1, 1} and an L2 term 1e-4 |w|^2/2."""
+    """Mean logistic loss on ``X w + b`` with labels in {-1, 1} and an L2 term 1e-4 |w|^2/2;
+    the columns of ``X`` are scaled from 0.1 to 10."""
     gen = torch.Generator().manual_seed(1)
     rows, cols = (10_000, 100) if quick else (100_000, 400)
-    x = torch.randn(rows, cols, generator=gen, dtype=dtype)
-    truth = torch.randn(cols, generator=gen, dtype=dtype) / cols**0.5
+    # Feature scales from 0.1 to 10 make the Hessian ill-conditioned (about 1e4), so that
+    # the methods do not reach float32's rounding floor within the step budget.
+    scales = torch.logspace(-1, 1, cols, dtype=dtype)
+    x = torch.randn(rows, cols, generator=gen, dtype=dtype) * scales
+    truth = torch.randn(cols, generator=gen, dtype=dtype) / (scales * cols**0.5)
     noise = torch.randn(rows, generator=gen, dtype=dtype)
     y = torch.sign(x @ truth + 0.5 * noise)
     params = {"w": torch.zeros(cols, dtype=dtype), "b": torch.zeros((), dtype=dtype)}
