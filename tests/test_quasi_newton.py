@@ -222,3 +222,22 @@ def test_bad_arguments():
     mixed = {"a": torch.zeros(2), "b": torch.zeros(2, dtype=torch.float64)}
     with pytest.raises(TypeError, match="one dtype"):
         transform.update(mixed, transform.init(mixed), mixed)
+
+
+@pytest.mark.parametrize("memory_size", [None, 3])
+@pytest.mark.parametrize("method", [*CONSTRUCTORS, "lbfgs"])
+def test_a_non_finite_gradient_does_not_poison_the_memory(method, memory_size):
+    if method == "lbfgs" and memory_size is None:
+        pytest.skip("lbfgs is limited-memory only")
+    make = sf.directions.lbfgs if method == "lbfgs" else CONSTRUCTORS[method]
+    transform = make(memory_size) if memory_size or method == "lbfgs" else make()
+    seq = near_identity_sequence(4, 7, torch.float64, seed=8)
+    bad_x, bad_g = seq[3][0], torch.full((4,), float("nan"), dtype=torch.float64)
+    state = transform.init(seq[0][0])
+    for k, (x, g) in enumerate(seq):
+        if k == 3:
+            x, g = bad_x, bad_g
+        d, state = transform.update(g, state, x)
+        if k >= 5:  # two finite gradients after the NaN one: a finite descent direction
+            assert torch.isfinite(d).all(), (method, k)
+            assert d @ g < 0

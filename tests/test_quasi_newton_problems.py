@@ -90,3 +90,20 @@ def test_float32_lbfgs_reaches_float32_accuracy_on_rosenbrock():
     result = sf.minimize(problem.fn, x0, sf.chain(sf.lbfgs(), sf.wolfe()), gtol=1e-3)
     assert result.params.dtype == torch.float32
     assert torch.allclose(result.params, torch.ones(2), atol=1e-2)
+
+
+def test_benchmark_rows_smoke():
+    from benchmarks import bench_quasi_newton as bench
+
+    value_fn, params = bench.logreg_problem(quick=True)
+    rows = bench._rows("logreg", value_fn, params, steps=3, scipy_too=True)
+    assert [r["method"] for r in rows] == [
+        "torch.optim.LBFGS",
+        "soo_func lbfgs+wolfe",
+        "scipy L-BFGS-B",
+    ]
+    for row in rows:
+        assert row["evals"] >= 3 and math.isfinite(row["final_value"])
+    assert rows[0]["time_ratio"] == 1.0
+    # Same starting point and method: the first steps agree closely with torch's.
+    assert math.isclose(rows[1]["final_value"], rows[0]["final_value"], rel_tol=1e-2)

@@ -14,9 +14,10 @@ whose pair was rejected (bad curvature), not yet filled, or dropped by a reset h
 ``valid = False`` and contributes nothing (its coefficients are zero).
 
 Alongside the vectors the memory keeps their Gram matrix ``G = [S Y]^T [S Y]``
-(``2m x 2m``, columns ``s_0..s_{m-1}, y_0..y_{m-1}``), updated incrementally: the new
-pair's inner products with every slot come from one pass over the memory, together
-with ``S^T g`` and ``Y^T g``. Every method then works on small ``m x m`` matrices and
+(``2m x 2m``, columns ``s_0..s_{m-1}, y_0..y_{m-1}``), updated incrementally: one pass
+over the memory gives ``S^T g``, ``Y^T g`` and ``S^T s``, ``Y^T s`` for the new ``s``; the
+products with the new ``y = g - g_prev`` are differences of the products with ``g`` and
+with ``g_prev`` (kept from the previous update). Every method then works on small ``m x m`` matrices and
 touches the long vectors only twice per step: once for these products, once for the
 final linear combination ``c0 g + S c_s + Y c_y`` (:func:`combine`).
 """

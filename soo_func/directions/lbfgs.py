@@ -16,6 +16,10 @@ system ``(I + diag(rho) triu(S^T Y, 1)) alpha = rho * S^T g``; the second loop
 ``L = tril(Y^T S, -1)``. Forward substitution in these systems performs the same
 arithmetic as the loops; the long vectors are touched once more, for
 ``H g = gamma g - gamma Y alpha + S (alpha - beta)``.
+
+Cost per update with ``m`` pairs of ``n`` parameters: ``2m`` inner products with ``g``
+(one ``[2, n] x [n]`` product per stored pair), ``2m`` multiply-adds for the result, and
+a few ``m x m`` operations; no host synchronisation.
 """
 
 from __future__ import annotations
@@ -34,7 +38,11 @@ __all__ = ["LbfgsState", "lbfgs", "two_loop_coefficients"]
 
 class LbfgsState(NamedTuple):
     """State of :func:`lbfgs`: the pair memory, the ``H0`` scale used at the last update
-    and a step-length hint for the search (``1 / |g|`` while the memory is empty)."""
+    and a step-length hint for the search (``1 / |g|`` while the memory is empty).
+
+    The memory's Gram matrix holds what the two-loop recursion reads (``triu(S^T Y)``,
+    ``Y^T Y``); the inner products of older pairs with each new ``s`` are not computed
+    (zeros; see :func:`~soo_func.directions._pair_memory.push`)."""
 
     memory: pm.PairMemory
     gamma: torch.Tensor
