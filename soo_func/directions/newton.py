@@ -20,7 +20,9 @@ Negative curvature: CG and CR stop on a direction ``p`` with ``p^T B p <= 0`` an
 the iterate reached before it (N&W Algorithm 7.1, Newton-CG; Dahito & Orban 2019 for
 CR). When no step was taken (negative curvature at the first iteration), or whenever the
 result is not a descent direction (``<g, d> >= 0``, possible with MINRES), the direction
-falls back to ``-g``. All of this is ``torch.where`` on 0-d tensors: no host sync in
+falls back to ``-(|g|^2 / |g^T B g|) g`` (N&W use ``-g``; the scaling, as in scipy's
+Newton-CG, lets a unit first trial step be reasonable; it costs one product per update,
+made whether or not it is needed so that no host sync decides it). All of this is ``torch.where`` on 0-d tensors: no host sync in
 ``update`` unless ``check_every`` asks for it.
 """
 
@@ -78,6 +80,18 @@ def hessian_operator(
     if damping == 0:
         return hvp_fn
     return lambda v: tree.axpy(damping, v, hvp_fn(v))
+
+
+def _steepest_scale(matvec, grad: PyTree, grad_norm: torch.Tensor) -> torch.Tensor:
+    """``|g|^2 / |g^T B g|`` (1 when ``g^T B g = 0``): the length of the fallback ``-g`` step.
+
+    With positive curvature it is the minimizer of the quadratic model along ``-g``;
+    with negative curvature the same length with ``|g^T B g|`` (as scipy's Newton-CG
+    scales ``-g`` when CG meets negative curvature at its first iteration). One product.
+    """
+    curvature = tree.vdot(grad, matvec(grad)).abs()
+    ok = torch.isfinite(curvature) & (curvature > 0)
+    return torch.where(ok, grad_norm**2 / torch.where(ok, curvature, 1), 1)
 
 
 def _forcing(
@@ -186,12 +200,14 @@ def newton_krylov(
         )
         slope = tree.vdot(grad, result.x)
         fallback = ~(slope < 0)  # no step taken, ascent, or NaN
-        direction = tree.where(fallback, tree.neg(grad), result.x)
+        direction = tree.where(
+            fallback, tree.scale(_steepest_scale(matvec, grad, grad_norm), tree.neg(grad)), result.x
+        )
         new_state = NewtonKrylovState(
             forcing_term=eta,
             grad_norm=grad_norm,
             linear_residual=torch.where(fallback, grad_norm, result.residual_norm),
-            num_hvps=state.num_hvps + result.num_matvecs + setup_cost,
+            num_hvps=state.num_hvps + result.num_matvecs + setup_cost + 1,
             krylov_iters=result.num_iters,
             negative_curvature=result.negative_curvature,
             fallback=fallback,
