@@ -227,3 +227,23 @@ def test_hvp_operator_matches_dense_hessian_and_counts(mode):
     assert counted.num_value_evals == 0 and counted.num_grad_evals == 0
     with pytest.raises(ValueError, match="mode"):
         sf.oracles.hvp_operator(value_fn, params, mode="finite-differences")
+
+
+def test_hvp_operator_linear_function_and_inside_vmap():
+    def linear(p):
+        return (3.0 * p["x"]).sum()
+
+    params = {"x": torch.ones(3, dtype=torch.float64)}
+    out = sf.oracles.hvp_operator(linear, params)(params)  # gradient has no graph: H = 0
+    torch.testing.assert_close(out["x"], torch.zeros(3, dtype=torch.float64))
+
+    def cubic(p):
+        return (p["x"] ** 3).sum() + p["x"][0] * p["x"][1]
+
+    x = torch.tensor([1.0, 2.0, -1.0], dtype=torch.float64)
+    h = torch.autograd.functional.hessian(lambda y: cubic({"x": y}), x)
+    vs = torch.eye(3, dtype=torch.float64)
+    # Inside a torch.func transform the functorch linearization is used.
+    batched = torch.func.vmap(lambda u: sf.oracles.hvp_operator(cubic, {"x": x})({"x": u})["x"])(vs)
+    torch.testing.assert_close(batched, h)
+    assert x.grad is None and not x.requires_grad
