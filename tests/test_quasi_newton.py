@@ -241,3 +241,28 @@ def test_a_non_finite_gradient_does_not_poison_the_memory(method, memory_size):
         if k >= 5:  # two finite gradients after the NaN one: a finite descent direction
             assert torch.isfinite(d).all(), (method, k)
             assert d @ g < 0
+
+
+@pytest.mark.parametrize("memory_size", [None, 3])
+@pytest.mark.parametrize("method", [*CONSTRUCTORS, "lbfgs"])
+def test_bfloat16_params(method, memory_size):
+    """bfloat16 params: pairs stored in bfloat16, small matrices in float32, directions in
+    bfloat16; a separable quadratic is solved to bfloat16 accuracy."""
+    if method == "lbfgs" and memory_size is None:
+        pytest.skip("lbfgs is limited-memory only")
+    make = sf.directions.lbfgs if method == "lbfgs" else CONSTRUCTORS[method]
+    transform = make(memory_size) if memory_size or method == "lbfgs" else make()
+    weights = torch.arange(1, 6, dtype=torch.bfloat16)
+
+    def loss(p):
+        return (weights * (p["a"] - 0.5) ** 2).sum() + ((p["b"] + 1) ** 2).sum()
+
+    params = {
+        "a": torch.linspace(-1, 1, 5, dtype=torch.bfloat16),
+        "b": torch.ones(3, dtype=torch.bfloat16),
+    }
+    result = sf.minimize(loss, params, sf.chain(transform, sf.wolfe()), max_steps=30, gtol=2e-2)
+    assert result.converged, (method, result.reason)
+    assert result.params["a"].dtype == torch.bfloat16
+    assert torch.allclose(result.params["a"].float(), torch.full((5,), 0.5), atol=2e-2)
+    assert torch.allclose(result.params["b"].float(), torch.full((3,), -1.0), atol=2e-2)

@@ -37,6 +37,7 @@ __all__ = [
     "check_memory_size",
     "combine",
     "complete_gram",
+    "compute_dtype",
     "flat_point",
     "init_memory",
     "project",
@@ -72,15 +73,25 @@ class Pushed(NamedTuple):
     gg: torch.Tensor  # 0-d: g^T g
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the small matrices: float32 for bfloat16/float16 params (whose rounding
+    would swamp the inner products, and which torch's small solvers do not support)."""
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+
+
 def init_memory(memory_size: int, n: int, dtype: torch.dtype, device: torch.device) -> PairMemory:
-    """An empty memory for ``n`` flat parameters (all slots invalid)."""
+    """An empty memory for ``n`` flat parameters (all slots invalid).
+
+    The pairs are stored in ``dtype``; the Gram matrix and products in :func:`compute_dtype`.
+    """
     zeros = torch.zeros(2, n, dtype=dtype, device=device)
+    small = compute_dtype(dtype)
     return PairMemory(
         pairs=tuple(zeros for _ in range(memory_size)),
-        gram=torch.zeros(2 * memory_size, 2 * memory_size, dtype=dtype, device=device),
+        gram=torch.zeros(2 * memory_size, 2 * memory_size, dtype=small, device=device),
         valid=torch.zeros(memory_size, dtype=torch.bool, device=device),
         prev_point=zeros,
-        prev_products=torch.zeros(memory_size, 2, dtype=dtype, device=device),
+        prev_products=torch.zeros(memory_size, 2, dtype=small, device=device),
         has_prev=torch.zeros((), dtype=torch.bool, device=device),
     )
 
@@ -112,6 +123,7 @@ def push(
     """
     m = len(memory.pairs)
     g = point[1]
+    small = memory.gram.dtype
     if full_gram:
         # One fresh [3, n] buffer holds g, s, y: the stored pair is the view of rows 1:3 (no
         # extra copy); rows 0:2 are the probes (g, s) every retained slot is read against.
@@ -119,12 +131,12 @@ def push(
         pair = buffer[1:]
         torch.sub(point, memory.prev_point, out=pair)
         buffer[0].copy_(g)
-        own = pair @ buffer.T  # [2, 3]: (s, y) . (g, s, y)
-        kept = [slot @ buffer[:2].T for slot in memory.pairs[1:]]  # [2, 2]: . g, . s
+        own = (pair @ buffer.T).to(small)  # [2, 3]: (s, y) . (g, s, y)
+        kept = [(slot @ buffer[:2].T).to(small) for slot in memory.pairs[1:]]  # . g, . s
     else:
         pair = point - memory.prev_point
-        own = torch.cat([torch.mv(pair, g)[:, None], pair @ pair.T], 1)
-        kept = [torch.mv(slot, g) for slot in memory.pairs[1:]]
+        own = torch.cat([torch.mv(pair, g)[:, None], pair @ pair.T], 1).to(small)
+        kept = [torch.mv(slot, g).to(small) for slot in memory.pairs[1:]]
         kept = [torch.stack([k, torch.zeros_like(k)], 1) for k in kept]
     if m > 1:
         kept = torch.stack(kept)  # [m-1, 2, 2]
@@ -134,7 +146,7 @@ def push(
         products = torch.cat([torch.cat([kept, kept_y[:, :, None]], 2), own[None]])
     else:
         products = own[None]  # [m, 2, 3]: (s_i, y_i) . (g, s, y)
-    gg = torch.dot(g, g)
+    gg = torch.dot(g, g).to(small)
 
     sg, yg = products[:, 0, 0], products[:, 1, 0]
     s_new, y_new = products[:, :, 1], products[:, :, 2]  # [m, 2]: (s_i, y_i) . s / . y
@@ -169,14 +181,14 @@ def complete_gram(memory: PairMemory) -> torch.Tensor:
     """The Gram matrix of ``[S Y]`` computed afresh from the stored pairs (masked)."""
     stacked = torch.stack(memory.pairs)  # [m, 2, n]
     columns = torch.cat([stacked[:, 0], stacked[:, 1]])  # [2m, n]: s_0..s_{m-1}, y_0..
-    gram = columns @ columns.T
+    gram = (columns @ columns.T).to(memory.gram.dtype)
     both = torch.cat([memory.valid, memory.valid])
     return torch.where(both[:, None] & both[None, :], gram, torch.zeros_like(gram))
 
 
 def project(memory: PairMemory, v: torch.Tensor) -> torch.Tensor:
     """``[S^T v; Y^T v]`` (``[2m]``) for a flat vector ``v``; zero on invalid slots."""
-    products = torch.stack([slot @ v for slot in memory.pairs])  # [m, 2]
+    products = torch.stack([slot @ v for slot in memory.pairs]).to(memory.gram.dtype)  # [m, 2]
     out = torch.cat([products[:, 0], products[:, 1]])
     both = torch.cat([memory.valid, memory.valid])
     return torch.where(both, out, torch.zeros_like(out))
@@ -188,9 +200,9 @@ def combine(
     """``scale * v + S c_s + Y c_y`` with ``coef = [c_s; c_y]`` (``[2m]``)."""
     m = len(memory.pairs)
     both = torch.cat([memory.valid, memory.valid])
-    coef = torch.where(both, coef, torch.zeros_like(coef))
+    coef = torch.where(both, coef, torch.zeros_like(coef)).to(v.dtype)
     pair_coef = torch.stack([coef[:m], coef[m:]], dim=1)  # [m, 2]
-    out = v * scale  # a fresh tensor: accumulating into it in place mutates no input
+    out = v * scale.to(v.dtype)  # a fresh tensor: accumulating into it in place mutates no input
     for slot, c in zip(memory.pairs, pair_coef, strict=True):
         out.addmv_(slot.T, c)
     return out

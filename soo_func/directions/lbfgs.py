@@ -129,7 +129,7 @@ def lbfgs(
         leaves = tree.leaves(params)
         n = sum(leaf.numel() for leaf in leaves)
         dtype, device = leaves[0].dtype, leaves[0].device
-        one = torch.ones((), dtype=dtype, device=device)
+        one = torch.ones((), dtype=pm.compute_dtype(dtype), device=device)
         return LbfgsState(pm.init_memory(memory_size, n, dtype, device), one, one)
 
     def accept_rule(gram: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

@@ -98,7 +98,7 @@ def limited_memory(
         Rescaling by the newest pair, as L-BFGS does, makes the newest SR1 pair's
         denominator ``y^T (s - gamma y)`` vanish and the compact middle matrix singular."""
         s, y = point - state.memory.prev_point
-        sy, yy = s @ y, y @ y
+        sy, yy = (s @ y).to(state.gamma.dtype), (y @ y).to(state.gamma.dtype)
         usable = state.memory.has_prev & (sy > 0) & (yy > 0) & torch.isfinite(sy)
         fresh = torch.where(usable, sy / torch.where(usable, yy, torch.ones_like(yy)), 1.0)
         return torch.where(state.scaled, state.gamma, fresh), state.scaled | usable
@@ -124,7 +124,7 @@ def limited_memory(
         leaves = tree.leaves(params)
         n = sum(leaf.numel() for leaf in leaves)
         dtype, device = leaves[0].dtype, leaves[0].device
-        one = torch.ones((), dtype=dtype, device=device)
+        one = torch.ones((), dtype=pm.compute_dtype(dtype), device=device)
         scaled = torch.full((), initial_scaling is not None, device=device)
         return LimitedMemoryState(pm.init_memory(m, n, dtype, device), one, one, scaled)
 

@@ -43,7 +43,7 @@ FORMS = ("inverse", "direct")
 
 
 class DenseQuasiNewtonState(NamedTuple):
-    """``matrix``: ``H`` or ``B`` (``n x n``); ``prev_point``: flat params and gradient at the
+    """``matrix``: ``H`` or ``B`` (``n x n``; float32 for bfloat16/float16 params); ``prev_point``: flat params and gradient at the
     last update (``[2, n]``); ``has_prev``, ``scaled`` (``H0`` rescaled yet): 0-d bools;
     ``initial_step``: a step hint for the search (``1 / |g|`` while ``matrix`` is ``H0``)."""
 
@@ -168,7 +168,7 @@ def _dense(cfg: _Config, who: str) -> Transform:
     def init(params: Any) -> DenseQuasiNewtonState:
         leaves = tree.leaves(params)
         n = sum(leaf.numel() for leaf in leaves)
-        dtype, device = leaves[0].dtype, leaves[0].device
+        dtype, device = pm.compute_dtype(leaves[0].dtype), leaves[0].device
         h0 = 1.0 if cfg.initial_scaling is None else cfg.initial_scaling
         diag = h0 if inverse else 1.0 / h0
         one = torch.ones((), dtype=dtype, device=device)
@@ -193,7 +193,7 @@ def _dense(cfg: _Config, who: str) -> Transform:
         del extra
         if params is None:
             raise TypeError(f"{who} needs params in update(updates, state, params) to form s")
-        point = pm.flat_point(params, updates)
+        point = pm.flat_point(params, updates).to(state.matrix.dtype)
         s, y = point - state.prev_point
         g = point[1]
         matrix = torch.where(state.has_prev, initial_matrix(state, s, y), state.matrix)
@@ -219,7 +219,8 @@ def _dense(cfg: _Config, who: str) -> Transform:
         new_state = DenseQuasiNewtonState(
             matrix, point, torch.ones_like(state.has_prev), scaled, hint
         )
-        return tree.unravel(direction, params), new_state
+        like = tree.leaves(params)[0]
+        return tree.unravel(direction.to(like.dtype), params), new_state
 
     def publish(state: DenseQuasiNewtonState, params=None, **extra) -> dict[str, Any]:
         del extra
@@ -227,8 +228,9 @@ def _dense(cfg: _Config, who: str) -> Transform:
 
         def curvature(v: Any) -> Any:
             flat = tree.ravel(v).flat
-            out = _solve(matrix, flat) if inverse else matrix @ flat
-            return tree.unravel(out, params)
+            small = flat.to(matrix.dtype)
+            out = _solve(matrix, small) if inverse else matrix @ small
+            return tree.unravel(out.to(flat.dtype), params)
 
         return {"curvature": curvature, "initial_step": state.initial_step}
 
