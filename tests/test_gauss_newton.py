@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import assert_update_is_pure
+from test_krylov import no_host_sync
 
 import soo_func as sf
 from soo_func.directions.gauss_newton import gauss_newton
@@ -188,3 +189,13 @@ def test_gauss_newton_on_device(device):
     opt = gauss_newton()
     d, state = opt.update(params, opt.init(params), params, residual_fn=residual_fn)
     assert d["a"].device.type == device.type and state.count.device.type == device.type
+
+
+def test_update_makes_no_host_sync():
+    residual_fn, params = residual_problem(torch.float64)
+    model_fn, loss_fn, cparams = classifier_problem(torch.float64)
+    opt = gauss_newton()
+    opt2 = gauss_newton(model_fn, loss_fn, damping=1e-3)
+    with no_host_sync():
+        opt.update(params, opt.init(params), params, residual_fn=residual_fn)
+        opt2.update(cparams, opt2.init(cparams), cparams)

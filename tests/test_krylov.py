@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -217,3 +219,37 @@ def test_krylov_on_device(device):
         torch.testing.assert_close(a @ flat(res.x), b, rtol=0, atol=1e-8)
     res = krylov.steihaug(operator(a), as_tree(b), radius=torch.tensor(0.5, device=device))
     assert res.hit_boundary.device.type == device.type
+
+
+@contextlib.contextmanager
+def no_host_sync():
+    """Make reading a tensor's value on the host (bool, float, int, item) raise."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("host sync: a tensor value was read on the host")
+
+    saved = {name: getattr(torch.Tensor, name) for name in HOST_READS}
+    try:
+        for name in HOST_READS:
+            setattr(torch.Tensor, name, refuse)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.Tensor, name, fn)
+
+
+HOST_READS = ("__bool__", "__float__", "__int__", "__index__", "item", "tolist")
+
+
+@pytest.mark.parametrize("name", sorted(SOLVERS))
+def test_sync_free_mode_reads_nothing_on_the_host(name):
+    a = spd_matrix(8, seed=19)
+    b = as_tree(torch.ones(8, dtype=torch.float64))
+    with no_host_sync():
+        res = SOLVERS[name](operator(a), b, max_iters=12, check_every=None)
+        krylov.steihaug(operator(a), b, torch.tensor(0.5, dtype=torch.float64), check_every=None)
+    torch.testing.assert_close(
+        a @ flat(res.x), torch.ones(8, dtype=torch.float64), atol=1e-4, rtol=0
+    )
+    with pytest.raises(AssertionError, match="host sync"), no_host_sync():
+        SOLVERS[name](operator(a), b, max_iters=12, check_every=1)

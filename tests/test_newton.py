@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from helpers import assert_update_is_pure
+from test_krylov import no_host_sync
 
 import soo_func as sf
 from soo_func.directions.newton import newton_krylov
@@ -247,3 +248,15 @@ def test_hvp_operator_linear_function_and_inside_vmap():
     batched = torch.func.vmap(lambda u: sf.oracles.hvp_operator(cubic, {"x": x})({"x": u})["x"])(vs)
     torch.testing.assert_close(batched, h)
     assert x.grad is None and not x.requires_grad
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_update_makes_no_host_sync(solver):
+    value_fn, params = make_problem(torch.float64)
+    value, grad = sf.value_and_grad(value_fn)(params)
+    opt = newton_krylov(solver, forcing="eisenstat_walker_1")
+    state = opt.init(params)
+    with no_host_sync():
+        for _ in range(2):
+            d, state = opt.update(grad, state, params, value=value, grad=grad, value_fn=value_fn)
+            params = sf.apply_updates(params, d)

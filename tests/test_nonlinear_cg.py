@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import assert_update_is_pure
+from test_krylov import no_host_sync
 
 import soo_func as sf
 from soo_func.directions.nonlinear_cg import BETAS, nonlinear_cg
@@ -186,3 +187,18 @@ def test_minimize_with_wolfe_on_rosenbrock():
         torch.testing.assert_close(
             res.params["x"], torch.ones(4, dtype=torch.float64), atol=1e-5, rtol=0
         )
+
+
+@pytest.mark.parametrize("beta", BETAS)
+def test_update_makes_no_host_sync(beta):
+    value_fn, _a, _b, split = quadratic(6, torch.float64)
+    params = split(torch.ones(6, dtype=torch.float64))
+    opt = nonlinear_cg(beta)
+    state = opt.init(params)
+    for _ in range(3):
+        _, grad = sf.value_and_grad(value_fn)(params)
+        with no_host_sync():
+            d, state = opt.update(grad, state, params)
+            published = sf.publish(opt, state, params)
+        params = sf.apply_updates(params, sf.tree.scale(0.1, d))
+    assert published["initial_step"].dim() == 0
