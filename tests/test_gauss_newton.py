@@ -199,3 +199,16 @@ def test_update_makes_no_host_sync():
     with no_host_sync():
         opt.update(params, opt.init(params), params, residual_fn=residual_fn)
         opt2.update(cparams, opt2.init(cparams), cparams)
+
+
+def test_published_curvature_drives_a_trust_region():
+    residual_fn, params = residual_problem(torch.float64)
+    opt = sf.chain(gauss_newton(), sf.trust_region())
+    # gtol 1e-8: near 1e-10 the predicted decrease (~1e-19) is below f's rounding (~1e-16).
+    res = sf.least_squares(residual_fn, params, opt, gtol=1e-8, max_steps=200)
+    reference = sf.least_squares(residual_fn, params, sf.chain(gauss_newton(), sf.armijo()),
+                                 gtol=1e-8, max_steps=200)  # fmt: skip
+    assert res.converged and reference.converged
+    # Same minimizer (the problem is ill-conditioned: |g| <= 1e-8 pins params to ~1e-5).
+    assert abs(float(res.value - reference.value)) <= 1e-14
+    torch.testing.assert_close(res.params, reference.params, atol=1e-5, rtol=0)

@@ -260,3 +260,16 @@ def test_update_makes_no_host_sync(solver):
         for _ in range(2):
             d, state = opt.update(grad, state, params, value=value, grad=grad, value_fn=value_fn)
             params = sf.apply_updates(params, d)
+
+
+def test_published_curvature_drives_a_trust_region():
+    def rosen(p):
+        x = p["x"]
+        return (100 * (x[1:] - x[:-1] ** 2) ** 2 + (1 - x[:-1]) ** 2).sum()
+
+    params = {"x": torch.tensor([-1.2, 1.0, -1.2, 1.0], dtype=torch.float64)}
+    res = sf.minimize(rosen, params, sf.chain(newton_krylov(), sf.trust_region()), gtol=1e-8)
+    assert res.converged, res.reason
+    torch.testing.assert_close(
+        res.params["x"], torch.ones(4, dtype=torch.float64), atol=1e-6, rtol=0
+    )
