@@ -19,6 +19,10 @@ loop early is the only host decision, taken every ``check_every`` iterations
   and frozen iterations still pay one operator application and a few ``where``
   ops each. This is what a direction's ``update`` uses to stay sync-free (bound
   ``max_iters`` there).
+* ``check_every=k``: one sync per ``k`` iterations, at most ``k - 1`` frozen ones.
+
+``rtol`` may be a 0-d tensor (a forcing term computed on the device); it is then not
+validated, to avoid a sync.
 
 ``num_iters`` counts the iterations that changed the state; ``num_matvecs`` counts
 every operator application made, frozen ones included (it is the cost paid).
