@@ -266,3 +266,32 @@ def test_bfloat16_params(method, memory_size):
     assert result.params["a"].dtype == torch.bfloat16
     assert torch.allclose(result.params["a"].float(), torch.full((5,), 0.5), atol=2e-2)
     assert torch.allclose(result.params["b"].float(), torch.full((3,), -1.0), atol=2e-2)
+
+
+@pytest.mark.parametrize("memory_size", [None, 3])
+@pytest.mark.parametrize("method", list(CONSTRUCTORS))
+def test_zero_step_pair_is_skipped(method, memory_size):
+    """A rejected trust-region step repeats the point: s = y = 0 must leave H unchanged."""
+    seq = near_identity_sequence(4, 3, torch.float64, seed=9)
+    transform = CONSTRUCTORS[method](memory_size)
+    state = transform.init(seq[0][0])
+    for x, g in seq:
+        d_before, state = transform.update(g, state, x)
+    d_again, state = transform.update(seq[-1][1], state, seq[-1][0])
+    assert torch.isfinite(d_again).all()
+    assert torch.allclose(d_again, d_before, atol=1e-12)
+
+
+@pytest.mark.parametrize("memory_size", [None, 5])
+def test_sr1_without_resets_feeds_a_trust_region(memory_size):
+    """chain(sr1(reset_on_ascent=False), trust_region()): the trust region reads the published
+    (possibly indefinite) curvature; Rosenbrock is solved."""
+    from benchmarks.problems import UNCONSTRAINED
+
+    problem = UNCONSTRAINED["rosenbrock"]
+    transform = sr1(memory_size, reset_on_ascent=False)
+    result = sf.minimize(
+        problem.fn, problem.x0.clone(), sf.chain(transform, sf.trust_region()), max_steps=300
+    )
+    assert result.converged, result.reason
+    assert torch.allclose(result.params, torch.ones(2, dtype=torch.float64), atol=1e-4)

@@ -76,6 +76,7 @@ def limited_memory(
     curvature_eps: float | None = None,
     initial_scaling: float | None = None,
     sr1_rtol: float | None = None,
+    reset_on_ascent: bool = True,
 ) -> Transform:
     """The limited-memory ``method`` direction (``"bfgs"``, ``"dfp"``, ``"sr1"``, ``"broyden"``).
 
@@ -153,7 +154,9 @@ def limited_memory(
             coef = torch.linalg.solve_ex(lhs, -(kernel @ projected) / sigma)[0]
             scale = gamma
         slope = -(scale * gg + projected @ coef)  # g^T d for d = -(scale g + [S Y] coef)
-        descent = (slope < 0) & torch.isfinite(slope)
+        descent = torch.isfinite(slope)
+        if reset_on_ascent:
+            descent = descent & (slope < 0)
         memory = memory._replace(valid=memory.valid & descent)
         scale = torch.where(descent, scale, torch.ones_like(scale))
         coef = torch.where(descent, coef, torch.zeros_like(coef))

@@ -114,6 +114,7 @@ class _Config(NamedTuple):
     sr1_rtol: float | None
     damping: bool
     initial_scaling: float | None
+    reset_on_ascent: bool = True
 
 
 def _sr1_default_rtol(dtype: torch.dtype) -> float:
@@ -140,6 +141,7 @@ def _accept(cfg: _Config, matrix, s, y, b_s, h_y) -> torch.Tensor:
     if cfg.method in ("bfgs", "dfp"):
         return finite & (s @ y > eps * s_norm * y_norm)
     if cfg.method == "sr1":
+        finite = finite & (s_norm > 0)  # a rejected trust-region step gives s = y = 0
         rtol = _sr1_default_rtol(s.dtype) if cfg.sr1_rtol is None else cfg.sr1_rtol
         return finite & _sr1_rule(s, y, b_s, rtol) & _sr1_rule(y, s, h_y, rtol)
     ok = finite & (s_norm > 0)
@@ -206,7 +208,9 @@ def _dense(cfg: _Config, who: str) -> Transform:
         scaled = state.scaled | ok | (state.has_prev & _scalable(s, y))
         direction = -(matrix @ g) if inverse else -_solve(matrix, g)
         slope = g @ direction
-        descent = (slope < 0) & torch.isfinite(slope)
+        descent = torch.isfinite(slope)
+        if cfg.reset_on_ascent:
+            descent = descent & (slope < 0)
         h0 = torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
         if cfg.initial_scaling is not None:
             h0 = h0 * (cfg.initial_scaling if inverse else 1.0 / cfg.initial_scaling)
@@ -245,6 +249,7 @@ def _make(
     initial_scaling: float | None,
     sr1_rtol: float | None = None,
     damping: bool = False,
+    reset_on_ascent: bool = True,
 ) -> Transform:
     if form not in FORMS:
         raise ValueError(f"{method}: form must be 'inverse' or 'direct', got {form!r}")
@@ -254,7 +259,7 @@ def _make(
         raise ValueError(f"{method}: initial_scaling must be positive, got {initial_scaling}")
     if sr1_rtol is not None and not 0 <= sr1_rtol < 1:
         raise ValueError(f"{method}: sr1_rtol must be in [0, 1), got {sr1_rtol}")
-    cfg = _Config(method, form, curvature_eps, sr1_rtol, damping, initial_scaling)
+    cfg = _Config(method, form, curvature_eps, sr1_rtol, damping, initial_scaling, reset_on_ascent)
     if memory_size is None:
         return _dense(cfg, method)
     if damping:
@@ -264,7 +269,9 @@ def _make(
         )
     from soo_func.directions.limited_memory import limited_memory
 
-    return limited_memory(method, memory_size, form, curvature_eps, initial_scaling, sr1_rtol)
+    return limited_memory(
+        method, memory_size, form, curvature_eps, initial_scaling, sr1_rtol, reset_on_ascent
+    )
 
 
 def bfgs(
@@ -310,6 +317,7 @@ def sr1(
     form: str = "inverse",
     sr1_rtol: float | None = None,
     initial_scaling: float | None = None,
+    reset_on_ascent: bool = True,
 ) -> Transform:
     """The symmetric rank-one direction (N&W eqs. 6.24 / 6.25).
 
@@ -317,9 +325,19 @@ def sr1(
     ``|y^T (s - H y)| >= sr1_rtol |y| |s - H y|``; ``sr1_rtol`` defaults to the square root
     of the dtype's machine epsilon (N&W's ``1e-8`` in float64, ``3.5e-4`` in float32). SR1
     matrices may be indefinite: where ``-H g`` is not a descent direction the matrix is
-    reset and the direction is ``-g`` (a trust region uses the published curvature instead).
+    reset and the direction is ``-g``. Before a trust region (which reads the published,
+    possibly indefinite, curvature rather than the direction) pass ``reset_on_ascent=False``
+    to keep the matrix; only non-finite directions then reset it.
     """
-    return _make("sr1", memory_size, form, None, initial_scaling, sr1_rtol=sr1_rtol)
+    return _make(
+        "sr1",
+        memory_size,
+        form,
+        None,
+        initial_scaling,
+        sr1_rtol=sr1_rtol,
+        reset_on_ascent=reset_on_ascent,
+    )
 
 
 def broyden(
@@ -328,10 +346,19 @@ def broyden(
     form: str = "inverse",
     curvature_eps: float | None = None,
     initial_scaling: float | None = None,
+    reset_on_ascent: bool = True,
 ) -> Transform:
     """Broyden's (good) nonsymmetric rank-one secant method applied to the gradient.
 
     ``B+ = B + (y - B s) s^T / s^T s`` (N&W eq. 11.24) or its Sherman-Morrison inverse.
-    The matrix need not be symmetric or definite; non-descent directions reset it.
+    The matrix need not be symmetric or definite; non-descent directions reset it unless
+    ``reset_on_ascent=False`` (see :func:`sr1`).
     """
-    return _make("broyden", memory_size, form, curvature_eps, initial_scaling)
+    return _make(
+        "broyden",
+        memory_size,
+        form,
+        curvature_eps,
+        initial_scaling,
+        reset_on_ascent=reset_on_ascent,
+    )
