@@ -14,12 +14,12 @@ whose pair was rejected (bad curvature), not yet filled, or dropped by a reset h
 ``valid = False`` and contributes nothing (its coefficients are zero).
 
 Alongside the vectors the memory keeps their Gram matrix ``G = [S Y]^T [S Y]``
-(``2m x 2m``, columns ``s_0..s_{m-1}, y_0..y_{m-1}``), updated incrementally: one pass
-over the memory gives ``S^T g``, ``Y^T g`` and ``S^T s``, ``Y^T s`` for the new ``s``; the
-products with the new ``y = g - g_prev`` are differences of the products with ``g`` and
-with ``g_prev`` (kept from the previous update). Every method then works on small ``m x m`` matrices and
-touches the long vectors only twice per step: once for these products, once for the
-final linear combination ``c0 g + S c_s + Y c_y`` (:func:`combine`).
+(``2m x 2m``, columns ``s_0..s_{m-1}, y_0..y_{m-1}``), updated incrementally: each stored pair
+is read against ``g`` (``S^T g``, ``Y^T g``) and, for the compact forms, against the new
+``s``; the products with the new ``y = g - g_prev`` are differences of the products with
+``g`` and with ``g_prev`` (kept from the previous update). Every method then works on
+small ``m x m`` matrices and reads the stored pairs once more, for the final linear
+combination ``c0 g + S c_s + Y c_y`` (:func:`combine`).
 """
 
 from __future__ import annotations
@@ -124,19 +124,16 @@ def push(
     m = len(memory.pairs)
     g = point[1]
     small = memory.gram.dtype
+    pair = point - memory.prev_point  # [2, n]: s, y (a fresh tensor, stored as the new slot)
+    own = torch.cat([torch.mv(pair, g)[:, None], pair @ pair.T], 1).to(small)  # . (g, s, y)
+    kept = [torch.mv(slot, g).to(small) for slot in memory.pairs[1:]]  # (s_i, y_i) . g
     if full_gram:
-        # One fresh [3, n] buffer holds g, s, y: the stored pair is the view of rows 1:3 (no
-        # extra copy); rows 0:2 are the probes (g, s) every retained slot is read against.
-        buffer = torch.empty((3, point.shape[1]), dtype=point.dtype, device=point.device)
-        pair = buffer[1:]
-        torch.sub(point, memory.prev_point, out=pair)
-        buffer[0].copy_(g)
-        own = (pair @ buffer.T).to(small)  # [2, 3]: (s, y) . (g, s, y)
-        kept = [(slot @ buffer[:2].T).to(small) for slot in memory.pairs[1:]]  # . g, . s
+        s = pair[0]
+        kept = [
+            torch.stack([k, torch.mv(slot, s).to(small)], 1)
+            for k, slot in zip(kept, memory.pairs[1:], strict=True)
+        ]
     else:
-        pair = point - memory.prev_point
-        own = torch.cat([torch.mv(pair, g)[:, None], pair @ pair.T], 1).to(small)
-        kept = [torch.mv(slot, g).to(small) for slot in memory.pairs[1:]]
         kept = [torch.stack([k, torch.zeros_like(k)], 1) for k in kept]
     if m > 1:
         kept = torch.stack(kept)  # [m-1, 2, 2]
