@@ -63,6 +63,7 @@ class Method:
     batch_size_of: Callable[[float], int] | None = None
     curvature_size: int | None = None
     overlap: int | None = None
+    ggn_residual: bool = False  # pass residual_fn = cross_entropy_ggn_residual on the subsample
     notes: str = ""
 
     def batch(self, knob: float) -> int:
@@ -122,6 +123,7 @@ def available_methods() -> dict[str, Method]:
     }
     lbfgs, armijo, wolfe = _family("lbfgs"), _family("armijo"), _family("wolfe")
     nonlinear_cg, levenberg = _family("nonlinear_cg"), _family("levenberg")
+    gauss_newton = _family("gauss_newton")
     if lbfgs and armijo:
         methods["lbfgs_armijo"] = Method(
             "lbfgs_armijo",
@@ -142,6 +144,13 @@ def available_methods() -> dict[str, Method]:
             batch_size_of=int,
             notes="nonlinear_cg + wolfe on large batches (grid: batch size)",
         )
+    if gauss_newton and armijo:
+        methods["gauss_newton_armijo"] = Method(
+            "gauss_newton_armijo", "soo", "damping", (0.01, 0.1, 1.0),
+            lambda lam: sf.chain(gauss_newton(damping=lam, max_iters=10), armijo()),
+            batch_size=1000, curvature_size=250, ggn_residual=True,
+            notes="gauss_newton (CE GGN via its residual factor on 1/4 of the batch, 10 CG) + armijo",
+        )  # fmt: skip
     if levenberg:
         methods["levenberg_ggn"] = Method(
             "levenberg_ggn",
@@ -244,12 +253,17 @@ def train(
                 loss = loss.detach()
             else:
                 extra = {}
-                if method.curvature_size:
+                if method.curvature_size and not method.ggn_residual:
                     extra["curvature"] = training.ggn_operator(
                         apply_fn,
                         cross_entropy,
                         params,
                         training.subsample(batch, method.curvature_size),
+                    )
+                if method.ggn_residual:
+                    sub = training.subsample(batch, method.curvature_size or len(idx))
+                    extra["residual_fn"] = training.cross_entropy_ggn_residual(
+                        apply_fn, params, sub[0]
                     )
                 if method.overlap:
                     overlap = batch_overlap(batch, min(method.overlap, len(idx) - 1))
@@ -466,12 +480,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--target", type=float, help="test accuracy target (full: 0.9)")
     parser.add_argument("--train-size", type=int)
     parser.add_argument("--test-size", type=int)
+    parser.add_argument("--validation", type=int, help="training examples held out for tuning")
     parser.add_argument("--width", type=int, default=8, help="ResNet width")
     parser.add_argument("--tag", default=None, help="name of the outputs in benchmarks/results/")
     args = parser.parse_args(argv)
     preset_name = "full" if args.full else "small" if args.small else "quick"
     cfg = dict(PRESETS[preset_name])
-    for key in ("models", "seeds", "epochs", "target", "train_size", "test_size"):
+    for key in ("models", "seeds", "epochs", "target", "train_size", "test_size", "validation"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
     device = torch.device(args.device)
