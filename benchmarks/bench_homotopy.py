@@ -3,9 +3,11 @@
 ``homotopy_far_starts``: Moré-Garbow-Hillstrom problems from 10x and 100x their standard
 starting points, Newton-Krylov with Armijo backtracking alone
 (``chain(newton_krylov(), armijo())``) against the same wrapped in Keller's homotopy
-(``chain(homotopy(), newton_krylov(), armijo())``). A run *solves* a problem when the
-driver converged (``|grad|_inf <= gtol``) at a value within ``1e-4 |f*| + 1e-8`` of the
-reference optimum ``f*``.
+(``chain(homotopy(), newton_krylov(), armijo())``), at most ``MAX_STEPS`` steps each.
+A run *solves* a problem when its final value is within ``1e-4 |f*| + 1e-6`` of the
+reference optimum ``f*`` (rule fixed before comparing; see :func:`solved`). Problems
+whose value or gradient is not finite at the far start are skipped (both methods refuse
+them alike) and listed in the summary rows.
 
 ``homotopy_regularization_path``: an L2 regularization path of logistic regression (strong
 to weak), :func:`soo_func.continuation_path` (warm start + tangent predictor, and warm
@@ -30,11 +32,24 @@ from benchmarks.problems import UNCONSTRAINED
 QUICK_PROBLEMS = ("rosenbrock", "beale", "helical_valley", "wood", "box_3d", "powell_singular")
 
 
+MAX_STEPS = 500
+
+
 def solved(result: sf.MinimizeResult, f_opt: float | None) -> bool:
-    """Converged, at a value within ``1e-4 |f*| + 1e-8`` of the reference optimum."""
-    if not result.converged or f_opt is None:
+    """The final value is within ``1e-4 |f*| + 1e-6`` of the reference optimum ``f*``.
+
+    The absolute ``1e-6`` makes the rule robust for ``f* = 0``: a point with
+    ``|grad|_inf <= 1e-6`` on an ill-conditioned zero-residual problem can have
+    ``f ~ 1e-8`` (Powell badly scaled), while no other local minimum of these problems
+    lies that close to ``f*`` (trigonometric's is 2.8e-5 above, Kowalik-Osborne's 7e-4).
+    The driver's ``converged`` flag is not required: with ``gtol = 1e-6`` it is decided
+    by round-off on problems with a large ``f*`` (Brown-Dennis, ``f* = 8.6e4``: both
+    methods reach ``f*`` to 15 digits, ``|grad|_inf`` stalls near its floor of ~4e-6
+    or dips below 1e-6 by chance). The rows still report ``converged``.
+    """
+    if f_opt is None:
         return False
-    return float(result.value) <= f_opt + 1e-4 * abs(f_opt) + 1e-8
+    return float(result.value) <= f_opt + 1e-4 * abs(f_opt) + 1e-6
 
 
 def newton(homotopy: bool) -> sf.Transform:
@@ -50,14 +65,16 @@ def run_far_start(name: str, factor: float, homotopy: bool, max_steps: int, gtol
         result = sf.minimize(problem.fn, x0, newton(homotopy), max_steps=max_steps, gtol=gtol)
         ok, value, steps = solved(result, problem.f_opt), float(result.value), result.num_steps
         evals = (result.num_value_evals, result.num_grad_evals, result.num_hvp_evals)
-        reason = result.reason
+        reason, converged = result.reason, int(result.converged)
     except (RuntimeError, ValueError) as err:  # a start where f is not finite, say
         ok, value, steps, evals, reason = False, math.nan, 0, (0, 0, 0), type(err).__name__
+        converged = 0
     return {
         "problem": name,
         "start": f"{factor:g}x",
         "method": "homotopy+newton" if homotopy else "newton",
         "solved": int(ok),
+        "converged": converged,
         "value": value,
         "steps": steps,
         "value_evals": evals[0],
@@ -68,24 +85,54 @@ def run_far_start(name: str, factor: float, homotopy: bool, max_steps: int, gtol
     }
 
 
+def finite_at(name: str, factor: float) -> bool:
+    """Whether ``f`` and its gradient are finite at ``factor`` times the standard start."""
+    problem = UNCONSTRAINED[name]
+    value, grad = sf.value_and_grad(problem.fn)(problem.x0 * factor)
+    return bool(torch.isfinite(value)) and bool(torch.isfinite(grad).all())
+
+
+def compare(names, factor: float, max_steps: int = MAX_STEPS) -> tuple[list[dict], dict]:
+    """Rows of both methods on ``names`` (finite at the start) and a summary: solved by
+    each, ``wins`` (homotopy only), ``losses`` (Newton only), ``skipped`` (not finite)."""
+    rows, skipped = [], []
+    for name in names:
+        if not finite_at(name, factor):
+            skipped.append(name)
+            continue
+        for homotopy in (False, True):
+            rows.append(run_far_start(name, factor, homotopy, max_steps=max_steps, gtol=1e-6))
+    by = {m: {r["problem"] for r in rows if r["method"] == m and r["solved"]}
+          for m in ("newton", "homotopy+newton")}  # fmt: skip
+    summary = {
+        "newton": by["newton"], "homotopy": by["homotopy+newton"],
+        "wins": sorted(by["homotopy+newton"] - by["newton"]),
+        "losses": sorted(by["newton"] - by["homotopy+newton"]), "skipped": skipped,
+    }  # fmt: skip
+    return rows, summary
+
+
 def far_starts(quick: bool) -> list[dict]:
     names = QUICK_PROBLEMS if quick else tuple(UNCONSTRAINED)
     rows = []
     for factor in (10.0, 100.0):
-        for name in names:
-            for homotopy in (False, True):
-                rows.append(run_far_start(name, factor, homotopy, max_steps=500, gtol=1e-6))
-    for method in ("newton", "homotopy+newton"):
-        mine = [r for r in rows if r["method"] == method]
-        rows.append({
-            "problem": "TOTAL", "start": "10x+100x", "method": method,
-            "solved": sum(r["solved"] for r in mine), "value": math.nan,
-            "steps": sum(r["steps"] for r in mine),
-            "value_evals": sum(r["value_evals"] for r in mine),
-            "grad_evals": sum(r["grad_evals"] for r in mine),
-            "hvp_evals": sum(r["hvp_evals"] for r in mine), "reason": f"of {len(mine)}",
-            "seconds": sum(r["seconds"] for r in mine),
-        })  # fmt: skip
+        mine, summary = compare(names, factor, max_steps=200 if quick else MAX_STEPS)
+        rows.extend(mine)
+        for method in ("newton", "homotopy+newton"):
+            runs = [r for r in mine if r["method"] == method]
+            rows.append({
+                "problem": "TOTAL", "start": f"{factor:g}x", "method": method,
+                "solved": sum(r["solved"] for r in runs),
+                "converged": sum(r["converged"] for r in runs), "value": math.nan,
+                "steps": sum(r["steps"] for r in runs),
+                "value_evals": sum(r["value_evals"] for r in runs),
+                "grad_evals": sum(r["grad_evals"] for r in runs),
+                "hvp_evals": sum(r["hvp_evals"] for r in runs), "reason": f"of {len(runs)}",
+                "seconds": sum(r["seconds"] for r in runs),
+            })  # fmt: skip
+        for key in ("wins", "losses", "skipped"):
+            rows.append({"problem": key.upper(), "start": f"{factor:g}x",
+                         "method": " ".join(summary[key]) or "-"})  # fmt: skip
     return rows
 
 

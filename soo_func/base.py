@@ -28,6 +28,12 @@ driver (:func:`soo_func.minimize`) reads it the same way. Keys with a fixed mean
     The value and gradient of ``next_value_fn`` at ``params + updates``, already
     evaluated by a search; the driver reuses them when ``next_value_fn`` is its own
     objective, so no point is evaluated twice.
+``recover_objective``
+    ``(value, grad, params) -> (value, grad)``, published with a rewritten ``value_fn``:
+    maps that objective's value and gradient at ``params`` to the original objective's
+    there, exactly (a homotopy: ``f = f_t + (1 - t) <g0, x>``). When a search's
+    ``next_value_fn`` is the published ``value_fn``, the driver recovers its own value
+    and gradient at the accepted point this way instead of evaluating it again.
 ``search_failed``
     0-d bool: the search found no acceptable step (it returned a safe one).
 ``converged_ok``

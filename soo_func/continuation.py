@@ -38,7 +38,10 @@ for that objective, and :func:`~soo_func.chain` adds ``params_offset`` to the fi
 updates, so the new point is ``x_pred + u``. A predictor whose value is not below that
 of the point it replaces is dropped (``offset`` to the path point instead).
 
-Published: ``value_fn``, ``value``, ``grad`` (of ``f_t``, while ``t < 1`` or shifted),
+Published: ``value_fn``, ``value``, ``grad`` (of ``f_t``, while ``t < 1`` or shifted)
+with ``recover_objective`` (built-in families: ``f`` and ``grad f`` from ``f_t`` and
+``grad f_t`` at the same point, so the driver reuses the search's evaluation of the
+accepted point instead of evaluating ``f`` there again),
 ``params_offset`` (when the point moves), ``converged_ok`` (false before ``t = 1``) and
 the history diagnostics ``continuation_t``, ``continuation_t_path``,
 ``continuation_stage``, ``continuation_step``, ``continuation_retries``,
@@ -58,7 +61,7 @@ import torch
 
 from soo_func import tree
 from soo_func.base import Transform, require_extras
-from soo_func.continuation_path import _ChargedObjective, _raw, path_tangent
+from soo_func.continuation_path import _ChargedObjective, _raw, _recovery, path_tangent
 from soo_func.oracles import value_and_grad
 
 PyTree = Any
@@ -224,6 +227,7 @@ def homotopy(
     if predictor not in ("tangent", "none"):
         raise ValueError(f"homotopy: predictor must be 'tangent' or 'none', got {predictor!r}")
     builtin = not callable(family)
+    convex_min_t = 0.1
 
     def init(params: PyTree) -> HomotopyState:
         ref = tree.leaves(params)[0]
@@ -389,6 +393,9 @@ def homotopy(
         else:
             rewritten = _ChargedObjective(lambda p: fam(p, t), base)
         out.update(value_fn=rewritten, value=state.value, grad=state.grad)
+        recover = _recovery(family, state, convex_min_t)
+        if recover is not None:
+            out["recover_objective"] = recover
         return out
 
     return Transform(init, update, publish)

@@ -65,6 +65,37 @@ def _raw(fn: Callable) -> Callable:
     return fn.fn if isinstance(fn, CountedObjective) else fn
 
 
+def _recovery(family, state: Any, min_t: float) -> Callable | None:
+    """``(value_t, grad_t, x) -> (f(x), grad f(x))`` for the built-in families, exact:
+
+    Keller: ``f = f_t + (1 - t) <g0, x>``, ``grad f = grad f_t + (1 - t) g0``; convex
+    (``t >= min_t``, since dividing by ``t`` amplifies rounding by ``1/t``):
+    ``f = (f_t - (1 - t)(scale/2)|x - x0|^2) / t``,
+    ``grad f = (grad f_t - (1 - t) scale (x - x0)) / t``. ``None`` for user families.
+    """
+    if callable(family):
+        return None
+    t = state.t
+    c = 1 - t
+    if family == "keller":
+
+        def recover_keller(value_t, grad_t, x):
+            return value_t + c * tree.vdot(state.anchor_grad, x), tree.axpy(
+                c, state.anchor_grad, grad_t
+            )
+
+        return recover_keller
+    if not bool(t >= min_t):
+        return None
+
+    def recover_convex(value_t, grad_t, x):
+        diff = tree.sub(x, state.anchor)
+        value = (value_t - c * 0.5 * state.scale * tree.sum_of_squares(diff)) / t
+        return value, tree.scale(1 / t, tree.axpy(-c * state.scale, diff, grad_t))
+
+    return recover_convex
+
+
 def path_tangent(
     family_fn: Family,
     x: PyTree,

@@ -4,7 +4,9 @@ The drivers own the host-side loop: they evaluate the objective, call the
 optimizer's ``update``, apply the updates and decide when to stop. They never
 evaluate a point twice: when the optimizer publishes ``next_value`` and
 ``next_grad`` for its own objective (a line search that has already evaluated the
-accepted point), those are reused. See ``docs/design.md``.
+accepted point), those are reused; when they belong to a rewritten objective (the
+published ``value_fn``) that also publishes ``recover_objective``, the driver's value
+and gradient are recovered from them. See ``docs/design.md``.
 
 Stopping rules (checked in this order after each step):
 
@@ -60,7 +62,16 @@ class MinimizeResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-_RESERVED = {"value_fn", "value", "grad", "residual_fn", "next_value_fn", "next_value", "next_grad"}
+_RESERVED = {
+    "value_fn",
+    "value",
+    "grad",
+    "residual_fn",
+    "next_value_fn",
+    "next_value",
+    "next_grad",
+    "recover_objective",
+}
 
 
 def _diagnostics(published: dict[str, Any]) -> dict[str, float]:
@@ -71,6 +82,26 @@ def _diagnostics(published: dict[str, Any]) -> dict[str, float]:
         if isinstance(val, torch.Tensor) and val.dim() == 0:
             out[key] = float(val)
     return out
+
+
+def _reusable(published: dict[str, Any], objective: CountedObjective, new_params: PyTree):
+    """``(value, grad)`` of ``objective`` at ``new_params`` from what a search published.
+
+    Either the search evaluated the driver's own objective there (``next_value_fn is
+    objective``), or it evaluated a rewritten objective (``next_value_fn`` is the
+    published ``value_fn``) and ``recover_objective(value, grad, params)`` maps its value
+    and gradient there to the driver's (a homotopy's ``f = f_t + (1 - t) <g0, x>``).
+    ``None`` when the driver must evaluate the point itself.
+    """
+    next_fn, next_grad = published.get("next_value_fn"), published.get("next_grad")
+    if next_fn is None or next_grad is None:
+        return None
+    if next_fn is objective:
+        return published["next_value"], next_grad
+    recover = published.get("recover_objective")
+    if recover is not None and next_fn is published.get("value_fn"):
+        return recover(published["next_value"], next_grad, new_params)
+    return None
 
 
 def _check_finite_start(value: torch.Tensor, grad: PyTree) -> None:
@@ -170,8 +201,9 @@ def minimize(
         updates, state = optimizer.update(grad, state, params, **kwargs)
         published = publish(optimizer, state, params, **kwargs)
         new_params = apply_updates(params, updates)
-        if published.get("next_value_fn") is objective and published.get("next_grad") is not None:
-            new_value, new_grad = published["next_value"], published["next_grad"]
+        reuse = _reusable(published, objective, new_params)
+        if reuse is not None:
+            new_value, new_grad = reuse
         else:
             new_value, new_grad = value_and_grad(objective)(new_params)
         num_steps += 1

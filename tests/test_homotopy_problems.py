@@ -1,33 +1,42 @@
 """Homotopy-wrapped Newton against plain Newton from far starting points (10x the
-standard Moré-Garbow-Hillstrom starts): on this quick subset the homotopy solves every
-problem that plain Newton solves, and more. The full comparison (10x and 100x, all
-problems) is the ``homotopy_far_starts`` suite of ``benchmarks/bench_homotopy.py``."""
+standard Moré-Garbow-Hillstrom starts) on every problem with n <= 4 (not a chosen
+subset). The full comparison (10x and 100x, all problems) is the ``homotopy_far_starts``
+suite of ``benchmarks/bench_homotopy.py``.
+
+Known loss, kept visible: Kowalik-Osborne. Its Hessian at the 10x start is indefinite
+(smallest eigenvalue -1.13), so Keller's path ``grad f(x) = (1 - t) grad f(x0)`` leaves
+``x0`` as a branch of *saddle points* of ``f_t``, which a descent corrector (Newton with
+Armijo backtracking) cannot track: near ``t = 0.2`` the corrector drifts off the branch,
+and the homotopy ends in another stationary point (f = 1.59e-3 against f* = 3.08e-4).
+Plain Newton from ``x0`` happens to reach f*. The test fails if that loss disappears
+(update the list) or if any other problem is lost.
+"""
 
 from __future__ import annotations
 
 import pytest
 
 import soo_func as sf
-from benchmarks.bench_homotopy import run_far_start
+from benchmarks.bench_homotopy import compare
 from benchmarks.problems import UNCONSTRAINED
 
-SUBSET = ("helical_valley", "powell_singular", "gaussian", "brown_dennis")
+SMALL = tuple(name for name, problem in UNCONSTRAINED.items() if problem.n <= 4)
+KNOWN_LOSSES = {"kowalik_osborne"}
 
 
 @pytest.fixture(scope="module")
-def outcomes():
-    return {
-        (name, homotopy): run_far_start(name, 10.0, homotopy, max_steps=150, gtol=1e-6)
-        for name in SUBSET
-        for homotopy in (False, True)
-    }
+def summary():
+    return compare(SMALL, 10.0, max_steps=150)[1]
 
 
-def test_homotopy_solves_none_fewer_than_newton(outcomes):
-    newton = {name for name in SUBSET if outcomes[(name, False)]["solved"]}
-    homotopy = {name for name in SUBSET if outcomes[(name, True)]["solved"]}
-    assert newton <= homotopy, f"homotopy lost {sorted(newton - homotopy)}"
-    assert len(homotopy) > len(newton), "the subset should show the homotopy's advantage"
+def test_the_subset_is_every_small_problem(summary):
+    assert len(SMALL) >= 15 and not summary["skipped"]
+
+
+def test_homotopy_solves_none_fewer_than_newton_but_the_known_loss(summary):
+    assert set(summary["losses"]) == KNOWN_LOSSES, summary
+    assert len(summary["homotopy"]) >= len(summary["newton"]) - len(KNOWN_LOSSES)
+    assert len(summary["newton"]) >= 10  # the comparison is not vacuous
 
 
 def test_the_history_reports_the_path():
