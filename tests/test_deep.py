@@ -136,3 +136,43 @@ def test_levenberg_marquardt_one_step_on_tiny_resnet(data, monkeypatch):
     assert torch.isfinite(loss) and torch.isfinite(new_loss)
     assert all(torch.isfinite(p).all() for p in new_params.values())
     assert new_loss <= loss
+
+
+def test_read_idx_round_trip(tmp_path):
+    import gzip
+    import struct
+
+    import numpy as np
+
+    from benchmarks.data import read_idx
+
+    images = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    raw = bytes([0, 0, 0x08, 3]) + struct.pack(">3I", 2, 3, 4) + images.tobytes()
+    (tmp_path / "x-idx3-ubyte.gz").write_bytes(gzip.compress(raw))
+    assert np.array_equal(read_idx(tmp_path / "x-idx3-ubyte.gz"), images)
+    (tmp_path / "bad").write_bytes(b"\x01\x02\x08\x01")
+    with pytest.raises(ValueError, match="magic"):
+        read_idx(tmp_path / "bad")
+    (tmp_path / "short").write_bytes(raw[:-1])
+    with pytest.raises(ValueError, match="shape"):
+        read_idx(tmp_path / "short")
+
+
+def test_load_dataset_falls_back_to_digits_with_a_message(tmp_path):
+    with pytest.warns(UserWarning, match="dataset-fashion-mnist"):
+        data = load_dataset("fashion-mnist", directory=tmp_path, train_size=100)
+    assert data.name == "digits" and data.train_x.shape == (100, 1, 28, 28)
+    with pytest.raises(ValueError, match="unknown dataset"):
+        load_dataset("cifar")
+
+
+def test_fashion_mnist_when_installed():
+    from benchmarks.data import fashion_mnist_available, load_fashion_mnist
+
+    if not fashion_mnist_available():
+        pytest.skip("dataset-fashion-mnist is not installed")
+    data = load_fashion_mnist()
+    assert data.train_x.shape == (60000, 1, 28, 28) and data.test_x.shape == (10000, 1, 28, 28)
+    assert data.train_y.min() == 0 and data.train_y.max() == 9
+    assert abs(float(data.train_x.mean())) < 1e-2 and abs(float(data.train_x.std()) - 1) < 1e-2
+    assert torch.bincount(data.test_y).tolist() == [1000] * 10
