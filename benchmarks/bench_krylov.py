@@ -23,6 +23,7 @@ Suites (``python -m benchmarks.run --suite NAME [--quick]``):
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from collections.abc import Callable
@@ -207,7 +208,15 @@ def _timing_problems(quick: bool, device: torch.device):
         inputs = torch.randn(*shape, generator=gen).to(device)
         targets = torch.randint(0, 10, (shape[0],), generator=gen).to(device)
         loss_fn, params = sf.functional_loss(module, torch.nn.functional.cross_entropy)
-        yield name, module, (lambda p, lf=loss_fn, b=(inputs, targets): lf(p, b)), params
+        value_fn = functools.partial(loss_fn, batch=(inputs, targets))
+
+        def model_fn(p, module=module, inputs=inputs):
+            return torch.func.functional_call(module, p, (inputs,))
+
+        def output_loss(logits, targets=targets):
+            return torch.nn.functional.cross_entropy(logits, targets)
+
+        yield name, (model_fn, output_loss), value_fn, params
 
 
 def _seconds(fn: Callable[[], object], device: torch.device, reps: int) -> float:
@@ -236,9 +245,14 @@ def _autograd_double_backward(value_fn, params, products: int):
         torch.autograd.grad(grads, leaves, vs, retain_graph=True)
 
 
-def _routes(value_fn, params, v, k: int) -> dict[str, Callable[[], object]]:
+def _routes(value_fn, params, v, k: int, model) -> dict[str, Callable[[], object]]:
     def linearized():
         op = sf.oracles.hvp_operator(value_fn, params)
+        for _ in range(k):
+            op(v)
+
+    def ggn():
+        _, op = sf.oracles.ggn_operator(model[0], params, model[1])
         for _ in range(k):
             op(v)
 
@@ -253,6 +267,7 @@ def _routes(value_fn, params, v, k: int) -> dict[str, Callable[[], object]]:
         f"autograd double-backward, per product of {k}": lambda: _autograd_double_backward(
             value_fn, params, k
         ),
+        f"GGN ggn_operator (J^T H_L J), per product of {k}": ggn,
     }
 
 
@@ -263,10 +278,10 @@ def hvp_timing(quick: bool) -> list[dict]:
     k = 10
     rows = []
     for device in devices:
-        for name, _, value_fn, params in _timing_problems(quick, device):
+        for name, model, value_fn, params in _timing_problems(quick, device):
             n = sum(p.numel() for p in params.values())
 
-            routes = _routes(value_fn, params, sf.tree.ones_like(params), k)
+            routes = _routes(value_fn, params, sf.tree.ones_like(params), k, model)
             base = None
             for route, fn in routes.items():
                 seconds = _seconds(fn, device, reps)
