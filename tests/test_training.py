@@ -300,3 +300,25 @@ def test_hessian_free_with_subsampled_ggn_trains_and_is_pure(dtype, device):
         opt.update(grad, state, params)
     with pytest.raises(ValueError, match="max_cg_iters"):
         hessian_free(max_cg_iters=0)
+
+
+def test_hessian_free_runs_under_minimize_and_publishes_its_damping():
+    """Full-batch, HF is a damped truncated Newton method: on a convex quadratic it
+    converges under the driver, and its damping/ratio appear in the history."""
+    torch.manual_seed(1)
+    n = 6
+    a = torch.randn(n, n, dtype=torch.float64)
+    hess = a @ a.T + torch.eye(n, dtype=torch.float64)
+    center = torch.randn(n, dtype=torch.float64)
+
+    def quad(p):
+        d = p["x"] - center
+        return 0.5 * d @ hess @ d
+
+    result = sf.minimize(
+        quad, {"x": torch.zeros(n, dtype=torch.float64)}, hessian_free(), gtol=1e-8
+    )
+    assert result.converged, result.reason
+    torch.testing.assert_close(result.params["x"], center)
+    assert "hessian_free_damping" in result.history[-1]
+    assert "hessian_free_reduction_ratio" in result.history[-1]

@@ -18,7 +18,8 @@ Martens recommends; the Hessian of ``value_fn`` by default). The pieces of the p
   3/2 when ``rho < 1/4`` and shrinks by 2/3 when ``rho > 3/4``.
 
 Every decision is a tensor mask (``torch.where``): no host synchronisation, a fixed
-number of curvature products (``max_cg_iters + 1``) and one forward pass per kept
+number of curvature products (``max_cg_iters + 2``: the warm start residual, the CG
+iterations, the reduction ratio) and one forward pass of ``value_fn`` per kept
 iterate. The output is the step itself (add it to the params with ``apply_updates``).
 With ``curvature=hessian_operator(loss_fn, params, subsample(batch, h))`` this is
 the subsampled Hessian Newton-CG method of Byrd, Chin, Neveitt and Nocedal (2011).
@@ -172,7 +173,10 @@ def hessian_free(
 
     def publish(state: HessianFreeState, params=None, **extra):
         del params, extra
-        return {"damping": state.damping, "reduction_ratio": state.reduction_ratio}
+        return {
+            "hessian_free_damping": state.damping,
+            "hessian_free_reduction_ratio": state.reduction_ratio,
+        }
 
     return Transform(init, update, publish)
 
