@@ -8,7 +8,9 @@ memory resets at stage changes.
   predictor). It does not chain :func:`~soo_func.continuation.homotopy` with a fixed
   schedule (which works, see the tests) because there the driver re-evaluates its own
   objective at every step while ``t < 1``, which costs more evaluations than the
-  warm starts save.
+  warm starts save: ``recover_objective`` removes that evaluation only for the built-in
+  families, where ``f`` follows exactly from ``f_t``; a user family ``value_fn(p, lam)``
+  has no such map.
 * :func:`reset_at_stage_change` -- wraps a direction with a memory (L-BFGS, BFGS) so
   that its state restarts when the homotopy changes the objective.
 """
