@@ -176,3 +176,28 @@ def test_fashion_mnist_when_installed():
     assert data.train_y.min() == 0 and data.train_y.max() == 9
     assert abs(float(data.train_x.mean())) < 1e-2 and abs(float(data.train_x.std()) - 1) < 1e-2
     assert torch.bincount(data.test_y).tolist() == [1000] * 10
+
+
+def test_experiment_harness_torch_and_functional_paths_agree(data):
+    """The harness gives torch.optim and soo_func the same batches: torch.optim.SGD with
+    momentum and sf.sgd with momentum (the same formula) give the same accuracy curve."""
+    from benchmarks.experiment import Method, train
+
+    x, y = data
+    torch_sgd = Method(
+        "sgd",
+        "torch",
+        "lr",
+        (0.05,),
+        lambda lr: lambda ps: torch.optim.SGD(ps, lr=lr, momentum=0.9),
+    )
+    functional_sgd = Method("sf_sgd", "soo", "lr", (0.05,), lambda lr: sf.sgd(lr, momentum=0.9))
+    runs = [
+        train(m, 0.05, "mlp", x, y, x[:64], y[:64], epochs=2.0, seed=3)
+        for m in (torch_sgd, functional_sgd)
+    ]
+    assert runs[0].epochs == runs[1].epochs == [0.5, 1.0, 1.5, 2.0]
+    assert runs[0].accuracy == runs[1].accuracy
+    torch.testing.assert_close(torch.tensor(runs[0].loss), torch.tensor(runs[1].loss))
+    assert runs[0].first_reaching(0.0) == (0.5, runs[0].seconds[0])
+    assert all(map(math.isnan, runs[0].first_reaching(1.01)))
