@@ -253,3 +253,16 @@ def test_sync_free_mode_reads_nothing_on_the_host(name):
     )
     with pytest.raises(AssertionError, match="host sync"), no_host_sync():
         SOLVERS[name](operator(a), b, max_iters=12, check_every=1)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_steihaug_never_leaves_the_region_and_decreases_the_model(seed):
+    n = 10
+    a = spd_matrix(n, seed=seed) if seed % 2 else indefinite_matrix(n, seed=seed)
+    g = torch.randn(n, dtype=torch.float64, generator=torch.Generator().manual_seed(100 + seed))
+    for radius in (1e-3, 0.1, 1.0, 10.0, 1e3):
+        res = krylov.steihaug(operator(a), as_tree(g), radius=radius, rtol=1e-10)
+        d = flat(res.x)
+        assert float(d.norm()) <= radius * (1 + 1e-12)
+        assert model(a, g, d) < 0
+        assert bool(res.hit_boundary) == (float(d.norm()) >= radius * (1 - 1e-12))
