@@ -110,6 +110,16 @@ def available_methods() -> dict[str, Method]:
             curvature_size=250,
             notes="Martens 2010, GGN on 1/4 of a 1000 batch, 10 CG iterations",
         ),
+        "hessian_free_b250": Method(
+            "hessian_free_b250",
+            "soo",
+            "damping",
+            (0.03, 0.3, 3.0),
+            lambda lam: hessian_free(damping=lam, max_cg_iters=10),
+            batch_size=250,
+            curvature_size=64,
+            notes="as hessian_free with batch 250 and GGN on 64 (more steps per epoch)",
+        ),
         "multi_batch_lbfgs": Method(
             "multi_batch_lbfgs",
             "soo",
