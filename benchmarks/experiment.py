@@ -17,7 +17,8 @@ The full experiment (Fashion-MNIST, MLP and small ResNet, all methods, 3 seeds):
 
     python -m benchmarks.experiment --full [--device cuda]
 
-Plots and a JSON record go to ``benchmarks/results/``.
+Plots and a JSON record go to ``benchmarks/results/``. The methods and their grids are in
+:mod:`benchmarks.deep_methods`.
 """
 
 from __future__ import annotations
@@ -27,152 +28,20 @@ import json
 import math
 import statistics
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.func as tf
 from torch.nn.functional import cross_entropy
 
-import soo_func as sf
 from benchmarks.data import Dataset, load_dataset
+from benchmarks.deep_methods import Method, available_methods
 from benchmarks.models import make_model
 from soo_func import training
-from soo_func.stochastic import batch_overlap, hessian_free, multi_batch_lbfgs, overlapping_batches
+from soo_func.stochastic import batch_overlap, overlapping_batches
 
 RESULTS = Path(__file__).parent / "results"
-
-
-@dataclass
-class Method:
-    """A training method: ``build(knob)`` makes a torch.optim factory or a soo_func Transform.
-
-    ``knob`` is the tuned value (``grid``); ``batch_size`` may depend on it via
-    ``batch_size_of``. ``curvature_size``: examples of the gradient batch used for GGN
-    products (the ``curvature`` extra); ``overlap``: multi-batch overlap size.
-    """
-
-    name: str
-    kind: str  # "torch" or "soo"
-    knob: str
-    grid: tuple[float, ...]
-    build: Callable[[float], Any]
-    batch_size: int = 128
-    batch_size_of: Callable[[float], int] | None = None
-    curvature_size: int | None = None
-    overlap: int | None = None
-    ggn_residual: bool = False  # pass residual_fn = cross_entropy_ggn_residual on the subsample
-    notes: str = ""
-
-    def batch(self, knob: float) -> int:
-        return self.batch_size_of(knob) if self.batch_size_of else self.batch_size
-
-
-def _family(name: str) -> Callable | None:
-    """``sf.<name>``, or the same name in ``soo_func.directions`` / ``soo_func.searches``."""
-    import soo_func.directions as directions
-    import soo_func.searches as searches
-
-    for where in (sf, directions, searches):
-        if hasattr(where, name):
-            return getattr(where, name)
-    return None
-
-
-def available_methods() -> dict[str, Method]:
-    """Every method that the installed soo_func provides (families land independently)."""
-    methods = {
-        "sgd": Method(
-            "sgd",
-            "torch",
-            "lr",
-            (0.01, 0.03, 0.1),
-            lambda lr: lambda ps: torch.optim.SGD(ps, lr=lr, momentum=0.9),
-            notes="torch.optim.SGD momentum 0.9, batch 128",
-        ),
-        "adam": Method(
-            "adam",
-            "torch",
-            "lr",
-            (3e-4, 1e-3, 3e-3),
-            lambda lr: lambda ps: torch.optim.Adam(ps, lr=lr),
-            notes="torch.optim.Adam, batch 128",
-        ),
-        "hessian_free": Method(
-            "hessian_free",
-            "soo",
-            "damping",
-            (0.03, 0.3, 3.0),
-            lambda lam: hessian_free(damping=lam, max_cg_iters=10),
-            batch_size=1000,
-            curvature_size=250,
-            notes="Martens 2010, GGN on 1/4 of a 1000 batch, 10 CG iterations",
-        ),
-        "hessian_free_b250": Method(
-            "hessian_free_b250",
-            "soo",
-            "damping",
-            (0.03, 0.3, 3.0),
-            lambda lam: hessian_free(damping=lam, max_cg_iters=10),
-            batch_size=250,
-            curvature_size=64,
-            notes="as hessian_free with batch 250 and GGN on 64 (more steps per epoch)",
-        ),
-        "multi_batch_lbfgs": Method(
-            "multi_batch_lbfgs",
-            "soo",
-            "lr",
-            (0.1, 0.3, 1.0),
-            lambda lr: multi_batch_lbfgs(memory_size=10, learning_rate=lr),
-            batch_size=512,
-            overlap=128,
-            notes="Berahas et al. 2016, batch 512, overlap 128, m=10",
-        ),
-    }
-    lbfgs, armijo, wolfe = _family("lbfgs"), _family("armijo"), _family("wolfe")
-    nonlinear_cg, levenberg = _family("nonlinear_cg"), _family("levenberg")
-    gauss_newton = _family("gauss_newton")
-    if lbfgs and armijo:
-        methods["lbfgs_armijo"] = Method(
-            "lbfgs_armijo",
-            "soo",
-            "batch",
-            (1000, 2000, 4000),
-            lambda b: sf.chain(lbfgs(memory_size=10), armijo()),
-            batch_size_of=int,
-            notes="lbfgs(10) + armijo on large batches (grid: batch size)",
-        )
-    if nonlinear_cg and wolfe:
-        methods["nonlinear_cg_wolfe"] = Method(
-            "nonlinear_cg_wolfe",
-            "soo",
-            "batch",
-            (1000, 2000, 4000),
-            lambda b: sf.chain(nonlinear_cg(), wolfe()),
-            batch_size_of=int,
-            notes="nonlinear_cg + wolfe on large batches (grid: batch size)",
-        )
-    if gauss_newton and armijo:
-        methods["gauss_newton_armijo"] = Method(
-            "gauss_newton_armijo", "soo", "damping", (0.01, 0.1, 1.0),
-            lambda lam: sf.chain(gauss_newton(damping=lam, max_iters=10), armijo()),
-            batch_size=1000, curvature_size=250, ggn_residual=True,
-            notes="gauss_newton (CE GGN via its residual factor on 1/4 of the batch, 10 CG) + armijo",
-        )  # fmt: skip
-    if levenberg:
-        methods["levenberg_ggn"] = Method(
-            "levenberg_ggn",
-            "soo",
-            "damping",
-            (0.01, 0.1, 1.0),
-            lambda lam: levenberg(initial_damping=lam, solver="cg"),
-            batch_size=1000,
-            curvature_size=250,
-            notes="levenberg (D = I, CG solve) on the subsampled GGN",
-        )
-    return methods
 
 
 def functional_model(name: str, seed: int, device, width: int = 8):
