@@ -74,14 +74,22 @@ _RESERVED = {
 }
 
 
-def _diagnostics(published: dict[str, Any]) -> dict[str, float]:
-    out = {}
-    for key, val in published.items():
-        if key in _RESERVED:
-            continue
-        if isinstance(val, torch.Tensor) and val.dim() == 0:
-            out[key] = float(val)
-    return out
+def _diagnostic_tensors(published: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The 0-d tensors among the published entries (they go to the history)."""
+    return {
+        key: val
+        for key, val in published.items()
+        if key not in _RESERVED and isinstance(val, torch.Tensor) and val.dim() == 0
+    }
+
+
+def _read_scalars(scalars: list[torch.Tensor], device: torch.device) -> list[float]:
+    """Read many 0-d tensors on the host in one synchronisation (as float64)."""
+    if not scalars:
+        return []
+    return torch.stack(
+        [t.detach().to(device=device, dtype=torch.float64) for t in scalars]
+    ).tolist()
 
 
 def _reusable(published: dict[str, Any], objective: CountedObjective, new_params: PyTree):
@@ -179,22 +187,27 @@ def minimize(
     _check_finite_start(value, grad)
     show = _progress_printer(progress)
 
-    def row_for(step: int, value, grad, step_norm: float, published: dict) -> dict[str, float]:
+    device = tree.leaves(params)[0].device
+
+    def row_for(step: int, value: float, grad_norm: float, step_norm: float, diagnostics) -> dict:
         return {
             "step": step,
-            "value": float(value),
-            "grad_norm": float(tree.norm(grad)),
+            "value": value,
+            "grad_norm": grad_norm,
             "step_norm": step_norm,
             "num_value_evals": objective.num_value_evals,
             "num_grad_evals": objective.num_grad_evals,
             "num_hvp_evals": objective.num_hvp_evals,
-            **_diagnostics(published),
+            **diagnostics,
         }
 
-    history = [row_for(0, value, grad, 0.0, {})]
+    value_host, grad_norm, grad_inf = _read_scalars(
+        [value, tree.norm(grad), tree.norm(grad, math.inf)], device
+    )
+    history = [row_for(0, value_host, grad_norm, 0.0, {})]
     reason, converged, num_steps = "max_steps", False, 0
     may_converge = True
-    if float(tree.norm(grad, math.inf)) <= gtol:
+    if grad_inf <= gtol:
         reason, converged = "gtol", True
     while not converged and num_steps < max_steps:
         kwargs = dict(extra, value=value, grad=grad, value_fn=objective)
@@ -207,33 +220,44 @@ def minimize(
         else:
             new_value, new_grad = value_and_grad(objective)(new_params)
         num_steps += 1
-        if not bool(torch.isfinite(new_value)):
+        # Everything the stopping rules and the history read, in one host sync per step.
+        diagnostics = _diagnostic_tensors(published)
+        flags = {k: published.get(k) for k in ("converged_ok", "search_failed")}
+        flags = {k: v for k, v in flags.items() if isinstance(v, torch.Tensor)}
+        scalars = [new_value, tree.norm(new_grad), tree.norm(new_grad, math.inf)]
+        scalars += [tree.norm(updates)]
+        scalars += [tree.norm(new_params)] if xtol > 0 else []
+        numbers = _read_scalars([*scalars, *flags.values(), *diagnostics.values()], device)
+        new_value_host, grad_norm, grad_inf, step_norm = numbers[:4]
+        numbers = numbers[4:]
+        params_norm = numbers.pop(0) if xtol > 0 else math.nan
+        flag_values = dict(zip(flags, numbers[: len(flags)], strict=True))
+        diagnostics = dict(zip(diagnostics, numbers[len(flags) :], strict=True))
+        if not math.isfinite(new_value_host):
             reason = "non-finite value: returned the last finite point"
             break
-        step_norm = float(tree.norm(updates))
-        old_value = value
-        params, value, grad = new_params, new_value, new_grad
-        row = row_for(num_steps, value, grad, step_norm, published)
+        old_value = value_host
+        params, value, grad, value_host = new_params, new_value, new_grad, new_value_host
+        row = row_for(num_steps, value_host, grad_norm, step_norm, diagnostics)
         history.append(row)
         show(row)
-        ok = published.get("converged_ok")
+        ok = flag_values.get("converged_ok")
         may_converge = True if ok is None else bool(ok)
-        failed = published.get("search_failed")
-        if may_converge and float(tree.norm(grad, math.inf)) <= gtol:
+        failed = flag_values.get("search_failed")
+        if may_converge and grad_inf <= gtol:
             reason, converged = "gtol", True
         elif (
             may_converge
             and step_norm > 0.0
             and ftol > 0
-            and float(old_value - value)
-            <= ftol * max(abs(float(old_value)), abs(float(value)), 1.0)
+            and old_value - value_host <= ftol * max(abs(old_value), abs(value_host), 1.0)
         ):
             reason, converged = "ftol", True
         elif (
             may_converge
             and step_norm > 0.0
             and xtol > 0
-            and step_norm <= xtol * (float(tree.norm(params)) + xtol)
+            and step_norm <= xtol * (params_norm + xtol)
         ):
             reason, converged = "xtol", True
         elif failed is not None and bool(failed) and step_norm == 0.0:

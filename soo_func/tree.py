@@ -92,14 +92,39 @@ def map(fn: Callable[..., Any], tree: PyTree, *rest: PyTree) -> PyTree:
     return optree.tree_map(fn, tree, *rest, none_is_leaf=_NONE_IS_LEAF)
 
 
+def _flatten_alike(*trees: PyTree) -> tuple[list[list[Any]], optree.PyTreeSpec]:
+    """The leaves of each of ``trees`` (one flatten each) and their common structure.
+
+    Raises like :func:`check_same_structure` when the structures differ."""
+    flat = [optree.tree_flatten(t, none_is_leaf=_NONE_IS_LEAF) for t in trees]
+    spec = flat[0][1]
+    if any(other != spec for _, other in flat[1:]):
+        check_same_structure(*trees)
+    return [leaves for leaves, _ in flat], spec
+
+
+def _all_tensors(leaves: list[Any]) -> bool:
+    return all(isinstance(leaf, torch.Tensor) for leaf in leaves)
+
+
+def _foreach_binary(foreach: Callable, single: Callable, x: PyTree, y: PyTree, **kw) -> PyTree:
+    """Apply a ``torch._foreach_*`` op to the leaves of two alike pytrees (one kernel launch
+    per group of tensors instead of one Python call per leaf); ``single`` when a leaf is
+    not a tensor."""
+    (xs, ys), spec = _flatten_alike(x, y)
+    if _all_tensors(xs) and _all_tensors(ys):
+        return optree.tree_unflatten(spec, foreach(xs, ys, **kw))
+    return optree.tree_unflatten(spec, [single(a, b, **kw) for a, b in zip(xs, ys, strict=True)])
+
+
 def add(x: PyTree, y: PyTree) -> PyTree:
     """``x + y`` leafwise."""
-    return map(torch.add, x, y)
+    return _foreach_binary(torch._foreach_add, torch.add, x, y)
 
 
 def sub(x: PyTree, y: PyTree) -> PyTree:
     """``x - y`` leafwise."""
-    return map(torch.sub, x, y)
+    return _foreach_binary(torch._foreach_sub, torch.sub, x, y)
 
 
 def neg(x: PyTree) -> PyTree:
@@ -109,14 +134,22 @@ def neg(x: PyTree) -> PyTree:
 
 def scale(alpha: float | torch.Tensor, x: PyTree) -> PyTree:
     """``alpha * x`` leafwise; ``alpha`` may be a Python number or a 0-d tensor."""
-    return map(lambda leaf: leaf * alpha, x)
+    flat, spec = optree.tree_flatten(x, none_is_leaf=_NONE_IS_LEAF)
+    if _all_tensors(flat) and not isinstance(alpha, torch.Tensor):
+        return optree.tree_unflatten(spec, torch._foreach_mul(flat, alpha))
+    return optree.tree_unflatten(spec, [leaf * alpha for leaf in flat])
 
 
 def axpy(alpha: float | torch.Tensor, x: PyTree, y: PyTree) -> PyTree:
     """``alpha * x + y`` leafwise (BLAS ``axpy``)."""
     if isinstance(alpha, torch.Tensor):
         return map(lambda a, b: torch.addcmul(b, a, alpha.to(a.dtype)), x, y)
-    return map(lambda a, b: torch.add(b, a, alpha=alpha), x, y)
+    return _foreach_binary(
+        lambda xs, ys: torch._foreach_add(ys, xs, alpha=alpha),
+        lambda a, b: torch.add(b, a, alpha=alpha),
+        x,
+        y,
+    )
 
 
 def _sum_scalars(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -129,10 +162,8 @@ def _sum_scalars(parts: list[torch.Tensor]) -> torch.Tensor:
 
 def vdot(x: PyTree, y: PyTree) -> torch.Tensor:
     """Inner product ``<x, y>`` over all leaves, as a 0-d tensor (real leaves)."""
-    check_same_structure(x, y)
-    parts = [
-        torch.dot(a.reshape(-1), b.reshape(-1)) for a, b in zip(leaves(x), leaves(y), strict=True)
-    ]
+    (xs, ys), _ = _flatten_alike(x, y)
+    parts = [torch.dot(a.reshape(-1), b.reshape(-1)) for a, b in zip(xs, ys, strict=True)]
     return _sum_scalars(parts)
 
 
@@ -147,7 +178,15 @@ def norm(x: PyTree, ord: float | str = 2) -> torch.Tensor:
     if ord == 2:
         return torch.sqrt(sum_of_squares(x))
     if ord in (float("inf"), "inf"):
-        return torch.stack([a.abs().max() for a in leaves(x)]).max()
+        # max(max x, -min x): two reads of each leaf (the second from cache), no |x| temporary.
+        parts = leaves(x)
+        if not parts:
+            raise ValueError("cannot reduce an empty pytree: params must hold at least one tensor")
+        if any(a.is_complex() for a in parts):
+            return torch.stack([a.abs().amax() for a in parts]).amax()
+        highs = torch.stack([a.amax() for a in parts]).amax()
+        lows = torch.stack([a.amin() for a in parts]).amin()
+        return torch.maximum(highs, -lows)
     raise ValueError(f"norm supports ord=2 and ord=inf, got {ord!r}")
 
 

@@ -142,10 +142,16 @@ class Ray:
         self.num_evals = 0
         self.num_grads = 0
         self.num_syncs = 0
+        self._last_step: tuple[float, PyTree] | None = None
 
     def step(self, alpha: float) -> PyTree:
-        """The update ``alpha * direction``."""
-        return tree.scale(alpha, self.direction)
+        """The update ``alpha * direction`` (the last one is kept: the accepted trial is
+        usually the last, and its step is then not computed twice)."""
+        if self._last_step is not None and self._last_step[0] == alpha:
+            return self._last_step[1]
+        step = tree.scale(alpha, self.direction)
+        self._last_step = (alpha, step)
+        return step
 
     def point(self, alpha: float) -> PyTree:
         return tree.add(self.params, self.step(alpha))
