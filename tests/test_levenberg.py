@@ -233,3 +233,77 @@ def test_errors():
         opt.update(x, opt.init(x), x, value_fn=lambda p: (p**2).sum())
     with pytest.raises(TypeError, match="value_fn"):
         levenberg().update(x, opt.init(x), x)
+
+
+def _smooth_loss():
+    """f(x) = sum sqrt(1 + (A x - b)^2) + 0.05 |x|^2 (pseudo-Huber): not a least-squares
+    loss, a positive definite Hessian everywhere, and Newton steps that overshoot on the
+    linear tails (so some trial points are rejected)."""
+    gen = torch.Generator().manual_seed(4)
+    a = torch.randn(6, 4, generator=gen, dtype=torch.float64)
+    b = torch.randn(6, generator=gen, dtype=torch.float64)
+
+    def value_fn(x):
+        return torch.sqrt(1 + (a @ x - b) ** 2).sum() + 0.05 * x @ x
+
+    return value_fn
+
+
+@pytest.mark.parametrize("rule", ["nielsen", "multiply"])
+def test_levenberg_damps_a_published_newton_model_as_the_dense_formula(rule):
+    """chain(newton_krylov(), levenberg()): each step is (H + lam I) d = -g with the dense
+    Hessian H = torch.func.hessian(f), the first lam = tau <g, H g> / |g|^2, the ratio and
+    the damping sequence recomputed in numpy (Levenberg 1944; MNT 2004 eq. (3.14))."""
+    pytest.importorskip("soo_func.krylov")
+    value_fn = _smooth_loss()
+    tau = 0.5
+    opt = sf.chain(
+        sf.directions.newton_krylov(solver="cg"),
+        levenberg(tau=tau, damping_rule=rule, cg_rtol=1e-13),
+    )
+    x = torch.full((4,), 3.0, dtype=torch.float64)
+    state = opt.init(x)
+    lam, nu = None, 2.0
+    accepted = []
+    for _ in range(6):
+        value, grad = sf.value_and_grad(value_fn)(x)
+        H = torch.func.hessian(value_fn)(x).numpy()
+        g = grad.numpy()
+        if lam is None:
+            lam = tau * (g @ H @ g) / (g @ g)
+        d = np.linalg.solve(H + lam * np.eye(4), -g)
+        predicted = -(g @ d) - 0.5 * d @ H @ d
+        rho = (float(value) - float(value_fn(x + torch.from_numpy(d)))) / predicted
+        extra = {"value": value, "grad": grad, "value_fn": value_fn}
+        updates, state = opt.update(grad, state, x, **extra)
+        lev = state.states[-1]
+        np.testing.assert_allclose(float(lev.ratio), rho, rtol=1e-6)
+        accepted.append(rho > 1e-4)
+        if rho > 1e-4:
+            np.testing.assert_allclose(updates.numpy(), d, rtol=1e-8, atol=1e-12)
+            shrink = max(1 / 3, 1 - (2 * rho - 1) ** 3) if rule == "nielsen" else 0.1
+            lam, nu = lam * shrink, 2.0
+        else:
+            assert torch.equal(updates, torch.zeros_like(x))
+            lam, nu = (lam * nu, 2 * nu) if rule == "nielsen" else (lam * 10.0, nu)
+        np.testing.assert_allclose(float(lev.damping), lam, rtol=1e-9)
+        x = x + updates
+    assert any(accepted) and not all(accepted), accepted  # both branches exercised
+
+
+def test_levenberg_after_newton_krylov_solves_rosenbrock_through_indefinite_hessians():
+    """From (-1.2, 1) the Rosenbrock Hessian is indefinite (x1^2 > x2 + 1/200) and Newton
+    steps overshoot: rejected steps grow lam, accepted ones shrink it, and the minimum
+    (1, 1) is reached with one trial evaluation per step."""
+    pytest.importorskip("soo_func.krylov")
+
+    def rosenbrock(x):
+        return (1 - x[0]) ** 2 + 100 * (x[1] - x[0] ** 2) ** 2
+
+    opt = sf.chain(sf.directions.newton_krylov(solver="cg"), levenberg())
+    result = sf.minimize(rosenbrock, T([-1.2, 1.0], dtype=torch.float64), opt, gtol=1e-8)
+    assert result.converged, result.reason
+    assert torch.allclose(result.params, T([1.0, 1.0], dtype=torch.float64), atol=1e-6)
+    assert result.num_value_evals == result.num_steps + 1  # one trial point per step
+    accepted = [row["step_accepted"] for row in result.history[1:]]
+    assert 0 < sum(accepted) < len(accepted)

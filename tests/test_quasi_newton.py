@@ -284,14 +284,48 @@ def test_zero_step_pair_is_skipped(method, memory_size):
 
 @pytest.mark.parametrize("memory_size", [None, 5])
 def test_sr1_without_resets_feeds_a_trust_region(memory_size):
-    """chain(sr1(reset_on_ascent=False), trust_region()): the trust region reads the published
+    """chain(sr1(), trust_region()) as users write it: the trust region reads the published
     (possibly indefinite) curvature; Rosenbrock is solved."""
     from benchmarks.problems import UNCONSTRAINED
 
     problem = UNCONSTRAINED["rosenbrock"]
-    transform = sr1(memory_size, reset_on_ascent=False)
+    transform = sr1(memory_size)
     result = sf.minimize(
         problem.fn, problem.x0.clone(), sf.chain(transform, sf.trust_region()), max_steps=300
     )
     assert result.converged, result.reason
     assert torch.allclose(result.params, torch.ones(2, dtype=torch.float64), atol=1e-4)
+
+
+@pytest.mark.parametrize("memory_size", [None, 5])
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("method", ["sr1"])
+def test_ascent_gives_minus_g_and_keeps_the_matrix_unless_reset(method, form, memory_size):
+    """On the indefinite quadratic A = diag(2, -1) SR1 recovers B = A from exact pairs
+    (N&W Theorem 6.1; Broyden shares the code path but has no such property). At x = A^{-1} (0, 1)
+    the quasi-Newton direction -A^{-1} g = (0, 1) is an ascent direction: the output is
+    -g; by default the matrix (the published curvature) is still A; reset_on_ascent=True,
+    from the same state, resets it (curvature v -> v)."""
+    a = torch.diag(torch.tensor([2.0, -1.0], dtype=torch.float64))
+    gen = torch.Generator().manual_seed(3)
+    xs = [torch.randn(2, generator=gen, dtype=torch.float64) for _ in range(4)]
+    probe = torch.tensor([0.3, -0.7], dtype=torch.float64)
+    keep = CONSTRUCTORS[method](memory_size, form=form)
+    state = keep.init(xs[0])
+    for x in xs:
+        _, state = keep.update(a @ x, state, x)
+    assert torch.allclose(keep.publish(state, x)["curvature"](probe), a @ probe, atol=1e-8)
+    x = torch.linalg.solve(a, torch.tensor([0.0, 1.0], dtype=torch.float64))
+    g = a @ x
+    reset = CONSTRUCTORS[method](memory_size, form=form, reset_on_ascent=True)
+    for transform, expected in ((keep, a @ probe), (reset, probe)):
+        d, new_state = transform.update(g, state, x)
+        assert torch.allclose(d, -g, atol=1e-12), d
+        curvature = transform.publish(new_state, x)["curvature"]
+        if memory_size is None or transform is reset:
+            assert torch.allclose(curvature(probe), expected, atol=1e-8), curvature(probe)
+        else:  # the new exact pair is rounding noise in 2-D (the compact form may take it):
+            # the kept memory holds every earlier pair, and the same H0 scaling
+            old_valid = state.memory.valid[1:]  # the memory shifted by one slot
+            assert new_state.memory.valid[:-1][old_valid].all()
+            assert torch.equal(new_state.gamma, state.gamma)

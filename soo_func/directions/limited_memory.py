@@ -154,18 +154,19 @@ def limited_memory(
             coef = torch.linalg.solve_ex(lhs, -(kernel @ projected) / sigma)[0]
             scale = gamma
         slope = -(scale * gg + projected @ coef)  # g^T d for d = -(scale g + [S Y] coef)
-        descent = torch.isfinite(slope)
-        if reset_on_ascent:
-            descent = descent & (slope < 0)
-        memory = memory._replace(valid=memory.valid & descent)
-        scale = torch.where(descent, scale, torch.ones_like(scale))
+        finite = torch.isfinite(slope)
+        descent = finite & (slope < 0)
+        keep = descent if reset_on_ascent else finite
+        memory = memory._replace(valid=memory.valid & keep)
+        kept_scale = torch.where(keep, scale, torch.ones_like(scale))
+        direction_scale = torch.where(descent, scale, torch.ones_like(scale))
         coef = torch.where(descent, coef, torch.zeros_like(coef))
-        direction = pm.combine(memory, point[1], -scale, -coef)
+        direction = pm.combine(memory, point[1], -direction_scale, -coef)
         first = torch.clamp(torch.rsqrt(gg), max=1.0)
         empty = ~memory.valid.any()
         hint = torch.where(empty & (gg > 0), first, torch.ones_like(first))
-        scaled = scaled & (descent | torch.full_like(scaled, initial_scaling is not None))
-        new_state = LimitedMemoryState(memory, scale, hint, scaled)
+        scaled = scaled & (keep | torch.full_like(scaled, initial_scaling is not None))
+        new_state = LimitedMemoryState(memory, kept_scale, hint, scaled)
         return tree.unravel(direction, params), new_state
 
     def publish(state: LimitedMemoryState, params=None, **extra) -> dict[str, Any]:

@@ -21,7 +21,11 @@ Safeguards, all by ``torch.where`` (no host sync): BFGS/DFP skip a pair with
 ``s^T y <= eps |s| |y|``; SR1 skips unless ``|s^T (y - B s)| >= r |s| |y - B s|``
 (eq. 6.26); Broyden skips ``s = 0`` (and, inverse form, ``|s^T H y| <= eps |s| |H y|``).
 BFGS offers Powell's damping (N&W Procedure 18.2). When the direction is not a
-descent direction the matrix is reset and the direction is ``-g``. Before the first
+descent direction it is replaced by ``-g``; BFGS and DFP also reset the matrix then (it
+can only happen through rounding or non-finite pairs), SR1 and Broyden keep it by default
+(``reset_on_ascent=False``: their matrices are indefinite by design, and a trust region
+after them reads the matrix through the published ``curvature``). A non-finite direction
+always resets the matrix. Before the first
 update the initial matrix is rescaled to ``H0 = (y^T s / y^T y) I`` (eq. 6.20) unless
 ``initial_scaling`` fixes ``H0``.
 """
@@ -208,15 +212,15 @@ def _dense(cfg: _Config, who: str) -> Transform:
         scaled = state.scaled | ok | (state.has_prev & _scalable(s, y))
         direction = -(matrix @ g) if inverse else -_solve(matrix, g)
         slope = g @ direction
-        descent = torch.isfinite(slope)
-        if cfg.reset_on_ascent:
-            descent = descent & (slope < 0)
+        finite = torch.isfinite(slope)
+        descent = finite & (slope < 0)
+        keep = descent if cfg.reset_on_ascent else finite
         h0 = torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
         if cfg.initial_scaling is not None:
             h0 = h0 * (cfg.initial_scaling if inverse else 1.0 / cfg.initial_scaling)
-        matrix = torch.where(descent, matrix, h0)
+        matrix = torch.where(keep, matrix, h0)
         direction = torch.where(descent, direction, -g)
-        scaled = scaled & (descent | torch.full_like(scaled, cfg.initial_scaling is not None))
+        scaled = scaled & (keep | torch.full_like(scaled, cfg.initial_scaling is not None))
         gg = g @ g
         first = torch.clamp(torch.rsqrt(gg), max=1.0)
         hint = torch.where(~scaled & (gg > 0), first, torch.ones_like(first))
@@ -317,17 +321,23 @@ def sr1(
     form: str = "inverse",
     sr1_rtol: float | None = None,
     initial_scaling: float | None = None,
-    reset_on_ascent: bool = True,
+    reset_on_ascent: bool = False,
 ) -> Transform:
     """The symmetric rank-one direction (N&W eqs. 6.24 / 6.25).
 
     A pair is used only when ``|s^T (y - B s)| >= sr1_rtol |s| |y - B s|`` (eq. 6.26), and its dual
     ``|y^T (s - H y)| >= sr1_rtol |y| |s - H y|``; ``sr1_rtol`` defaults to the square root
     of the dtype's machine epsilon (N&W's ``1e-8`` in float64, ``3.5e-4`` in float32). SR1
-    matrices may be indefinite: where ``-H g`` is not a descent direction the matrix is
-    reset and the direction is ``-g``. Before a trust region (which reads the published,
-    possibly indefinite, curvature rather than the direction) pass ``reset_on_ascent=False``
-    to keep the matrix; only non-finite directions then reset it.
+    matrices may be indefinite: where ``-H g`` is not a descent direction the direction is
+    ``-g`` (a line search after it gets a descent direction) and the matrix is kept, so
+    that ``chain(sr1(), trust_region())`` works as written: the trust region reads the
+    published, possibly indefinite, curvature (N&W Algorithm 6.2), not the direction.
+    ``reset_on_ascent=True`` also resets the matrix to ``H0`` there (the classic line-search
+    safeguard). Keeping the matrix solved as many or more Moré-Garbow-Hillstrom problems
+    than resetting it with ``wolfe`` and ``armijo`` (dense and ``memory_size=5``), and
+    resetting it cost the trust region 5 of 28 (brown_badly_scaled, gulf, ...: each reset
+    throws the model away and the next steps are steepest-descent steps). Only non-finite
+    directions always reset it.
     """
     return _make(
         "sr1",
@@ -346,13 +356,13 @@ def broyden(
     form: str = "inverse",
     curvature_eps: float | None = None,
     initial_scaling: float | None = None,
-    reset_on_ascent: bool = True,
+    reset_on_ascent: bool = False,
 ) -> Transform:
     """Broyden's (good) nonsymmetric rank-one secant method applied to the gradient.
 
     ``B+ = B + (y - B s) s^T / s^T s`` (N&W eq. 11.24) or its Sherman-Morrison inverse.
-    The matrix need not be symmetric or definite; non-descent directions reset it unless
-    ``reset_on_ascent=False`` (see :func:`sr1`).
+    The matrix need not be symmetric or definite; a non-descent direction is replaced by
+    ``-g`` and the matrix kept, unless ``reset_on_ascent=True`` (see :func:`sr1`).
     """
     return _make(
         "broyden",
