@@ -2,8 +2,11 @@
 
 ``homotopy_far_starts``: Moré-Garbow-Hillstrom problems from 10x and 100x their standard
 starting points, Newton-Krylov with Armijo backtracking alone
-(``chain(newton_krylov(), armijo())``) against the same wrapped in Keller's homotopy
-(``chain(homotopy(), newton_krylov(), armijo())``), at most ``MAX_STEPS`` steps each.
+(``chain(newton_krylov(), armijo())``) against the same wrapped in the default homotopy
+(``chain(homotopy(), newton_krylov(), armijo())``, the convex family), at most
+``MAX_STEPS`` steps each. ``homotopy_far_starts_keller``: the same with Keller's family
+(``homotopy("keller")``), which solves fewer than Newton alone (see
+:mod:`soo_func.continuation`).
 A run *solves* a problem when its final value is within ``1e-4 |f*| + 1e-6`` of the
 reference optimum ``f*`` (rule fixed before comparing; see :func:`solved`). Problems
 whose value or gradient is not finite at the far start are skipped (both methods refuse
@@ -52,17 +55,24 @@ def solved(result: sf.MinimizeResult, f_opt: float | None) -> bool:
     return float(result.value) <= f_opt + 1e-4 * abs(f_opt) + 1e-6
 
 
-def newton(homotopy: bool) -> sf.Transform:
+def newton(homotopy: bool, family: str | None = None) -> sf.Transform:
+    """Newton-Krylov + Armijo, wrapped in ``homotopy(family)`` (default family if None)."""
     members = [sf.newton_krylov(), sf.armijo()]
-    return sf.chain(sf.homotopy(), *members) if homotopy else sf.chain(*members)
+    if not homotopy:
+        return sf.chain(*members)
+    h = sf.homotopy() if family is None else sf.homotopy(family)
+    return sf.chain(h, *members)
 
 
-def run_far_start(name: str, factor: float, homotopy: bool, max_steps: int, gtol: float) -> dict:
+def run_far_start(
+    name: str, factor: float, homotopy: bool, max_steps: int, gtol: float, family=None
+) -> dict:
     problem = UNCONSTRAINED[name]
     x0 = problem.x0 * factor
     start = time.perf_counter()
     try:
-        result = sf.minimize(problem.fn, x0, newton(homotopy), max_steps=max_steps, gtol=gtol)
+        opt = newton(homotopy, family)
+        result = sf.minimize(problem.fn, x0, opt, max_steps=max_steps, gtol=gtol)
         ok, value, steps = solved(result, problem.f_opt), float(result.value), result.num_steps
         evals = (result.num_value_evals, result.num_grad_evals, result.num_hvp_evals)
         reason, converged = result.reason, int(result.converged)
@@ -92,7 +102,9 @@ def finite_at(name: str, factor: float) -> bool:
     return bool(torch.isfinite(value)) and bool(torch.isfinite(grad).all())
 
 
-def compare(names, factor: float, max_steps: int = MAX_STEPS) -> tuple[list[dict], dict]:
+def compare(
+    names, factor: float, max_steps: int = MAX_STEPS, family: str | None = None
+) -> tuple[list[dict], dict]:
     """Rows of both methods on ``names`` (finite at the start) and a summary: solved by
     each, ``wins`` (homotopy only), ``losses`` (Newton only), ``skipped`` (not finite)."""
     rows, skipped = [], []
@@ -101,7 +113,9 @@ def compare(names, factor: float, max_steps: int = MAX_STEPS) -> tuple[list[dict
             skipped.append(name)
             continue
         for homotopy in (False, True):
-            rows.append(run_far_start(name, factor, homotopy, max_steps=max_steps, gtol=1e-6))
+            rows.append(
+                run_far_start(name, factor, homotopy, max_steps=max_steps, gtol=1e-6, family=family)
+            )
     by = {m: {r["problem"] for r in rows if r["method"] == m and r["solved"]}
           for m in ("newton", "homotopy+newton")}  # fmt: skip
     summary = {
@@ -112,11 +126,11 @@ def compare(names, factor: float, max_steps: int = MAX_STEPS) -> tuple[list[dict
     return rows, summary
 
 
-def far_starts(quick: bool) -> list[dict]:
+def far_starts(quick: bool, family: str | None = None) -> list[dict]:
     names = QUICK_PROBLEMS if quick else tuple(UNCONSTRAINED)
     rows = []
     for factor in (10.0, 100.0):
-        mine, summary = compare(names, factor, max_steps=200 if quick else MAX_STEPS)
+        mine, summary = compare(names, factor, max_steps=200 if quick else MAX_STEPS, family=family)
         rows.extend(mine)
         for method in ("newton", "homotopy+newton"):
             runs = [r for r in mine if r["method"] == method]
@@ -188,7 +202,15 @@ def regularization_path(quick: bool) -> list[dict]:
     return rows
 
 
-SUITES = {"homotopy_far_starts": far_starts, "homotopy_regularization_path": regularization_path}
+def far_starts_keller(quick: bool) -> list[dict]:
+    return far_starts(quick, family="keller")
+
+
+SUITES = {
+    "homotopy_far_starts": far_starts,
+    "homotopy_far_starts_keller": far_starts_keller,
+    "homotopy_regularization_path": regularization_path,
+}
 DEFAULT = ["homotopy_regularization_path"]
 
 

@@ -5,22 +5,33 @@ A homotopy replaces the objective ``f`` by a family ``f_t``, ``t`` in ``[0, 1]``
 to ``t = 1`` (Allgower & Georg, *Introduction to Numerical Continuation Methods*, 2003,
 ch. 2; Nocedal & Wright, 2nd ed., section 11.3). Families:
 
+``"convex"`` (default)
+    ``f_t(x) = t f(x) + (1 - t) (scale / 2) |x - x0|^2`` (Allgower & Georg section 1.1),
+    ``scale = |grad f(x0)| / max(|x0|, 1)`` unless given. ``x0`` minimizes the strongly
+    convex ``f_0``, and ``x(t)`` is a path of *minimizers* (a proximal path: ``x(t)``
+    minimizes ``f + lam/2 |x - x0|^2`` with ``lam = (1 - t) scale / t``), so a descent
+    corrector can follow it; at a fold it falls to another minimizer of ``f_t``.
 ``"keller"``
     Keller's global Newton homotopy on the gradient equation (Keller 1978, "Global
     homotopies and Newton methods"): ``grad f(x) - (1 - t) grad f(x0) = 0``, the
     gradient of ``f_t(x) = f(x) - (1 - t) <grad f(x0), x>``. ``x0`` is on the path at
     ``t = 0``. With ``schedule="exponential"`` the factor ``1 - t`` is ``exp(-s)``: the
     stages are steps in ``s`` and the path is that of the continuous Newton flow
-    ``dx/ds = -H^{-1} grad f`` (Smale 1976; Branin 1972).
-``"convex"``
-    ``f_t(x) = t f(x) + (1 - t) (scale / 2) |x - x0|^2`` (Allgower & Georg section 1.1),
-    ``scale = |grad f(x0)| / max(|x0|, 1)`` unless given.
+    ``dx/ds = -H^{-1} grad f`` (Smale 1976; Branin 1972). Its points are stationary
+    points of ``f_t``, saddles where the Hessian at ``x0`` is indefinite, which a descent
+    corrector cannot track, and along a curved valley it advances only as ``1 - t``
+    reaches ``|grad f| / |grad f(x0)|`` (Rosenbrock from 100x the standard start: about
+    ``1e-6``). From far starts (``benchmarks/bench_homotopy.py``, suite
+    ``homotopy_far_starts``) it solves fewer problems than plain Newton; ``"convex"``
+    solves none fewer, which is why it is the default.
 a callable ``family(params, t) -> 0-d loss``
     A user family with ``family(params, 1) == f(params)`` (smoothing, regularization or
     penalty continuation). ``x0`` need not be on its path: stage 0 solves ``t = 0``.
 
 Path following (Allgower & Georg Algorithm 2.2.3, predictor-corrector). At a path point
-``x_k = x(t_k)`` (``|grad f_{t_k}(x_k)|_inf <= tol``) the predictor follows the tangent
+``x_k = x(t_k)`` (``|grad f_{t_k}(x_k)|_inf <= tol_{t_k}``, with
+``tol_t = corrector_rtol (1 - t) |grad f(x0)|_inf``: it tightens as ``f_t`` nears ``f``)
+the predictor follows the tangent
 ``dx/dt = -(d^2 f_t / dx^2)^{-1} d/dt grad f_t`` (the implicit function theorem on
 ``grad f_t(x(t)) = 0``), solved matrix-free by MINRES on Hessian-vector products, with
 ``d/dt grad f_t`` a ``jvp`` in ``t``: ``x_pred = x_k + (t_{k+1} - t_k) dx/dt``. The
@@ -28,7 +39,8 @@ chained optimizer is the corrector: it minimizes ``f_{t_{k+1}}`` from ``x_pred``
 step in ``t`` grows (``grow``) when the corrector reached ``tol`` within ``fast_steps``
 steps, and shrinks (``shrink``) with a retry from ``x_k`` when it did not within
 ``max_corrector_steps``; below ``min_step`` the continuation is abandoned and the chain
-minimizes ``f`` from where it is.
+minimizes ``f`` from where it is. The last stage, ``t = 1``, is the plain chain on ``f``
+from the predicted point, ended only by the driver's ``gtol`` (``retry_last_stage``).
 
 How a chain-first member moves the point (the ``params_offset`` protocol extension): a
 predictor jump (and a retry from ``x_k``) is published as ``params_offset = x_pred - x``
@@ -52,7 +64,6 @@ two syncs per update, counted in ``state.num_syncs``.
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -61,7 +72,13 @@ import torch
 
 from soo_func import tree
 from soo_func.base import Transform, require_extras
-from soo_func.continuation_path import _ChargedObjective, _raw, _recovery, path_tangent
+from soo_func.continuation_path import (
+    _ChargedObjective,
+    _check_homotopy_args,
+    _raw,
+    _recovery,
+    path_tangent,
+)
 from soo_func.oracles import value_and_grad
 
 PyTree = Any
@@ -126,40 +143,8 @@ def _compose(family: str, t, x, f_value, f_grad, state: HomotopyState):
     return value, tree.add(tree.scale(t, f_grad), tree.scale(c * state.scale, diff))
 
 
-_SCHEDULES = ("linear", "exponential")
-
-
-def _check_homotopy_args(family, schedule, **numbers: float) -> None:
-    if not callable(family) and family not in ("keller", "convex"):
-        raise ValueError(
-            f"homotopy: family must be 'keller', 'convex' or a callable family(params, t), "
-            f"got {family!r}"
-        )
-    if isinstance(schedule, str):
-        if schedule not in _SCHEDULES:
-            raise ValueError(
-                f"homotopy: schedule must be 'linear', 'exponential' or an increasing sequence "
-                f"of t values ending at 1, got {schedule!r}"
-            )
-    else:
-        points = [float(s) for s in schedule]
-        if not points or points[-1] != 1.0 or any(b <= a for a, b in itertools.pairwise(points)):
-            raise ValueError(
-                f"homotopy: a fixed schedule must be strictly increasing and end at 1.0, got {points}"
-            )
-        if points[0] < 0:
-            raise ValueError(f"homotopy: schedule values must lie in [0, 1], got {points}")
-    for name, value in numbers.items():
-        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-            raise ValueError(f"homotopy: {name} must be a positive finite number, got {value!r}")
-    if numbers["grow"] < 1:
-        raise ValueError(f"homotopy: grow must be >= 1, got {numbers['grow']}")
-    if not numbers["shrink"] < 1:
-        raise ValueError(f"homotopy: shrink must be in (0, 1), got {numbers['shrink']}")
-
-
 def homotopy(
-    family: str | Family = "keller",
+    family: str | Family = "convex",
     *,
     schedule: str | Sequence[float] = "linear",
     initial_step: float | None = None,
@@ -171,6 +156,8 @@ def homotopy(
     max_corrector_steps: int = 10,
     corrector_rtol: float = 1e-2,
     corrector_atol: float = 0.0,
+    shrink_tolerance: bool = True,
+    retry_last_stage: bool = False,
     final_gap: float = 1e-3,
     scale: float | None = None,
     predictor: str = "tangent",
@@ -181,7 +168,7 @@ def homotopy(
     ``chain(homotopy(), newton_krylov(), armijo())`` (see the module docstring).
 
     Args:
-      family: ``"keller"`` (default), ``"convex"`` or a callable ``family(params, t)``.
+      family: ``"convex"`` (default), ``"keller"`` or a callable ``family(params, t)``.
       schedule: how ``t`` advances: ``"linear"`` (``t + step``), ``"exponential"``
         (``1 - t`` times ``exp(-step)``, snapped to 1 below ``final_gap``) or a fixed
         increasing sequence of ``t`` values ending at 1 (no adaptation, no retries).
@@ -191,9 +178,15 @@ def homotopy(
       grow, shrink: step factors after a fast corrector / a failed one.
       fast_steps: a corrector that reached ``tol`` within this many steps is fast.
       max_corrector_steps: steps before a stage counts as failed (retry from the path).
-      corrector_rtol, corrector_atol: ``tol = max(corrector_rtol |grad f(x0)|_inf,
-        corrector_atol)`` on ``|grad f_t|_inf`` ends a stage (``t < 1``; the driver's
-        ``gtol`` ends the last).
+      corrector_rtol, corrector_atol: ``tol_t = max(corrector_rtol (1 - t) |grad f(x0)|_inf,
+        corrector_atol)`` on ``|grad f_t|_inf`` ends a stage ``t < 1`` (without the factor
+        ``1 - t`` when ``shrink_tolerance=False``).
+      shrink_tolerance: scale the stage tolerance by ``1 - t``, so that it tightens
+        towards the driver's ``gtol`` as ``f_t`` approaches ``f``.
+      retry_last_stage: ``False`` (default): the stage ``t = 1`` is the plain chain on
+        ``f`` from the predicted point, stopped only by the driver (its ``gtol``); ``True``:
+        a last stage slower than ``max_corrector_steps`` (to the stage tolerance) is
+        retried from the last path point with a smaller step, like the others.
       final_gap: exponential schedule: ``t`` becomes 1 once ``1 - t <= final_gap``.
       scale: the convex family's ``scale`` (default ``|grad f(x0)| / max(|x0|, 1)``).
       predictor: ``"tangent"`` (Euler predictor) or ``"none"`` (warm start only).
@@ -255,7 +248,7 @@ def homotopy(
 
     def start(state: HomotopyState, params, f_value, f_grad) -> HomotopyState:
         g0 = tree.norm(f_grad, math.inf)
-        tol = torch.clamp(corrector_rtol * g0, min=corrector_atol)
+        tol = corrector_rtol * g0
         if scale is not None:
             s = torch.full_like(state.scale, scale)
         else:
@@ -316,8 +309,12 @@ def homotopy(
             state = start(state, params, f_value, f_grad)
         v_t, g_t = objective_at(base, state, params, state.t, f_value, f_grad)
         gnorm = tree.norm(g_t, math.inf)
+        tol = state.tolerance
+        if shrink_tolerance:  # the last stage, when retried, keeps the unshrunk tolerance
+            tol = tol * torch.where(state.t < 1, 1 - state.t, torch.ones_like(state.t))
+        tol = torch.clamp(tol, min=corrector_atol)
         flags = torch.stack([
-            (gnorm <= state.tolerance).double(), state.t.double(), state.t_path.double(),
+            (gnorm <= tol).double(), state.t.double(), state.t_path.double(),
             state.step.double(), state.corrector_steps.double(), state.stage.double(),
             state.abandoned.double(),
         ]).tolist()  # fmt: skip
@@ -328,7 +325,7 @@ def homotopy(
             value=v_t, grad=g_t, offset=tree.zeros_like(params),
             shifted=torch.zeros_like(state.shifted), corrector_steps=state.corrector_steps + 1,
         )  # fmt: skip
-        if t >= 1.0 and (t_path >= 1.0 or abandoned):
+        if t >= 1.0 and (t_path >= 1.0 or abandoned or not retry_last_stage):
             new = plain  # past the last path point: the driver's gtol decides
         elif t >= 1.0 and converged:
             new = plain._replace(t_path=state.t, stage=state.stage + 1)

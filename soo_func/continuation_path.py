@@ -1,5 +1,5 @@
-"""Path tools for :mod:`soo_func.continuation`: the path tangent, parameter paths and
-memory resets at stage changes.
+"""Path tools for :mod:`soo_func.continuation`: the path tangent, parameter paths,
+memory resets at stage changes (and the argument checks of ``homotopy``).
 
 * :func:`path_tangent` -- ``dx/dt`` of the path of minimizers of ``f_t`` (matrix-free).
 * :func:`continuation_path` -- solutions of ``value_fn(params, lam)`` over a schedule of
@@ -17,6 +17,7 @@ memory resets at stage changes.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -96,6 +97,38 @@ def _recovery(family, state: Any, min_t: float) -> Callable | None:
         return value, tree.scale(1 / t, tree.axpy(-c * state.scale, diff, grad_t))
 
     return recover_convex
+
+
+_SCHEDULES = ("linear", "exponential")
+
+
+def _check_homotopy_args(family, schedule, **numbers: float) -> None:
+    if not callable(family) and family not in ("keller", "convex"):
+        raise ValueError(
+            f"homotopy: family must be 'keller', 'convex' or a callable family(params, t), "
+            f"got {family!r}"
+        )
+    if isinstance(schedule, str):
+        if schedule not in _SCHEDULES:
+            raise ValueError(
+                f"homotopy: schedule must be 'linear', 'exponential' or an increasing sequence "
+                f"of t values ending at 1, got {schedule!r}"
+            )
+    else:
+        points = [float(s) for s in schedule]
+        if not points or points[-1] != 1.0 or any(b <= a for a, b in itertools.pairwise(points)):
+            raise ValueError(
+                f"homotopy: a fixed schedule must be strictly increasing and end at 1.0, got {points}"
+            )
+        if points[0] < 0:
+            raise ValueError(f"homotopy: schedule values must lie in [0, 1], got {points}")
+    for name, value in numbers.items():
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            raise ValueError(f"homotopy: {name} must be a positive finite number, got {value!r}")
+    if numbers["grow"] < 1:
+        raise ValueError(f"homotopy: grow must be >= 1, got {numbers['grow']}")
+    if not numbers["shrink"] < 1:
+        raise ValueError(f"homotopy: shrink must be in (0, 1), got {numbers['shrink']}")
 
 
 def path_tangent(

@@ -3,6 +3,7 @@ driver contract (history, converged_ok), the params_offset chain extension, puri
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -194,6 +195,68 @@ def test_retry_from_the_path_point_and_abandon():
     final = state.states[0]
     assert seen_retry and bool(final.abandoned) and float(final.t) == 1.0
     assert int(final.num_retries) >= 3 and float(final.step) < 0.05
+
+
+@pytest.mark.parametrize("shrink", [True, False])
+def test_a_stage_ends_when_the_gradient_meets_its_tolerance(shrink):
+    # Gradient descent from the last path point (no predictor: on a quadratic the tangent
+    # predictor is exact) corrects at a linear rate, so every stage takes several steps and
+    # ends at the first step with |grad f_t|_inf <= tol_t, tol_t = rtol (1 - t) |g0|_inf
+    # (without the factor 1 - t when shrink=False): check both sides at every stage end.
+    a, b, x0 = quadratic(3, torch.float64, seed=2)
+    value_fn = lambda x: 0.5 * x @ a @ x - b @ x  # noqa: E731
+    g0 = float((a @ x0 - b).abs().max())
+    rtol = 1e-2
+    h = homotopy(
+        "keller",
+        schedule=[0.0, 0.5, 0.9, 0.99, 1.0],
+        corrector_rtol=rtol,
+        shrink_tolerance=shrink,
+        predictor="none",
+    )
+    lr = 1.0 / float(torch.linalg.eigvalsh(a)[-1])
+    result = sf.minimize(value_fn, x0, sf.chain(h, sf.scale(-lr)), gtol=1e-8, max_steps=3000)
+    rows = result.history[1:]
+    ends = 0
+    for before, row in itertools.pairwise(rows):
+        t = before["continuation_t"]  # the stage whose point this row's grad norm measures
+        if t >= 1:
+            break
+        tol = rtol * g0 * ((1 - t) if shrink else 1.0)
+        if row["continuation_stage"] > before["continuation_stage"]:
+            assert row["continuation_grad_norm"] <= tol and before["continuation_grad_norm"] > tol
+            ends += 1
+        else:
+            assert row["continuation_grad_norm"] > tol
+    assert ends == 3 and result.converged
+
+
+@pytest.mark.parametrize("retry_last_stage", [False, True])
+def test_the_last_stage_is_the_plain_chain_unless_retried(retry_last_stage):
+    # One stage straight to t = 1 with a corrector that needs many steps: by default the
+    # homotopy stays at t = 1 and lets the chain run to the driver's gtol (no retries);
+    # with retry_last_stage=True the slow last stage is retried from x0 with smaller steps.
+    x0 = torch.tensor([5.0, -4.0, 3.0], dtype=torch.float64)
+    value_fn = lambda x: ((x - 1) ** 4).sum() + 0.5 * (x @ x)  # noqa: E731
+    h = homotopy(
+        "convex",
+        initial_step=1.0,
+        max_corrector_steps=3,
+        corrector_rtol=1e-3,
+        retry_last_stage=retry_last_stage,
+    )
+    opt = sf.chain(h, sf.newton_krylov(), sf.armijo())
+    result = sf.minimize(value_fn, x0, opt, gtol=1e-10, max_steps=200)
+    rows = result.history[1:]
+    retries = rows[-1]["continuation_retries"]
+    ts = [row["continuation_t"] for row in rows]
+    assert result.converged
+    if retry_last_stage:
+        assert retries >= 1 and min(ts[1:]) < 1.0
+    else:
+        assert retries == 0 and all(t == 1.0 for t in ts)
+        # the t = 1 stage took more steps than max_corrector_steps without a retry
+        assert sum(1 for row in rows if row["continuation_t_path"] < 1) > 3
 
 
 def test_chain_adds_params_offset_once_even_when_nested():
