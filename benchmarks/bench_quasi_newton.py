@@ -12,8 +12,11 @@ Each method runs for the same number of steps (``torch.optim.LBFGS`` with
 ``history_size=10, line_search_fn="strong_wolfe"``; ours is
 ``minimize(value_fn, params, chain(lbfgs(10), wolfe()))``; scipy's
 ``L-BFGS-B``, ``maxcor=10``, iterating in float64 on the same float32 objective). Rows report wall time, evaluations,
-time per evaluation, the final value, and ``time_ratio`` / ``per_eval_ratio``
-against ``torch.optim.LBFGS`` (``< 1``: faster than torch).
+CPU (process) time, time per evaluation, the final value, and the speedups against
+``torch.optim.LBFGS``: ``speedup_wall`` / ``speedup_cpu`` = torch's time / the method's time
+(``> 1``: faster than torch), ``speedup_per_eval`` the same per evaluation. torch and ours
+run interleaved several times and the medians are reported, with the machine's 1-minute
+load average (on a shared machine, read ``speedup_cpu`` first).
 
 Run: ``python -m benchmarks.run --suite quasi_newton [--quick]`` or
 ``python -m benchmarks.bench_quasi_newton [--quick]``.
@@ -21,6 +24,8 @@ Run: ``python -m benchmarks.run --suite quasi_newton [--quick]`` or
 
 from __future__ import annotations
 
+import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -171,17 +176,43 @@ def run_scipy(value_fn: Callable, params, steps: int) -> dict:
     }
 
 
-def _rows(problem: str, value_fn, params, steps: int, scipy_too: bool) -> list[dict]:
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
+
+
+def _rows(
+    problem: str, value_fn, params, steps: int, scipy_too: bool, repeats: int = 1
+) -> list[dict]:
+    """One row per method. torch and ours run ``repeats`` times, interleaved (torch, ours,
+    torch, ours, ...) so that a change in the machine's load hits both alike; the rows hold
+    the medians. ``speedup_*`` is ``torch_time / method_time`` (> 1: faster than torch);
+    ``time_ratio`` is its inverse (kept for older readers)."""
     n = sum(t.numel() for t in params.values())
     runners = {"torch.optim.LBFGS": run_torch, "soo_func lbfgs+wolfe": run_ours}
-    if scipy_too:
-        runners["scipy L-BFGS-B"] = run_scipy
     run_ours(value_fn, params, 3)  # warm up kernels and caches
-    results = {name: fn(value_fn, params, steps) for name, fn in runners.items()}
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else math.nan
+    runs: dict[str, list[dict]] = {name: [] for name in runners}
+    for _ in range(repeats):
+        for name, fn in runners.items():
+            runs[name].append(fn(value_fn, params, steps))
+    if scipy_too:
+        runs["scipy L-BFGS-B"] = [run_scipy(value_fn, params, steps)]
+    results = {
+        name: {
+            **rs[-1],
+            "seconds": _median([r["seconds"] for r in rs]),
+            "cpu_seconds": _median([r["cpu_seconds"] for r in rs]),
+            "repeats": len(rs),
+        }
+        for name, rs in runs.items()
+    }
     peer = results["torch.optim.LBFGS"]
     rows = []
     for name, r in results.items():
         evals = max(r["evals"], 1)
+        peer_per_eval = peer["seconds"] / max(peer["evals"], 1)
         rows.append(
             {
                 "problem": problem,
@@ -190,26 +221,29 @@ def _rows(problem: str, value_fn, params, steps: int, scipy_too: bool) -> list[d
                 "method": name,
                 "steps": r["steps"],
                 "evals": r["evals"],
+                "repeats": r["repeats"],
                 "seconds": round(r["seconds"], 4),
                 "cpu_seconds": round(r["cpu_seconds"], 4),
                 "ms_per_eval": round(1e3 * r["seconds"] / evals, 3),
                 "final_value": r["value"],
+                "speedup_wall": round(peer["seconds"] / r["seconds"], 3),
+                "speedup_cpu": round(peer["cpu_seconds"] / r["cpu_seconds"], 3),
+                "speedup_per_eval": round(peer_per_eval / (r["seconds"] / evals), 3),
                 "time_ratio": round(r["seconds"] / peer["seconds"], 3),
-                "cpu_ratio": round(r["cpu_seconds"] / peer["cpu_seconds"], 3),
-                "per_eval_ratio": round(
-                    (r["seconds"] / evals) / (peer["seconds"] / max(peer["evals"], 1)), 3
-                ),
+                "load_avg_1min": round(load, 2),
             }
         )
     return rows
 
 
 def quasi_newton(quick: bool) -> list[dict]:
-    """Both problems, 50 steps (20 in quick mode)."""
+    """Both problems, 50 steps (20 in quick mode); torch and ours interleaved 5 times (once in
+    quick mode), medians reported."""
     steps = 20 if quick else 50
+    repeats = 1 if quick else 5
     torch.manual_seed(0)
-    rows = _rows("cheap", *cheap_problem(quick), steps, scipy_too=True)
-    rows += _rows("logreg", *logreg_problem(quick), steps, scipy_too=True)
+    rows = _rows("cheap", *cheap_problem(quick), steps, scipy_too=True, repeats=repeats)
+    rows += _rows("logreg", *logreg_problem(quick), steps, scipy_too=True, repeats=repeats)
     return rows
 
 
