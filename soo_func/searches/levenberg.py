@@ -32,7 +32,16 @@ one ``jvp`` and one ``vjp``. Marquardt's ``diag(J^T J)`` has no cheap matrix-fre
 (each entry is a squared column norm of ``J``), so with ``"cg"`` it is still computed
 exactly from the dense Jacobian (``n`` products per step): for large ``n`` use
 :func:`levenberg` (``D = I``). ``"auto"`` (default) picks ``"dense"`` for least squares
-with at most ``dense_max_params`` parameters and ``"cg"`` otherwise.
+with at most ``dense_max_params`` parameters and ``"cg"`` otherwise. Why dense for small
+problems: a CG iteration on ``J^T J`` costs two products (a ``jvp`` and a ``vjp``) and
+reaching the Gauss-Newton step takes about ``n`` of them, against ``n`` ``jvp``s for the
+whole Jacobian. Measured on the 31 Moré-Garbow-Hillstrom least-squares problems scipy's
+MINPACK ``lm`` solves (``max_steps=1000, gtol=1e-8``; evaluations counted as residual
+evaluations plus Jacobian products, scipy's as ``nfev + n njev``): ``"dense"`` solves all
+31 with a median of 1.31x scipy's evaluations; ``"cg"`` solves 30 (not biggs_exp6) at a
+median 3.2x (``levenberg(solver="cg")``: 2.5x). The predicted reduction of the ``"cg"``
+step uses ``d^T B d = -g^T d - lam d^T D d`` (exact up to CG's residual), so it costs no
+product beyond the solve.
 
 Counting: every Jacobian product (a column of the dense Jacobian, one ``jvp``, one
 ``vjp``) is charged as one Hessian product to the driver's ``CountedObjective``
@@ -170,10 +179,10 @@ def _make(who: str, marquardt: bool, **options: Any) -> Transform:
     def krylov_model(state, params, grad, operator, value_fn, scale) -> _Model:
         from soo_func.krylov import cg
 
-        grad_curv = tree.vdot(grad, operator(grad))
-        if marquardt:
-            estimate = torch.full_like(grad_curv, tau)
+        if marquardt:  # the damping is relative to D: no product needed for the first one
+            estimate = torch.full_like(state.damping, tau)
         else:
+            grad_curv = tree.vdot(grad, operator(grad))
             ratio = grad_curv.abs() / torch.clamp(tree.sum_of_squares(grad), min=1e-300)
             estimate = tau * torch.clamp(ratio, min=torch.finfo(ratio.dtype).tiny)
         damping = first_damping(state, estimate)
@@ -183,9 +192,13 @@ def _make(who: str, marquardt: bool, **options: Any) -> Transform:
 
         result = cg(damped, tree.neg(grad), rtol=options["cg_rtol"])
         d = result.x
-        curvature = tree.vdot(d, operator(d))
-        predicted = -tree.vdot(grad, d) - 0.5 * curvature
-        valid = ~torch.as_tensor(result.negative_curvature, device=grad_curv.device)
+        # (B + lam D) d = -g up to CG's residual: d^T B d = -g^T d - lam d^T D d (no product;
+        # the error is at most |d| * cg_rtol * |g|).
+        g_d = tree.vdot(grad, d)
+        d_scaled_d = tree.vdot(tree.map(lambda s, x: s * x, scale, d), d)
+        curvature = -g_d - damping * d_scaled_d
+        predicted = -g_d - 0.5 * curvature
+        valid = ~torch.as_tensor(result.negative_curvature, device=damping.device)
         return _Model(d, predicted, damping, scale, valid)
 
     def least_squares_operator(params, residual_fn, value_fn):
