@@ -126,17 +126,15 @@ def push(
     small = memory.gram.dtype
     pair = point - memory.prev_point  # [2, n]: s, y (a fresh tensor, stored as the new slot)
     own = torch.cat([torch.mv(pair, g)[:, None], pair @ pair.T], 1).to(small)  # . (g, s, y)
-    kept = [torch.mv(slot, g).to(small) for slot in memory.pairs[1:]]  # (s_i, y_i) . g
-    if full_gram:
-        s = pair[0]
-        kept = [
-            torch.stack([k, torch.mv(slot, s).to(small)], 1)
-            for k, slot in zip(kept, memory.pairs[1:], strict=True)
-        ]
-    else:
-        kept = [torch.stack([k, torch.zeros_like(k)], 1) for k in kept]
     if m > 1:
-        kept = torch.stack(kept)  # [m-1, 2, 2]
+        # Stack the per-slot products once (few small ops per step: they dominate small problems).
+        kept_g = torch.stack([torch.mv(slot, g) for slot in memory.pairs[1:]]).to(small)
+        if full_gram:
+            s = pair[0]
+            kept_s = torch.stack([torch.mv(slot, s) for slot in memory.pairs[1:]]).to(small)
+        else:
+            kept_s = torch.zeros_like(kept_g)
+        kept = torch.stack([kept_g, kept_s], 2)  # [m-1, 2, 2]: (s_i, y_i) . (g, s)
         # (s_i, y_i) . y = (s_i, y_i) . g - (s_i, y_i) . g_prev: y's products by differences,
         # as accurate as y = g - g_prev itself, and one pass over the memory fewer.
         kept_y = kept[:, :, 0] - memory.prev_products[1:]
