@@ -34,10 +34,6 @@ def _six_digits(x, certified) -> bool:
     return bool(np.all(np.abs(np.asarray(x) - certified) <= 1e-6 * np.abs(certified)))
 
 
-# MGH10 from Start 1 (b1 = 2, b2 = 4e5, b3 = 2.5e4): the damped steps first drive b1 to
-# ~1e-17, where the exponential's parameters have no gradient left; MINPACK's scaled
-# trust region (Moré 1978) does not. A known weakness of the Nielsen-damped LM here.
-KNOWN_FAILURES = {("MGH10", 1)}
 
 
 @pytest.mark.parametrize("start", [1, 2])
@@ -50,8 +46,6 @@ def test_nist_certified_values_where_scipy_reaches_them(name, start):
     reference = _scipy_lm(residual_fn, x0, xtol=1e-15, ftol=1e-15, gtol=1e-15)
     if not _six_digits(reference.x, certified):
         pytest.skip(f"scipy's lm does not reach the certified values of {name} from start {start}")
-    if (name, start) in KNOWN_FAILURES:
-        pytest.xfail("known failure, see KNOWN_FAILURES")
     result = sf.least_squares(residual_fn, x0, max_steps=1000, gtol=1e-14)
     assert _six_digits(result.params.numpy(), certified), (result.params, certified, result.reason)
 

@@ -27,7 +27,7 @@ from soo_func import tree
 
 PyTree = Any
 
-DAMPING_RULES = ("nielsen", "multiply")
+DAMPING_RULES = ("nielsen", "multiply", "more", "auto")
 SOLVERS = ("auto", "dense", "cg")
 
 __all__ = [

@@ -7,8 +7,11 @@ Each update solves the damped model system
 with ``g`` the gradient, ``B`` the model curvature and ``D`` the damping scale, evaluates
 the trial point ``x + d`` once and accepts it when the gain ratio
 ``rho = (f(x) - f(x + d)) / (m(0) - m(d))`` exceeds ``accept_ratio``; the damping ``lam``
-then follows Nielsen's rule (default) or the classic multiply/divide rule (see
-:mod:`soo_func.searches.damping`). References: Levenberg (1944), Marquardt (1963), Moré
+then follows Nielsen's rule or the classic multiply/divide rule (see
+:mod:`soo_func.searches.damping`), or comes from Moré's trust radius on ``|D^(1/2) d|``
+(``damping_rule="more"``, MINPACK's ``lmder``: :mod:`soo_func.searches.more_radius`).
+``levenberg_marquardt`` uses Moré's rule with the dense solver and Nielsen's otherwise
+(``"auto"``; the measurements behind that choice are in that module). References: Levenberg (1944), Marquardt (1963), Moré
 (1978) "The Levenberg-Marquardt algorithm: implementation and theory", Madsen, Nielsen &
 Tingleff (2004) *Methods for Non-Linear Least Squares Problems*, §3.2 (Algorithm 3.16).
 
@@ -33,15 +36,11 @@ one ``jvp`` and one ``vjp``. Marquardt's ``diag(J^T J)`` has no cheap matrix-fre
 exactly from the dense Jacobian (``n`` products per step): for large ``n`` use
 :func:`levenberg` (``D = I``). ``"auto"`` (default) picks ``"dense"`` for least squares
 with at most ``dense_max_params`` parameters and ``"cg"`` otherwise. Why dense for small
-problems: a CG iteration on ``J^T J`` costs two products (a ``jvp`` and a ``vjp``) and
-reaching the Gauss-Newton step takes about ``n`` of them, against ``n`` ``jvp``s for the
-whole Jacobian. Measured on the 31 Moré-Garbow-Hillstrom least-squares problems scipy's
-MINPACK ``lm`` solves (``max_steps=1000, gtol=1e-8``; evaluations counted as residual
-evaluations plus Jacobian products, scipy's as ``nfev + n njev``): ``"dense"`` solves all
-31 with a median of 1.31x scipy's evaluations; ``"cg"`` solves 30 (not biggs_exp6) at a
-median 3.2x (``levenberg(solver="cg")``: 2.5x). The predicted reduction of the ``"cg"``
-step uses ``d^T B d = -g^T d - lam d^T D d`` (exact up to CG's residual), so it costs no
-product beyond the solve.
+problems: a CG iteration on ``J^T J`` costs a ``jvp`` and a ``vjp``, and about ``n`` of
+them reach the Gauss-Newton step, against ``n`` ``jvp``s for the whole Jacobian; on the
+31 MGH least-squares problems scipy's ``lm`` solves, ``"cg"`` solved 30 (not biggs_exp6)
+at a median 3.2x ``lm``'s evaluations, ``"dense"`` all 31 at 1.1x. The ``"cg"`` step's
+predicted reduction uses ``d^T B d = -g^T d - lam d^T D d`` (no extra product).
 
 Counting: every Jacobian product (a column of the dense Jacobian, one ``jvp``, one
 ``vjp``) is charged as one Hessian product to the driver's ``CountedObjective``
@@ -66,6 +65,7 @@ from soo_func import tree
 from soo_func.base import Transform, require_extras
 from soo_func.oracles import CountedObjective, linearize_grad, value_and_grad
 from soo_func.searches.damping import (
+    DampingUpdate,
     dense_jacobian,
     floor_scale,
     gain_ratio,
@@ -74,6 +74,7 @@ from soo_func.searches.damping import (
     solve_damped_dense,
     validate_levenberg_options,
 )
+from soo_func.searches.more_radius import DampedModel, more_model, more_radius_update
 
 PyTree = Any
 
@@ -102,18 +103,7 @@ class LevenbergState(NamedTuple):
     jacobian: torch.Tensor
     residuals: torch.Tensor
     jacobian_at: torch.Tensor
-
-
-class _Model(NamedTuple):
-    """The damped step and its predicted reduction ``m(0) - m(d)``."""
-
-    step: PyTree
-    predicted: torch.Tensor
-    initial_damping: torch.Tensor
-    scale: PyTree
-    valid: torch.Tensor
-    jacobian: torch.Tensor | None = None
-    residuals: torch.Tensor | None = None
+    radius: torch.Tensor
 
 
 def _charge(value_fn: Callable, products: int, values: int = 0) -> None:
@@ -127,6 +117,7 @@ def _make(who: str, marquardt: bool, **options: Any) -> Transform:
     tau = options["tau"]
     initial_damping = options["initial_damping"]
     solver = options["solver"]
+    rule = options["damping_rule"]
 
     def init(params: PyTree) -> LevenbergState:
         like = tree.leaves(params)[0]
@@ -143,6 +134,7 @@ def _make(who: str, marquardt: bool, **options: Any) -> Transform:
             jacobian=torch.zeros((0, 0), **scalar),
             residuals=torch.zeros((0,), **scalar),
             jacobian_at=torch.zeros((0,), **scalar),
+            radius=torch.full((), -1.0, **scalar),
         )
 
     def first_damping(state: LevenbergState, estimate: torch.Tensor) -> torch.Tensor:
@@ -158,7 +150,7 @@ def _make(who: str, marquardt: bool, **options: Any) -> Transform:
         _charge(value_fn, jac.shape[1], values=1)
         return jac, r
 
-    def dense_model(state, params, residual_fn, value_fn) -> _Model:
+    def dense_model(state, params, residual_fn, value_fn, more: bool) -> DampedModel:
         jac, r = cached_jacobian(state, params, residual_fn, value_fn)
         column_sq = (jac * jac).sum(0)
         if marquardt:
@@ -167,16 +159,18 @@ def _make(who: str, marquardt: bool, **options: Any) -> Transform:
         else:
             scale = torch.ones_like(column_sq)
             estimate = tau * column_sq.max()
+        if more:
+            return more_model(state.radius, params, jac, r, scale)
         damping = first_damping(state, estimate)
         d = solve_damped_dense(jac, r, damping, scale)
         jd = jac @ d
         predicted = -torch.dot(r, jd) - 0.5 * torch.dot(jd, jd)
         valid = torch.isfinite(d).all()
-        return _Model(
+        return DampedModel(
             tree.unravel(d, params), predicted, damping, tree.unravel(scale, params), valid, jac, r
         )
 
-    def krylov_model(state, params, grad, operator, value_fn, scale) -> _Model:
+    def krylov_model(state, params, grad, operator, value_fn, scale) -> DampedModel:
         from soo_func.krylov import cg
 
         if marquardt:  # the damping is relative to D: no product needed for the first one
@@ -199,7 +193,7 @@ def _make(who: str, marquardt: bool, **options: Any) -> Transform:
         curvature = -g_d - damping * d_scaled_d
         predicted = -g_d - 0.5 * curvature
         valid = ~torch.as_tensor(result.negative_curvature, device=damping.device)
-        return _Model(d, predicted, damping, scale, valid)
+        return DampedModel(d, predicted, damping, scale, valid)
 
     def least_squares_operator(params, residual_fn, value_fn):
         _, vjp_fn = tf.vjp(residual_fn, params)
@@ -236,8 +230,15 @@ def _make(who: str, marquardt: bool, **options: Any) -> Transform:
             and curvature is None
             and (solver == "dense" or (solver == "auto" and n <= options["dense_max_params"]))
         )
+        more = rule == "more" or (rule == "auto" and use_dense)
+        if more and not use_dense:
+            raise ValueError(
+                f"{who}: damping_rule='more' needs the dense least-squares solver (an SVD of "
+                "the Jacobian): pass residual_fn, no upstream curvature, and solver='dense' "
+                "(or 'auto' with at most dense_max_params parameters); or use 'nielsen'"
+            )
         if use_dense:
-            model = dense_model(state, params, residual_fn, value_fn)
+            model = dense_model(state, params, residual_fn, value_fn, more)
         else:
             scale = state.scale
             if marquardt:
@@ -265,7 +266,14 @@ def _make(who: str, marquardt: bool, **options: Any) -> Transform:
         ratio = gain_ratio(value - trial_value, model.predicted)
         ratio = torch.where(model.valid, ratio, torch.full_like(ratio, -torch.inf))
         accepted = ratio > options["accept_ratio"]
-        if options["damping_rule"] == "nielsen":
+        radius = state.radius
+        if more:
+            radius = more_radius_update(
+                model.radius, ratio, model.scaled_norm, model.initial_damping, value,
+                trial_value, model.model_decrease,
+            )  # fmt: skip
+            new = DampingUpdate(model.initial_damping, state.nu)
+        elif rule in ("nielsen", "auto"):
             new = nielsen_update(model.initial_damping, state.nu, ratio, accepted)
         else:
             new = multiply_update(
@@ -287,6 +295,9 @@ def _make(who: str, marquardt: bool, **options: Any) -> Transform:
         step_norm = tree.norm(model.step)
         stalled = step_norm <= options["step_rtol"] * (tree.norm(params) + options["step_rtol"])
         failed = ~accepted & ((damping >= options["max_damping"]) | stalled)
+        if more:  # the radius collapsed below working precision (MINPACK's xtol test)
+            scaled_x = tree.norm(tree.map(lambda s, x: torch.sqrt(s) * x, model.scale, params))
+            failed = failed | (~accepted & (radius <= options["step_rtol"] * scaled_x))
         new_state = LevenbergState(
             damping=damping,
             nu=new.nu,
@@ -297,6 +308,7 @@ def _make(who: str, marquardt: bool, **options: Any) -> Transform:
             next_grad=tree.where(accepted, trial_grad, grad),
             scale=model.scale,
             **cache,
+            radius=radius,
         )
         step = tree.where(accepted, model.step, tree.zeros_like(params))
         return step, new_state
@@ -341,8 +353,11 @@ def levenberg(
         matrix-free modes ``tau * |<g, B g>| / |g|^2`` (a Rayleigh quotient of ``B``).
       initial_damping: a fixed first damping instead of the ``tau`` rule.
       accept_ratio: accept the trial point when ``rho > accept_ratio``.
-      damping_rule: ``"nielsen"`` (default) or ``"multiply"`` (``lam / decrease_factor``
-        on acceptance, ``lam * increase_factor`` on rejection).
+      damping_rule: ``"nielsen"`` (default), ``"multiply"`` (``lam / decrease_factor``
+        on acceptance, ``lam * increase_factor`` on rejection), ``"more"`` (Moré's
+        trust radius, dense least squares only; ``tau``, ``initial_damping`` and the
+        factors are then unused) or ``"auto"`` (``"more"`` with the dense solver, else
+        ``"nielsen"``).
       min_damping, max_damping: bounds on ``lam``; reaching ``max_damping`` on a rejected
         step publishes ``search_failed``.
       solver: ``"auto"``, ``"dense"`` (QR, least squares only) or ``"cg"`` (matrix-free).
@@ -373,7 +388,7 @@ def levenberg_marquardt(
     tau: float = 1e-3,
     initial_damping: float | None = None,
     accept_ratio: float = 1e-4,
-    damping_rule: str = "nielsen",
+    damping_rule: str = "auto",
     increase_factor: float = 10.0,
     decrease_factor: float = 10.0,
     min_damping: float = 1e-20,
@@ -386,9 +401,13 @@ def levenberg_marquardt(
     """Levenberg-Marquardt: ``(J^T J + lam D) d = -J^T r`` with ``D = diag(J^T J)``
     (running maximum, Moré 1978), for least squares (needs the ``residual_fn`` extra).
 
-    The damping is relative to the scale ``D``, so the first one is ``tau`` itself (or
+    By default (``damping_rule="auto"``) the dense solver takes Moré's trust-region
+    control of ``lam`` (MINPACK ``lmder``), the matrix-free one Nielsen's rule, where the
+    damping is relative to the scale ``D``, so the first one is ``tau`` itself (or
     ``initial_damping``). The other arguments are those of :func:`levenberg`. This is
-    the default optimizer of :func:`soo_func.least_squares`.
+    the default optimizer of :func:`soo_func.least_squares`. With Moré's rule the state's
+    ``radius`` is the bound on ``|D^(1/2) d|`` and the published ``damping`` the last
+    ``lam``.
     """
     return _make(
         "levenberg_marquardt",

@@ -1,0 +1,169 @@
+"""Moré's trust-region control of the Levenberg-Marquardt parameter (MINPACK ``lmder``).
+
+J. J. Moré, "The Levenberg-Marquardt algorithm: implementation and theory", Numerical
+Analysis (Dundee 1977), LNM 630, 1978, §§ 5-7. Instead of updating the damping ``lam``
+directly, the step is bounded in the scaled norm ``|D p| <= radius`` (``D`` the running
+maximum of the Jacobian's column norms) and ``lam`` is the parameter for which the
+damped step ``p(lam) = argmin |J p + r|^2 + lam |D p|^2`` has ``|D p| = radius`` within
+10% (``lam = 0`` when the Gauss-Newton step already lies within ``1.1 radius``). The
+radius follows Moré's rules: ``rho <= 1/4`` shrinks it to ``mu min(radius, 10 |D p|)`` with
+``mu`` in ``[0.1, 0.5]`` from a quadratic fit of the actual reduction; ``rho >= 3/4`` (or
+``lam = 0``) sets it to ``2 |D p|``. The first radius is ``100 |D x0|`` (MINPACK's
+``factor``), cut to ``|D p|`` after the first step.
+
+:func:`lm_parameter` finds ``lam`` from the SVD of ``J D^{-1} = U S V^T``: with
+``c = U^T r``, ``|D p(lam)| = |s c / (s^2 + lam)|``, and ``lam`` solves the secular
+equation ``1/radius - 1/|D p(lam)| = 0`` by Newton's method safeguarded by a bisection
+bracket (Moré's Algorithm 5.5, Hebden's iteration), for a fixed number of iterations with
+``torch.where`` (no host synchronisation).
+
+Measured against scipy's MINPACK ``lm`` (same exact Jacobian; evaluations counted as
+residual evaluations plus Jacobian products, scipy's as ``nfev + n njev``), through
+``levenberg_marquardt(damping_rule=...)``: Nielsen's damping reached the certified NIST
+parameters in the 16 (problem, start) pairs where ``lm`` does except MGH10 from start 1
+(its damped first steps drive b1 to ~1e-17, a valley far from the solution, while
+MINPACK's first trials are much longer radius-bounded Gauss-Newton steps that reach the
+right basin), at a median 1.52x ``lm``'s evaluations; Moré's rule reached all 16 (and
+BoxBOD from start 1) at 1.40x, and on the 31 Moré-Garbow-Hillstrom least-squares
+problems ``lm`` solves it solves all 31 at a median 1.11x (Nielsen: 1.31x).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+
+from soo_func import tree
+
+PyTree = Any
+
+__all__ = [
+    "RADIUS_FACTOR",
+    "DampedModel",
+    "LMStep",
+    "lm_parameter",
+    "more_model",
+    "more_radius_update",
+]
+
+RADIUS_FACTOR = 100.0
+"""MINPACK's ``factor``: the first radius is ``RADIUS_FACTOR * |D x0|``."""
+
+
+class LMStep(NamedTuple):
+    """The step ``p`` (flat), its parameter ``lam`` and scaled length ``|D p|``."""
+
+    step: torch.Tensor
+    damping: torch.Tensor
+    scaled_norm: torch.Tensor
+
+
+def lm_parameter(
+    jac: torch.Tensor, r: torch.Tensor, diag: torch.Tensor, radius: torch.Tensor, iters: int = 40
+) -> LMStep:
+    """``lam >= 0`` with ``|D p(lam)|`` within 10% of ``radius`` (or 0), and ``p(lam)``.
+
+    ``jac`` is ``m x n``, ``r`` the residuals, ``diag`` the positive scaling ``D``.
+    Singular values below ``max(s) n eps`` count as zero (the Gauss-Newton step is then
+    the minimum-norm one).
+    """
+    u, s, vt = torch.linalg.svd(jac / diag, full_matrices=False)
+    c = u.T @ r
+    sc = s * c
+    rank_tol = s.max() * max(jac.shape) * torch.finfo(s.dtype).eps
+    keep = s > rank_tol
+
+    def scaled(lam):
+        w = torch.where(keep, sc / (s * s + lam), torch.zeros_like(s))
+        return w, torch.linalg.vector_norm(w)
+
+    w_gn = torch.where(keep, c / torch.where(keep, s, torch.ones_like(s)), torch.zeros_like(s))
+    gn_norm = torch.linalg.vector_norm(w_gn)
+    tiny = torch.finfo(s.dtype).tiny
+    lo = torch.zeros_like(radius)
+    hi = torch.linalg.vector_norm(sc) / torch.clamp(radius, min=tiny)  # |q(hi)| <= radius
+    lam = hi * 1e-3
+    done = gn_norm <= 1.1 * radius
+    for _ in range(iters):
+        _, norm = scaled(lam)
+        done = done | ((norm - radius).abs() <= 0.1 * radius)
+        lo = torch.where(norm > radius, lam, lo)
+        hi = torch.where(norm > radius, hi, lam)
+        slope = (sc * sc / (s * s + lam) ** 3).sum() / torch.clamp(norm, min=tiny)  # -d|q|/dlam
+        newton = lam + (norm / radius - 1) * norm / torch.clamp(slope, min=tiny)
+        inside = (newton > lo) & (newton < hi) & torch.isfinite(newton)
+        fallback = torch.where(lo > 0, torch.sqrt(lo * hi), hi * 1e-2)
+        lam = torch.where(done, lam, torch.where(inside, newton, fallback))
+    use_gn = gn_norm <= 1.1 * radius
+    w, norm = scaled(lam)
+    w = torch.where(use_gn, w_gn, w)
+    lam = torch.where(use_gn, torch.zeros_like(lam), lam)
+    q = -(vt.T @ w)
+    return LMStep(q / diag, lam, torch.where(use_gn, gn_norm, norm))
+
+
+def more_radius_update(
+    radius: torch.Tensor,
+    ratio: torch.Tensor,
+    scaled_norm: torch.Tensor,
+    damping: torch.Tensor,
+    value: torch.Tensor,
+    trial_value: torch.Tensor,
+    model_decrease: torch.Tensor,
+) -> torch.Tensor:
+    """Moré's radius rule (MINPACK ``lmder``), in the units of the loss ``0.5 |r|^2``.
+
+    ``model_decrease`` is ``|J p|^2 + lam |D p|^2`` over ``2 value`` (MINPACK's
+    ``-dirder``); the actual relative reduction is ``1 - trial_value / value``, taken as
+    ``-1`` when the residual norm grew tenfold (or is not finite).
+    """
+    grew = ~(trial_value < 100 * value)
+    actual = torch.where(grew, -torch.ones_like(value), 1 - trial_value / value)
+    dirder = -model_decrease
+    fit = 0.5 * dirder / (dirder + 0.5 * actual)
+    mu = torch.where(actual >= 0, torch.full_like(actual, 0.5), fit)
+    mu = torch.where(grew | ~(mu >= 0.1), torch.full_like(mu, 0.1), mu)
+    shrunk = mu * torch.minimum(radius, 10 * scaled_norm)
+    grown = 2 * scaled_norm
+    new = torch.where((damping == 0) | (ratio >= 0.75), grown, radius)
+    return torch.where(ratio <= 0.25, shrunk, new)
+
+
+class DampedModel(NamedTuple):
+    """A damped Levenberg-Marquardt step (a pytree), its predicted reduction ``m(0) - m(d)``
+    and what the damping rules need (Moré's: the radius, ``|D p|``, MINPACK's ``-dirder``)."""
+
+    step: PyTree
+    predicted: torch.Tensor
+    initial_damping: torch.Tensor
+    scale: PyTree
+    valid: torch.Tensor
+    jacobian: torch.Tensor | None = None
+    residuals: torch.Tensor | None = None
+    radius: torch.Tensor | None = None
+    scaled_norm: torch.Tensor | None = None
+    model_decrease: torch.Tensor | None = None
+
+
+def more_model(
+    radius: torch.Tensor, params: PyTree, jac: torch.Tensor, r: torch.Tensor, scale: torch.Tensor
+) -> DampedModel:
+    """The step of radius ``radius`` (negative: the first step, radius ``RADIUS_FACTOR |D x|``
+    cut to the Gauss-Newton step's ``|D p|``) with ``D = sqrt(scale)`` (flat ``scale``)."""
+    diag = torch.sqrt(scale)
+    scaled_x = torch.linalg.vector_norm(diag * tree.ravel(params).flat)
+    start = RADIUS_FACTOR * torch.where(scaled_x > 0, scaled_x, torch.ones_like(scaled_x))
+    first = radius < 0
+    radius = torch.where(first, start, radius)
+    lm = lm_parameter(jac, r, diag, radius)
+    radius = torch.where(first, torch.minimum(radius, lm.scaled_norm), radius)
+    jd = jac @ lm.step
+    predicted = -torch.dot(r, jd) - 0.5 * torch.dot(jd, jd)
+    twice_value = torch.clamp(torch.dot(r, r), min=torch.finfo(r.dtype).tiny)
+    decrease = (torch.dot(jd, jd) + lm.damping * lm.scaled_norm**2) / twice_value
+    valid = torch.isfinite(lm.step).all()
+    return DampedModel(
+        tree.unravel(lm.step, params), predicted, lm.damping, tree.unravel(scale, params),
+        valid, jac, r, radius, lm.scaled_norm, decrease,
+    )  # fmt: skip
