@@ -24,8 +24,8 @@ parameters in the 16 (problem, start) pairs where ``lm`` does except MGH10 from 
 (its damped first steps drive b1 to ~1e-17, a valley far from the solution, while
 MINPACK's first trials are much longer radius-bounded Gauss-Newton steps that reach the
 right basin), at a median 1.52x ``lm``'s evaluations; Moré's rule reached all 16 (and
-BoxBOD from start 1) at 1.40x, and on the 31 Moré-Garbow-Hillstrom least-squares
-problems ``lm`` solves it solves all 31 at a median 1.11x (Nielsen: 1.31x).
+MGH09 from start 1, which ``lm`` misses) at 1.40x, and on the 31 Moré-Garbow-Hillstrom
+least-squares problems ``lm`` solves it solves all 31 at a median 1.11x (Nielsen: 1.31x).
 """
 
 from __future__ import annotations
