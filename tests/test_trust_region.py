@@ -248,3 +248,45 @@ def test_errors():
         tr.update(x, tr.init(x), x, value=quadratic(x), grad=x, value_fn=quadratic)
     with pytest.raises(TypeError, match="newton_krylov"):
         sf.minimize(quadratic, x, sf.chain(sf.scale(-1.0), trust_region()))
+
+
+def test_radius_does_not_collapse_at_the_rounding_floor():
+    """f = 1.35 + 0.5 |x|^2 at |x| ~ 1e-9: the predicted decrease (~1e-18) is below the
+    rounding of f (~3e-16), so rho is noise; the radius must not shrink to nothing."""
+    from soo_func.searches.trust_region import _rounding_safe_ratio
+
+    value = torch.tensor(1.35, dtype=torch.float64)
+    ratio = _rounding_safe_ratio(value, value, torch.tensor(1e-18, dtype=torch.float64))
+    assert float(ratio) == 1.0
+    # far from the floor the ratio is the plain one (and a rise is still rejected)
+    plain = _rounding_safe_ratio(value, value - 0.5, torch.tensor(1.0, dtype=torch.float64))
+    assert float(plain) == 0.5
+    rise = _rounding_safe_ratio(value, value + 1e-15, torch.tensor(1e-18, dtype=torch.float64))
+    assert float(rise) < 0
+
+    def fn(p):
+        return 1.35 + 0.5 * (p["x"] ** 2).sum()
+
+    hessian = torch.eye(2, dtype=torch.float64)
+
+    def curvature_direction():
+        def init(params):
+            return sf.EmptyState()
+
+        def update(updates, state, params=None, **extra):
+            return sf.tree.neg(updates), state
+
+        def publish(state, params, **extra):
+            return {"curvature": lambda v: {"x": hessian @ v["x"]}}
+
+        return sf.Transform(init, update, publish)
+
+    opt = sf.chain(curvature_direction(), sf.trust_region(initial_radius=1.0))
+    params = {"x": torch.tensor([1e-9, -2e-9], dtype=torch.float64)}
+    state = opt.init(params)
+    for _ in range(5):
+        value, grad = sf.value_and_grad(fn)(params)
+        updates, state = opt.update(grad, state, params, value=value, grad=grad, value_fn=fn)
+        params = sf.apply_updates(params, updates)
+    radius = sf.publish(opt, state, params, value=value, grad=grad, value_fn=fn)["radius"]
+    assert float(radius) >= 1.0

@@ -65,6 +65,21 @@ class TrustRegionState(NamedTuple):
     next_grad: PyTree
 
 
+def _rounding_safe_ratio(
+    value: torch.Tensor, trial_value: torch.Tensor, predicted: torch.Tensor
+) -> torch.Tensor:
+    """``rho``, taken as 1 when the predicted decrease is below the rounding of ``f``.
+
+    Near a minimizer ``m(0) - m(p)`` can fall under ``10 eps |f|``; ``rho`` is then
+    rounding noise and would shrink the radius to nothing. A trial that does not raise
+    ``f`` is accepted as an exact model (``rho = 1``) instead.
+    """
+    eps = torch.finfo(value.dtype).eps
+    at_rounding = predicted.abs() <= 10 * eps * value.abs().clamp(min=torch.finfo(value.dtype).tiny)
+    ratio = gain_ratio(value - trial_value, predicted)
+    return torch.where(at_rounding & (trial_value <= value), torch.ones_like(ratio), ratio)
+
+
 def _missing_curvature_error() -> TypeError:
     return TypeError(
         "trust_region needs the quadratic model of the direction before it, published as "
@@ -209,7 +224,7 @@ def trust_region(
         step = subproblem(updates, grad, curvature, state.radius)
         predicted = -(tree.vdot(grad, step) + 0.5 * tree.vdot(step, curvature(step)))
         trial_value, trial_grad = value_and_grad(value_fn)(tree.add(params, step))
-        ratio = gain_ratio(value - trial_value, predicted)
+        ratio = _rounding_safe_ratio(value, trial_value, predicted)
         accepted = ratio > accept_ratio
         radius = radius_update(
             state.radius,
