@@ -37,6 +37,27 @@ PyTree = Any
 __all__ = ["armijo", "armijo_sync_free"]
 
 
+def _checked_options(
+    who: str,
+    slope_rtol: float | None,
+    c1: float | None,
+    min_shrink: float,
+    max_shrink: float,
+    max_steps: int,
+    initial_step: Any,
+) -> tuple[float, int, Any]:
+    """Validate the arguments shared by :func:`armijo` and :func:`armijo_sync_free`."""
+    slope_rtol = resolve_alias(who, "slope_rtol", slope_rtol, "c1", c1, 1e-4)
+    if not 0 < slope_rtol < 1:
+        raise ValueError(f"{who}: slope_rtol (c1) must be in (0, 1), got {slope_rtol}")
+    if not 0 < min_shrink <= max_shrink < 1:
+        raise ValueError(
+            f"{who}: need 0 < min_shrink <= max_shrink < 1, got "
+            f"min_shrink={min_shrink}, max_shrink={max_shrink}"
+        )
+    return slope_rtol, check_max_steps(who, max_steps), check_initial_step(who, initial_step)
+
+
 def first_was_accepted(start: Start) -> bool:
     """Whether the previous update accepted its first trial (true before the first update):
     then it evaluated one point with its gradient, or one value and then that point again
@@ -90,16 +111,9 @@ def armijo(
     ``next_grad``, ``next_value_fn``, ``search_failed``, ``step_size``,
     ``num_search_evals`` and ``num_search_grads``.
     """
-    slope_rtol = resolve_alias("armijo", "slope_rtol", slope_rtol, "c1", c1, 1e-4)
-    if not 0 < slope_rtol < 1:
-        raise ValueError(f"armijo: slope_rtol (c1) must be in (0, 1), got {slope_rtol}")
-    if not 0 < min_shrink <= max_shrink < 1:
-        raise ValueError(
-            "armijo: need 0 < min_shrink <= max_shrink < 1, got "
-            f"min_shrink={min_shrink}, max_shrink={max_shrink}"
-        )
-    max_steps = check_max_steps("armijo", max_steps)
-    initial_step = check_initial_step("armijo", initial_step)
+    slope_rtol, max_steps, initial_step = _checked_options(
+        "armijo", slope_rtol, c1, min_shrink, max_shrink, max_steps, initial_step
+    )
 
     def backtrack(ray: Ray, start: Start) -> tuple[Trial | None, bool]:
         f0, slope = start.value, start.slope
@@ -200,16 +214,9 @@ def armijo_sync_free(
     :func:`armijo` it does not fall back to the best decreasing trial. Arguments as for
     :func:`armijo`.
     """
-    slope_rtol = resolve_alias("armijo_sync_free", "slope_rtol", slope_rtol, "c1", c1, 1e-4)
-    if not 0 < slope_rtol < 1:
-        raise ValueError(f"armijo_sync_free: slope_rtol (c1) must be in (0, 1), got {slope_rtol}")
-    if not 0 < min_shrink <= max_shrink < 1:
-        raise ValueError(
-            "armijo_sync_free: need 0 < min_shrink <= max_shrink < 1, got "
-            f"min_shrink={min_shrink}, max_shrink={max_shrink}"
-        )
-    max_steps = check_max_steps("armijo_sync_free", max_steps)
-    initial_step = check_initial_step("armijo_sync_free", initial_step)
+    slope_rtol, max_steps, initial_step = _checked_options(
+        "armijo_sync_free", slope_rtol, c1, min_shrink, max_shrink, max_steps, initial_step
+    )
 
     def update(updates: PyTree, state: LineSearchState, params: PyTree = None, **extra: Any):
         require_extras("armijo_sync_free", extra, "value", "grad", "value_fn")
