@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.func as tf
 
-from soo_func import tree
+from soo_func import oracles, tree
 from soo_func.base import Transform, apply_updates
 from soo_func.oracles import _unwrap, value_and_grad
 
@@ -117,16 +117,9 @@ def ggn_operator(
     the small output space and ``J^T w`` one ``vjp`` through a graph kept for all calls.
     """
     inputs, targets = batch
-    outputs, vjp_fn = tf.vjp(lambda p: apply_fn(p, inputs), params)
-    outputs = outputs.detach()
-    loss_grad = tf.grad(lambda z: output_loss(z, targets))
-
-    def product(v: PyTree) -> PyTree:
-        tree.check_same_structure(params, v, names=("params", "v"))
-        _, jv = tf.jvp(lambda p: apply_fn(p, inputs), (params,), (v,))
-        _, hjv = tf.jvp(loss_grad, (outputs,), (jv,))
-        return vjp_fn(hjv)[0]
-
+    _, product = oracles.ggn_operator(
+        apply_fn, params, lambda outputs: output_loss(outputs, targets), inputs
+    )
     return product
 
 
