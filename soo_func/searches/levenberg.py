@@ -327,10 +327,6 @@ def _make(who: str, marquardt: bool, **options: Any) -> Transform:
     return Transform(init, update, publish)
 
 
-def _options(**kwargs: Any) -> dict[str, Any]:
-    return kwargs
-
-
 def levenberg(
     *,
     tau: float = 1e-3,
@@ -373,13 +369,10 @@ def levenberg(
     return _make(
         "levenberg",
         False,
-        **_options(
-            tau=tau, initial_damping=initial_damping, accept_ratio=accept_ratio,
-            damping_rule=damping_rule, increase_factor=increase_factor,
-            decrease_factor=decrease_factor, min_damping=min_damping, max_damping=max_damping,
-            solver=solver, dense_max_params=dense_max_params, cg_rtol=cg_rtol,
-            step_rtol=step_rtol,
-        ),
+        tau=tau, initial_damping=initial_damping, accept_ratio=accept_ratio,
+        damping_rule=damping_rule, increase_factor=increase_factor,
+        decrease_factor=decrease_factor, min_damping=min_damping, max_damping=max_damping,
+        solver=solver, dense_max_params=dense_max_params, cg_rtol=cg_rtol, step_rtol=step_rtol,
     )  # fmt: skip
 
 
@@ -412,11 +405,8 @@ def levenberg_marquardt(
     return _make(
         "levenberg_marquardt",
         True,
-        **_options(
-            tau=tau, initial_damping=initial_damping, accept_ratio=accept_ratio,
-            damping_rule=damping_rule, increase_factor=increase_factor,
-            decrease_factor=decrease_factor, min_damping=min_damping, max_damping=max_damping,
-            solver=solver, dense_max_params=dense_max_params, cg_rtol=cg_rtol,
-            step_rtol=step_rtol,
-        ),
+        tau=tau, initial_damping=initial_damping, accept_ratio=accept_ratio,
+        damping_rule=damping_rule, increase_factor=increase_factor,
+        decrease_factor=decrease_factor, min_damping=min_damping, max_damping=max_damping,
+        solver=solver, dense_max_params=dense_max_params, cg_rtol=cg_rtol, step_rtol=step_rtol,
     )  # fmt: skip
