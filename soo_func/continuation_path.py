@@ -30,7 +30,7 @@ import torch.func as tf
 from soo_func import tree
 from soo_func.base import Transform
 from soo_func.krylov import minres
-from soo_func.oracles import CountedObjective, hvp
+from soo_func.oracles import CountedObjective, charge, hvp
 
 PyTree = Any
 Family = Callable[[PyTree, torch.Tensor], torch.Tensor]
@@ -156,16 +156,13 @@ def path_tangent(
     _, dgrad_dt = tf.jvp(grad_at, (t,), (torch.ones_like(t),))
     # forward AD through Python-scalar products can promote float32 tangents to float64
     dgrad_dt = tree.map(lambda d, p: d.to(p.dtype), dgrad_dt, x)
-    if isinstance(family_fn, CountedObjective):
-        family_fn.num_hvp_evals += 1
-    counted = family_fn if isinstance(family_fn, CountedObjective) else None
+    charge(family_fn, hvp=1)
 
     def objective_t(p):
         return raw(p, t)
 
     def matvec(v):
-        if counted is not None:
-            counted.num_hvp_evals += 1
+        charge(family_fn, hvp=1)
         return tree.map(lambda hv, p: hv.to(p.dtype), hvp(objective_t, x, v), x)
 
     n = sum(leaf.numel() for leaf in tree.leaves(x))

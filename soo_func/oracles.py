@@ -62,14 +62,19 @@ class CountedObjective:
         return self.fn(params, *args)
 
 
-def _unwrap(fn: Callable, *, value: int = 0, grad: int = 0, hvp: int = 0) -> Callable:
-    """The raw function behind ``fn``, charging ``fn``'s counters when it counts."""
+def charge(fn: Callable, *, value: int = 0, grad: int = 0, hvp: int = 0) -> None:
+    """Add evaluations made outside these oracles (e.g. Jacobian columns) to ``fn``'s
+    counters when ``fn`` is a :class:`CountedObjective`; nothing otherwise."""
     if isinstance(fn, CountedObjective):
         fn.num_value_evals += value
         fn.num_grad_evals += grad
         fn.num_hvp_evals += hvp
-        return fn.fn
-    return fn
+
+
+def _unwrap(fn: Callable, *, value: int = 0, grad: int = 0, hvp: int = 0) -> Callable:
+    """The raw function behind ``fn``, charging ``fn``'s counters when it counts."""
+    charge(fn, value=value, grad=grad, hvp=hvp)
+    return fn.fn if isinstance(fn, CountedObjective) else fn
 
 
 def _scalar_loss(fn: Callable, has_aux: bool) -> Callable:

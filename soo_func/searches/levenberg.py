@@ -55,7 +55,6 @@ that the cached Jacobian belongs to ``params``); acceptance is a ``torch.where``
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -63,7 +62,7 @@ import torch.func as tf
 
 from soo_func import tree
 from soo_func.base import Transform, require_extras
-from soo_func.oracles import CountedObjective, linearize_grad, value_and_grad
+from soo_func.oracles import charge, linearize_grad, value_and_grad
 from soo_func.searches.damping import (
     DampingUpdate,
     dense_jacobian,
@@ -106,12 +105,6 @@ class LevenbergState(NamedTuple):
     radius: torch.Tensor
 
 
-def _charge(value_fn: Callable, products: int, values: int = 0) -> None:
-    if isinstance(value_fn, CountedObjective):
-        value_fn.num_hvp_evals += products
-        value_fn.num_value_evals += values
-
-
 def _make(who: str, marquardt: bool, **options: Any) -> Transform:
     validate_levenberg_options(who, **options)
     tau = options["tau"]
@@ -147,7 +140,7 @@ def _make(who: str, marquardt: bool, **options: Any) -> Transform:
         if at.shape == flat.shape and torch.equal(at, flat):  # one host sync
             return state.jacobian, state.residuals
         jac, r = dense_jacobian(residual_fn, params)
-        _charge(value_fn, jac.shape[1], values=1)
+        charge(value_fn, hvp=jac.shape[1], value=1)
         return jac, r
 
     def dense_model(state, params, residual_fn, value_fn, more: bool) -> DampedModel:
@@ -199,7 +192,7 @@ def _make(who: str, marquardt: bool, **options: Any) -> Transform:
         _, vjp_fn = tf.vjp(residual_fn, params)
 
         def ggn(v):
-            _charge(value_fn, 2)
+            charge(value_fn, hvp=2)
             jv = tf.jvp(residual_fn, (params,), (v,))[1]
             return vjp_fn(jv)[0]
 
@@ -243,7 +236,7 @@ def _make(who: str, marquardt: bool, **options: Any) -> Transform:
             scale = state.scale
             if marquardt:
                 jac, _ = dense_jacobian(residual_fn, params)
-                _charge(value_fn, jac.shape[1])
+                charge(value_fn, hvp=jac.shape[1])
                 column_sq = tree.unravel((jac * jac).sum(0), params)
                 scale = tree.map(
                     lambda a, b: floor_scale(torch.maximum(a, b)), state.scale, column_sq
@@ -258,7 +251,7 @@ def _make(who: str, marquardt: bool, **options: Any) -> Transform:
         trial = tree.add(params, model.step)
         if use_dense:  # the trial's Jacobian gives its value and gradient, and is kept
             trial_jac, trial_r = dense_jacobian(residual_fn, trial)
-            _charge(value_fn, trial_jac.shape[1], values=1)
+            charge(value_fn, hvp=trial_jac.shape[1], value=1)
             trial_value = 0.5 * torch.dot(trial_r, trial_r)
             trial_grad = tree.unravel(trial_jac.T @ trial_r, params)
         else:
