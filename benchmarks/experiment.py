@@ -2,10 +2,13 @@
 
 Each method gets the same tuning budget: a grid of three values of its main knob
 (learning rate, damping or batch size), run with seed 0 on a validation split carved
-from the training set; the value with the best final validation accuracy is then run
-with ``--seeds`` seeds and reported on the test set: epochs and seconds of training
-(evaluation excluded) until the test accuracy first reaches ``--target``, and the
-final test accuracy (mean and spread over seeds). An epoch is one pass of the
+from the training set (for ``--tune-epochs`` epochs, default ``--epochs``, on the first
+``--tune-size`` of the remaining training examples, default all of them); the value
+with the best final validation accuracy is then run with ``--seeds`` seeds on the whole
+training set and reported on the test set: epochs and seconds of training (evaluation
+excluded) until the test accuracy first reaches ``--target``, their ratios to tuned
+Adam's in the same run (``epochs_ratio_vs_adam``, ``seconds_ratio_vs_adam``; < 1 is
+fewer), and the final test accuracy (mean and spread over seeds). An epoch is one pass of the
 *gradient* batches over the training set; curvature products on subsamples and line
 search evaluations are extra work that shows in the wall-clock time, not the epochs.
 
@@ -13,9 +16,17 @@ Quick version (inside ``make bench``, via ``benchmarks/bench_deep.py``)::
 
     python -m benchmarks.experiment --quick
 
-The full experiment (Fashion-MNIST, MLP and small ResNet, all methods, 3 seeds)::
+The full experiment (all of Fashion-MNIST, MLP and small ResNet, all methods, tuned for
+20 epochs, 3 seeds of 20 epochs: GPU-scale, days on one CPU core)::
 
-    python -m benchmarks.experiment --full [--device cuda]
+    python -m benchmarks.experiment --full --device cuda
+
+The full-data run that fits about 80 minutes of one CPU core (the README's table): the
+strided-stem ResNet, four methods, tuning shortened to one epoch on 20k examples::
+
+    OMP_NUM_THREADS=1 python -m benchmarks.experiment --full --models resnet_s2 --width 16 \
+        --methods adam sgd hessian_free_b250 gauss_newton_armijo --epochs 6 \
+        --tune-epochs 1 --tune-size 20000 --evals-per-epoch 4 --tag full_cpu
 
 Plots and a JSON record go to ``benchmarks/results/``. The methods and their grids are in
 :mod:`benchmarks.deep_methods`.
@@ -28,6 +39,7 @@ import json
 import math
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,7 +49,8 @@ from torch.nn.functional import cross_entropy
 
 from benchmarks.data import Dataset, load_dataset
 from benchmarks.deep_methods import Method, available_methods
-from benchmarks.models import make_model
+from benchmarks.experiment_report import format_table, plot, with_ratios
+from benchmarks.models import MODELS, make_model
 from soo_func import training
 from soo_func.stochastic import batch_overlap, overlapping_batches
 
@@ -184,17 +197,37 @@ def run_experiment(
     target: float,
     validation: int,
     width: int = 8,
+    tune_epochs: float | None = None,
+    tune_size: int | None = None,
+    evals_per_epoch: int = 2,
+    on_row: Callable[[list[dict], dict], None] | None = None,
     verbose: bool = True,
 ) -> tuple[list[dict], dict]:
-    """Tune every method on a validation split, rerun the best over seeds, return table rows."""
+    """Tune every method on a validation split, rerun the best over seeds, return table rows.
+
+    Tuning runs ``tune_epochs`` (default ``epochs``) on ``tune_size`` examples (default all
+    but the ``validation`` held out), the same budget for every method. ``on_row(rows,
+    curves)`` is called after each method (e.g. to save partial results of a long run).
+    """
     available = available_methods()
     unknown = [m for m in methods if m not in available]
     if unknown:
         raise ValueError(
             f"unknown or unavailable methods {unknown}; available: {sorted(available)}"
         )
+    if not 0 < validation < len(data.train_y):
+        raise ValueError(
+            f"validation={validation} must be between 1 and the training size - 1 "
+            f"({len(data.train_y) - 1})"
+        )
+    if tune_size is not None and tune_size < 1:
+        raise ValueError(f"tune_size must be a positive number of examples, got {tune_size}")
+    if tune_epochs is not None and tune_epochs <= 0:
+        raise ValueError(f"tune_epochs must be positive, got {tune_epochs}")
+    tune_epochs = epochs if tune_epochs is None else tune_epochs
     val_x, val_y = data.train_x[:validation], data.train_y[:validation]
-    fit_x, fit_y = data.train_x[validation:], data.train_y[validation:]
+    end = None if tune_size is None else validation + tune_size
+    fit_x, fit_y = data.train_x[validation:end], data.train_y[validation:end]
     rows, curves = [], {}
     for model in models:
         for name in methods:
@@ -209,9 +242,10 @@ def run_experiment(
                     fit_y,
                     val_x,
                     val_y,
-                    epochs=epochs,
+                    epochs=tune_epochs,
                     seed=0,
                     width=width,
+                    evals_per_epoch=evals_per_epoch,
                 )
                 tuning[knob] = -1.0 if r.diverged or not r.accuracy else r.accuracy[-1]
                 if verbose:
@@ -232,6 +266,7 @@ def run_experiment(
                     epochs=epochs,
                     seed=s,
                     width=width,
+                    evals_per_epoch=evals_per_epoch,
                 )
                 for s in range(seeds)
             ]
@@ -258,6 +293,9 @@ def run_experiment(
             }
             rows.append(row)
             curves[f"{model}/{name}"] = [r.__dict__ for r in runs]
+            with_ratios(rows)
+            if on_row is not None:
+                on_row(rows, curves)
             if verbose:
                 print(
                     "  ",
@@ -265,48 +303,6 @@ def run_experiment(
                     flush=True,
                 )
     return rows, curves
-
-
-def plot(curves: dict, target: float, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    models = sorted({k.split("/")[0] for k in curves})
-    fig, axes = plt.subplots(len(models), 2, figsize=(11, 4 * len(models)), squeeze=False)
-    for row, model in enumerate(models):
-        for key, runs in curves.items():
-            if not key.startswith(model + "/"):
-                continue
-            for i, r in enumerate(runs):
-                label = key.split("/")[1] if i == 0 else None
-                color = f"C{sorted(curves).index(key) % 10}"
-                axes[row, 0].plot(r["epochs"], r["accuracy"], color=color, alpha=0.7, label=label)
-                axes[row, 1].plot(r["seconds"], r["accuracy"], color=color, alpha=0.7, label=label)
-        for col, xlabel in enumerate(("epochs", "training seconds")):
-            ax = axes[row, col]
-            ax.axhline(target, color="k", ls=":", lw=1)
-            ax.set_xlabel(xlabel)
-            ax.set_ylabel("test accuracy")
-            ax.set_title(model)
-            ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def format_table(rows: list[dict]) -> str:
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    cells = [
-        [f"{r.get(k, ''):.4g}" if isinstance(r.get(k), float) else str(r.get(k, "")) for k in keys]
-        for r in rows
-    ]
-    widths = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(keys)]
-    lines = ["  ".join(k.ljust(w) for k, w in zip(keys, widths, strict=True))]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(cell, widths, strict=True)) for cell in cells]
-    return "\n".join(lines)
 
 
 PRESETS = {
@@ -350,10 +346,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="digits, MLP, 2 epochs (seconds)")
     size.add_argument("--small", action="store_true", help="10k Fashion-MNIST subset, 3 epochs")
-    size.add_argument("--full", action="store_true", help="all of Fashion-MNIST, 20 epochs")
+    size.add_argument(
+        "--full",
+        action="store_true",
+        help="all of Fashion-MNIST, MLP and ResNet, all methods, 3 seeds, 20 epochs "
+        "(GPU-scale: use --device cuda; see above for the run that fits one CPU core)",
+    )
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--methods", nargs="+", default=None, help="default: all available")
-    parser.add_argument("--models", nargs="+", choices=["mlp", "resnet"])
+    parser.add_argument(
+        "--models", nargs="+", choices=MODELS, help="resnet_s2: ResNet with a stride-2 stem"
+    )
     parser.add_argument("--seeds", type=int)
     parser.add_argument("--epochs", type=float)
     parser.add_argument("--target", type=float, help="test accuracy target (full: 0.9)")
@@ -361,6 +364,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--test-size", type=int)
     parser.add_argument("--validation", type=int, help="training examples held out for tuning")
     parser.add_argument("--width", type=int, default=8, help="ResNet width")
+    parser.add_argument(
+        "--tune-epochs", type=float, help="epochs of each tuning run (default --epochs)"
+    )
+    parser.add_argument(
+        "--tune-size", type=int, help="training examples of each tuning run (default all)"
+    )
+    parser.add_argument(
+        "--evals-per-epoch", type=int, default=2, help="test evaluations per epoch (default 2)"
+    )
     parser.add_argument("--tag", default=None, help="name of the outputs in benchmarks/results/")
     args = parser.parse_args(argv)
     preset_name = "full" if args.full else "small" if args.small else "quick"
@@ -379,6 +391,24 @@ def main(argv: list[str] | None = None) -> list[dict]:
         f"{preset_name}: {data.name} train {len(data.train_y)} test {len(data.test_y)} on {device}; "
         f"{cfg['models']} x {methods}; {cfg['seeds']} seeds, {cfg['epochs']} epochs, target {cfg['target']}"
     )
+    tag = args.tag or preset_name
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    config = {
+        **cfg,
+        "methods": methods,
+        "width": args.width,
+        "tune_epochs": args.tune_epochs,
+        "tune_size": args.tune_size,
+        "evals_per_epoch": args.evals_per_epoch,
+        "threads": torch.get_num_threads(),
+    }
+
+    def save(rows: list[dict], curves: dict, suffix: str = "") -> Path:
+        path = RESULTS / f"deep_{tag}{suffix}.json"
+        with open(path, "w") as f:
+            json.dump({"config": config, "device": str(device), "rows": rows, "curves": curves}, f)
+        return path
+
     rows, curves = run_experiment(
         data,
         models=cfg["models"],
@@ -388,13 +418,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
         target=cfg["target"],
         validation=cfg["validation"],
         width=args.width,
+        tune_epochs=args.tune_epochs,
+        tune_size=args.tune_size,
+        evals_per_epoch=args.evals_per_epoch,
+        on_row=lambda rows, curves: save(rows, curves, "_partial"),
     )
     print(format_table(rows))
-    tag = args.tag or preset_name
-    RESULTS.mkdir(parents=True, exist_ok=True)
     plot(curves, cfg["target"], RESULTS / f"deep_{tag}.png")
-    with open(RESULTS / f"deep_{tag}.json", "w") as f:
-        json.dump({"config": cfg, "device": str(device), "rows": rows, "curves": curves}, f)
+    save(rows, curves)
     print(f"wrote {RESULTS / f'deep_{tag}.png'} and .json")
     return rows
 

@@ -1,0 +1,62 @@
+"""Reporting for :mod:`benchmarks.experiment`: ratios to a peer, the text table, the plot."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+__all__ = ["format_table", "plot", "with_ratios"]
+
+
+def with_ratios(rows: list[dict], peer: str = "adam") -> list[dict]:
+    """Add ``epochs_ratio_vs_<peer>`` and ``seconds_ratio_vs_<peer>`` (same model; NaN when
+    either side never reached the target) to every row, in place; returns ``rows``."""
+    peers = {r["model"]: r for r in rows if r["method"] == peer}
+    for r in rows:
+        p = peers.get(r["model"])
+        for key in ("epochs_to_target", "seconds_to_target"):
+            ok = p is not None and math.isfinite(p[key]) and p[key] > 0
+            r[f"{key.split('_')[0]}_ratio_vs_{peer}"] = r[key] / p[key] if ok else math.nan
+    return rows
+
+
+def plot(curves: dict, target: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = sorted({k.split("/")[0] for k in curves})
+    fig, axes = plt.subplots(len(models), 2, figsize=(11, 4 * len(models)), squeeze=False)
+    for row, model in enumerate(models):
+        for key, runs in curves.items():
+            if not key.startswith(model + "/"):
+                continue
+            for i, r in enumerate(runs):
+                label = key.split("/")[1] if i == 0 else None
+                color = f"C{sorted(curves).index(key) % 10}"
+                axes[row, 0].plot(r["epochs"], r["accuracy"], color=color, alpha=0.7, label=label)
+                axes[row, 1].plot(r["seconds"], r["accuracy"], color=color, alpha=0.7, label=label)
+        for col, xlabel in enumerate(("epochs", "training seconds")):
+            ax = axes[row, col]
+            ax.axhline(target, color="k", ls=":", lw=1)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("test accuracy")
+            ax.set_title(model)
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def format_table(rows: list[dict]) -> str:
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    cells = [
+        [f"{r.get(k, ''):.4g}" if isinstance(r.get(k), float) else str(r.get(k, "")) for k in keys]
+        for r in rows
+    ]
+    widths = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(keys)]
+    lines = ["  ".join(k.ljust(w) for k, w in zip(keys, widths, strict=True))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(cell, widths, strict=True)) for cell in cells]
+    return "\n".join(lines)

@@ -1,0 +1,157 @@
+"""The experiment harness's options: the tuning budget, ratios to Adam, the strided ResNet, the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import benchmarks.experiment as experiment
+from benchmarks.data import load_dataset
+from benchmarks.experiment_report import with_ratios
+from benchmarks.models import SmallResNet, make_model
+
+
+@pytest.fixture(scope="module")
+def digits():
+    data = load_dataset("digits", seed=0)
+    return data._replace(
+        train_x=data.train_x[:300],
+        train_y=data.train_y[:300],
+        test_x=data.test_x[:100],
+        test_y=data.test_y[:100],
+    )
+
+
+def test_tuning_budget_options_reach_every_tuning_run_and_not_the_final_runs(digits, monkeypatch):
+    calls = []
+    real_train = experiment.train
+
+    def recording_train(method, knob, model, train_x, train_y, eval_x, eval_y, **kw):
+        calls.append((method.name, len(train_y), len(eval_y), kw["epochs"], kw["evals_per_epoch"]))
+        return real_train(method, knob, model, train_x, train_y, eval_x, eval_y, **kw)
+
+    monkeypatch.setattr(experiment, "train", recording_train)
+    rows, _ = experiment.run_experiment(
+        digits,
+        models=["mlp"],
+        methods=["sgd", "adam"],
+        seeds=2,
+        epochs=1.0,
+        target=0.5,
+        validation=50,
+        tune_epochs=0.5,
+        tune_size=120,
+        evals_per_epoch=4,
+        verbose=False,
+    )
+    tuning = [c for c in calls if c[3] == 0.5]
+    final = [c for c in calls if c[3] == 1.0]
+    assert len(tuning) == 6 and len(final) == 4 and len(calls) == 10
+    assert all(c[1:3] == (120, 50) for c in tuning)  # tune_size examples, validation split
+    assert all(c[1:3] == (300, 100) for c in final)  # whole training set, test set
+    assert all(c[4] == 4 for c in calls)
+    assert [r["method"] for r in rows] == ["sgd", "adam"]
+
+
+def test_tuning_defaults_to_the_final_budget_on_all_remaining_examples(digits, monkeypatch):
+    calls = []
+    real_train = experiment.train
+
+    def recording_train(method, knob, model, train_x, train_y, eval_x, eval_y, **kw):
+        calls.append((len(train_y), kw["epochs"]))
+        return real_train(method, knob, model, train_x, train_y, eval_x, eval_y, **kw)
+
+    monkeypatch.setattr(experiment, "train", recording_train)
+    experiment.run_experiment(
+        digits, models=["mlp"], methods=["sgd"], seeds=1, epochs=0.5, target=0.5,
+        validation=50, verbose=False,
+    )  # fmt: skip
+    assert calls[:3] == [(250, 0.5)] * 3 and calls[3] == (300, 0.5)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"tune_size": 0}, "tune_size"),
+        ({"tune_epochs": 0.0}, "tune_epochs"),
+        ({"validation": 300}, "validation"),
+    ],
+)
+def test_run_experiment_rejects_bad_budgets(digits, kwargs, match):
+    base = dict(models=["mlp"], methods=["sgd"], seeds=1, epochs=1.0, target=0.5, validation=50)
+    with pytest.raises(ValueError, match=match):
+        experiment.run_experiment(digits, **{**base, **kwargs}, verbose=False)
+
+
+def test_on_row_sees_each_method_as_it_finishes_with_ratios_to_adam(digits):
+    seen = []
+    rows, _ = experiment.run_experiment(
+        digits,
+        models=["mlp"],
+        methods=["adam", "sgd"],
+        seeds=1,
+        epochs=0.5,
+        target=0.0,  # reached at the first evaluation
+        validation=50,
+        tune_epochs=0.25,
+        tune_size=100,
+        on_row=lambda rows, curves: seen.append(([r["method"] for r in rows], sorted(curves))),
+        verbose=False,
+    )
+    assert seen == [(["adam"], ["mlp/adam"]), (["adam", "sgd"], ["mlp/adam", "mlp/sgd"])]
+    adam, sgd = rows
+    assert adam["epochs_ratio_vs_adam"] == 1.0 and adam["seconds_ratio_vs_adam"] == 1.0
+    assert sgd["epochs_ratio_vs_adam"] == 1.0  # both reach target 0 at the first evaluation
+    assert sgd["seconds_ratio_vs_adam"] == pytest.approx(
+        sgd["seconds_to_target"] / adam["seconds_to_target"]
+    )
+
+
+def test_with_ratios_by_model_and_nan_when_a_side_never_reached():
+    nan = math.nan
+    rows = [
+        {"model": "a", "method": "adam", "epochs_to_target": 4.0, "seconds_to_target": 10.0},
+        {"model": "a", "method": "hf", "epochs_to_target": 2.0, "seconds_to_target": 50.0},
+        {"model": "b", "method": "hf", "epochs_to_target": 1.0, "seconds_to_target": 5.0},
+        {"model": "b", "method": "adam", "epochs_to_target": nan, "seconds_to_target": nan},
+        {"model": "c", "method": "hf", "epochs_to_target": 1.0, "seconds_to_target": 5.0},
+    ]
+    with_ratios(rows)
+    assert (rows[1]["epochs_ratio_vs_adam"], rows[1]["seconds_ratio_vs_adam"]) == (0.5, 5.0)
+    assert rows[0]["epochs_ratio_vs_adam"] == 1.0
+    assert math.isnan(rows[2]["epochs_ratio_vs_adam"])  # adam on b never reached
+    assert math.isnan(rows[4]["seconds_ratio_vs_adam"])  # no adam row for c
+
+
+def test_strided_stem_resnet_quarters_the_feature_maps_and_keeps_the_parameters():
+    x = torch.randn(2, 1, 28, 28)
+    plain, strided = make_model("resnet", width=4), make_model("resnet_s2", width=4)
+    assert plain(x).shape == strided(x).shape == (2, 10)
+    assert [p.shape for p in plain.parameters()] == [p.shape for p in strided.parameters()]
+    assert plain.stem(x).shape[-2:] == (28, 28) and strided.stem(x).shape[-2:] == (14, 14)
+    with pytest.raises(ValueError, match="stem_stride"):
+        SmallResNet(stem_stride=3)
+    with pytest.raises(ValueError, match="resnet_s2"):
+        make_model("vgg")
+
+
+def test_cli_records_the_budget_and_writes_partial_and_final_results(tmp_path, monkeypatch):
+    monkeypatch.setattr(experiment, "RESULTS", tmp_path)
+    monkeypatch.setattr(
+        experiment, "load_dataset", lambda *a, **k: load_dataset("digits", train_size=300)
+    )
+    rows = experiment.main(
+        ["--quick", "--methods", "sgd", "adam", "--seeds", "1", "--epochs", "0.5",
+         "--tune-epochs", "0.25", "--tune-size", "100", "--evals-per-epoch", "3", "--tag", "t"]
+    )  # fmt: skip
+    assert [r["method"] for r in rows] == ["sgd", "adam"]
+    record = json.loads((tmp_path / "deep_t.json").read_text())
+    partial = json.loads((tmp_path / "deep_t_partial.json").read_text())
+    assert record["config"]["tune_epochs"] == 0.25 and record["config"]["tune_size"] == 100
+    assert record["config"]["evals_per_epoch"] == 3 and record["config"]["epochs"] == 0.5
+    assert [r["method"] for r in partial["rows"]] == ["sgd", "adam"]
+    assert "seconds_ratio_vs_adam" in record["rows"][0]
+    assert (tmp_path / "deep_t.png").stat().st_size > 0
