@@ -1,11 +1,16 @@
-"""Reporting for :mod:`benchmarks.experiment`: ratios to a peer, the text table, the plot."""
+"""Reporting for :mod:`benchmarks.experiment`: ratios to a peer, text and Markdown tables, plots.
+
+The README's table is printed from a saved record by::
+
+    python -m benchmarks.experiment_report benchmarks/results/deep_full_cpu.json
+"""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
 
-__all__ = ["format_table", "plot", "with_ratios"]
+__all__ = ["format_table", "markdown_table", "plot", "with_ratios"]
 
 
 def with_ratios(rows: list[dict], peer: str = "adam") -> list[dict]:
@@ -60,3 +65,50 @@ def format_table(rows: list[dict]) -> str:
     lines = ["  ".join(k.ljust(w) for k, w in zip(keys, widths, strict=True))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(cell, widths, strict=True)) for cell in cells]
     return "\n".join(lines)
+
+
+def _mean_sd(mean: float, sd: float, digits: int) -> str:
+    if not math.isfinite(mean):
+        return "-"
+    return f"{mean:.{digits}f} ± {sd:.{digits}f}"
+
+
+def _ratio(value: float) -> str:
+    return f"{value:.2f}x" if math.isfinite(value) else "-"
+
+
+def markdown_table(rows: list[dict], target: float, peer: str = "adam") -> str:
+    """The rows as a Markdown table: reached, epochs and seconds to ``target`` (mean ± sd over
+    the seeds that reached it), their ratios to ``peer``, seconds per epoch, final accuracy."""
+    head = [
+        "model", "method", "tuned", f"reached {target:g}", f"epochs to {target:g}",
+        f"seconds to {target:g}", f"epochs vs {peer}", f"seconds vs {peer}",
+        "s / epoch", "final test acc",
+    ]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for r in rows:
+        cells = [
+            r["model"],
+            r["method"],
+            r["tuned"],
+            r["reached"],
+            _mean_sd(r["epochs_to_target"], r["epochs_sd"], 2),
+            _mean_sd(r["seconds_to_target"], r["seconds_sd"], 0),
+            _ratio(r.get(f"epochs_ratio_vs_{peer}", math.nan)),
+            _ratio(r.get(f"seconds_ratio_vs_{peer}", math.nan)),
+            f"{r['sec_per_epoch']:.1f}",
+            _mean_sd(r["final_test_acc"], r["acc_sd"], 4),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m benchmarks.experiment_report RECORD.json")
+    with open(sys.argv[1]) as f:
+        record = json.load(f)
+    print(markdown_table(with_ratios(record["rows"]), record["config"]["target"]))

@@ -10,7 +10,7 @@ import torch
 
 import benchmarks.experiment as experiment
 from benchmarks.data import load_dataset
-from benchmarks.experiment_report import with_ratios
+from benchmarks.experiment_report import markdown_table, with_ratios
 from benchmarks.models import SmallResNet, make_model
 
 
@@ -155,3 +155,26 @@ def test_cli_records_the_budget_and_writes_partial_and_final_results(tmp_path, m
     assert [r["method"] for r in partial["rows"]] == ["sgd", "adam"]
     assert "seconds_ratio_vs_adam" in record["rows"][0]
     assert (tmp_path / "deep_t.png").stat().st_size > 0
+
+
+def test_markdown_table_prints_mean_sd_ratios_and_dashes_for_never_reached():
+    nan = math.nan
+    base = {"model": "m", "tuned": "lr=0.001", "sec_per_epoch": 9.44, "acc_sd": 0.001}
+    rows = with_ratios(
+        [
+            {**base, "method": "adam", "reached": "3/3", "epochs_to_target": 4.5,
+             "epochs_sd": 0.25, "seconds_to_target": 40.0, "seconds_sd": 2.0,
+             "final_test_acc": 0.9012},
+            {**base, "method": "hf", "reached": "0/3", "epochs_to_target": nan,
+             "epochs_sd": nan, "seconds_to_target": nan, "seconds_sd": nan,
+             "final_test_acc": 0.8875},
+        ]
+    )  # fmt: skip
+    lines = markdown_table(rows, 0.9).splitlines()
+    assert lines[0].startswith("| model | method | tuned | reached 0.9 | epochs to 0.9 |")
+    assert len(lines) == 4 and lines[1].count("---") == 10
+    assert lines[2] == (
+        "| m | adam | lr=0.001 | 3/3 | 4.50 ± 0.25 | 40 ± 2 | 1.00x | 1.00x | 9.4 "
+        "| 0.9012 ± 0.0010 |"
+    )
+    assert lines[3] == "| m | hf | lr=0.001 | 0/3 | - | - | - | - | 9.4 | 0.8875 ± 0.0010 |"
