@@ -4,6 +4,7 @@ no host synchronisation."""
 from __future__ import annotations
 
 import contextlib
+import math
 
 import pytest
 import torch
@@ -213,7 +214,32 @@ def test_bad_arguments():
         lbfgs(0)
     with pytest.raises(ValueError, match="initial_scaling"):
         lbfgs(3, initial_scaling=-1.0)
+    with pytest.raises(ValueError, match="first_step_norm"):
+        lbfgs(3, first_step_norm=3)
     transform = lbfgs(3)
     state = transform.init(torch.zeros(2))
     with pytest.raises(TypeError, match="params"):
         transform.update(torch.zeros(2), state)
+
+
+@pytest.mark.parametrize(
+    ("order", "expected"),
+    [(1, 1 / 7.0), (2, 1 / 5.0), (math.inf, 1 / 4.0)],  # g = (3, -4): |g|_1 = 7, |g|_2 = 5
+)
+def test_first_step_hint_is_inverse_gradient_norm_until_a_pair_is_stored(order, expected):
+    transform = lbfgs(3, first_step_norm=order)
+    params = torch.zeros(2, dtype=torch.float64)
+    grad = torch.tensor([3.0, -4.0], dtype=torch.float64)
+    state = transform.init(params)
+    direction, state = transform.update(grad, state, params)
+    assert torch.equal(direction, -grad)
+    assert float(state.initial_step) == pytest.approx(expected, rel=1e-15)
+    assert float(transform.publish(state, params)["initial_step"]) == pytest.approx(expected)
+    # With a stored pair the hint is the quasi-Newton unit step.
+    params2 = params + 0.1 * direction
+    _, state = transform.update(grad * 0.5, state, params2)
+    assert float(state.initial_step) == 1.0
+    # A tiny gradient never asks for more than a unit step.
+    state = transform.init(params)
+    _, state = transform.update(torch.full((2,), 1e-3, dtype=torch.float64), state, params)
+    assert float(state.initial_step) == 1.0

@@ -24,6 +24,7 @@ a few ``m x m`` operations; no host synchronisation.
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import torch
@@ -55,6 +56,18 @@ def _newest_valid(values: torch.Tensor, valid: torch.Tensor, default: torch.Tens
     order = torch.arange(1, m + 1, device=valid.device) * valid
     newest = torch.argmax(order)
     return torch.where(valid.any(), values[newest], default)
+
+
+def _first_step_hint(
+    grad: torch.Tensor, gg: torch.Tensor, empty: torch.Tensor, order: float
+) -> torch.Tensor:
+    """``min(1, 1 / |g|_order)`` while the memory is ``empty`` (and ``g != 0``), else 1."""
+    if order == 2:
+        inverse = torch.rsqrt(gg)
+    else:
+        inverse = 1.0 / torch.linalg.vector_norm(grad, ord=order).to(gg.dtype)
+    first = torch.clamp(inverse, max=1.0)
+    return torch.where(empty & (gg > 0), first, torch.ones_like(first))
 
 
 def lbfgs_gamma(gram: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -101,6 +114,7 @@ def lbfgs(
     *,
     curvature_eps: float | None = None,
     initial_scaling: float | None = None,
+    first_step_norm: float = 1,
 ) -> Transform:
     """The L-BFGS direction ``d = -H g`` (N&W Alg. 7.4, with ``H0 = gamma I``, eq. 7.20).
 
@@ -110,6 +124,11 @@ def lbfgs(
         the machine epsilon of the params' dtype). A skipped pair still occupies its slot
         (marked invalid) until it leaves the memory.
       initial_scaling: a fixed ``H0 = initial_scaling * I`` instead of eq. 7.20's ``gamma``.
+      first_step_norm: ``p`` of the step-length hint ``min(1, 1 / |g|_p)`` that the search
+        starts from while the memory is empty (the direction is then ``-g``): ``1``
+        (default, as ``torch.optim.LBFGS``) makes the first step ``|g|_2 / |g|_1`` long,
+        between ``n^(-1/2)`` and 1, so it shortens with the dimension; ``2`` is a step of
+        unit length (scipy's L-BFGS-B); ``inf`` the longest, ``|g|_2 / |g|_inf``.
 
     The incoming ``updates`` are the gradient at ``params``; ``params`` is required. The
     pair ``s = x_k - x_{k-1}``, ``y = g_k - g_{k-1}`` is formed from the params and
@@ -124,6 +143,10 @@ def lbfgs(
         raise ValueError(f"lbfgs: curvature_eps must be >= 0, got {curvature_eps}")
     if initial_scaling is not None and not initial_scaling > 0:
         raise ValueError(f"lbfgs: initial_scaling must be positive, got {initial_scaling}")
+    if first_step_norm not in (1, 2, math.inf):
+        raise ValueError(
+            f"lbfgs: first_step_norm must be 1, 2 or math.inf, got {first_step_norm!r}"
+        )
 
     def init(params: Any) -> LbfgsState:
         leaves = tree.leaves(params)
@@ -156,8 +179,7 @@ def lbfgs(
         memory = memory._replace(valid=memory.valid & descent)
         direction = pm.combine(memory, point[1], -scale, -coef)
         empty = ~memory.valid.any()
-        first = torch.clamp(torch.rsqrt(gg), max=1.0)
-        initial_step = torch.where(empty & (gg > 0), first, torch.ones_like(first))
+        initial_step = _first_step_hint(point[1], gg, empty, first_step_norm)
         new_state = LbfgsState(memory, scale, initial_step)
         return tree.unravel(direction, params), new_state
 
