@@ -215,6 +215,53 @@ def test_published_initial_step_is_honoured():
     assert int(state.num_search_evals) == 1
 
 
+def test_extrapolation_grows_tenfold_when_the_cubic_has_no_minimizer():
+    # phi(x) = -x - x^3 + x^4 (minimizer x = 1). The cubic matching phi and phi' at 0 and
+    # a is -x - a^2 x^2 - (1 - 2a) x^3 (phi minus x^2 (x - a)^2): decreasing for x > 0, no
+    # minimizer, so bracketing takes the largest growth (10 a), not the smallest (2 a).
+    trials = []
+
+    def fn(x):
+        trials.append(float(x[0]))
+        return -x[0] - x[0] ** 3 + x[0] ** 4
+
+    x0, d = torch.zeros(1, dtype=torch.float64), torch.ones(1, dtype=torch.float64)
+    _, state = run_search(wolfe(initial_step=1e-3), fn, x0, d)
+    searched = trials[1:]  # trials[0] is run_search's evaluation at x0
+    assert searched[:2] == pytest.approx([1e-3, 1e-2], rel=1e-12)
+    alpha = float(state.step_size)
+    assert abs(-1 - 3 * alpha**2 + 4 * alpha**3) <= 0.9  # strong Wolfe, |phi'(0)| = 1
+    assert not bool(state.search_failed)
+
+
+def test_rounding_level_decrease_is_accepted_by_the_slope():
+    # f = 1e8 + 1e-10 (x - 1)^2: the decrease from x = 0 (1e-10) is far below the rounding
+    # of 1e8 (one ulp: 1.49e-8), and a one-ulp rounding error (modelled explicitly for
+    # x > 0.5, without gradient) puts phi(1) above phi(0). The unit step meets
+    # |phi'(1)| = 0 <= c2 |phi'(0)|: accepted in one trial (approximate Wolfe), where
+    # sufficient decrease alone rejects it and zooms.
+    ulp = float(np.spacing(1e8))
+
+    def fn(x):
+        noise = torch.where(x[0] > 0.5, ulp, 0.0)
+        return 1e8 + 1e-10 * ((x[0] - 1.0) ** 2) + noise
+
+    x0, d = torch.zeros(1, dtype=torch.float64), torch.ones(1, dtype=torch.float64)
+    _, state = run_search(wolfe(), fn, x0, d)
+    assert float(state.step_size) == 1.0
+    assert int(state.num_search_evals) == 1
+    assert not bool(state.search_failed)
+
+    # A decrease that the values resolve still has to satisfy sufficient decrease: the same
+    # quadratic without the offset rejects a step past the minimizer with a higher value.
+    def plain(x):
+        return (x[0] - 1.0) ** 2
+
+    _, state = run_search(wolfe(initial_step=2.5), plain, x0, d)
+    assert float(state.step_size) != 2.5
+    assert int(state.num_search_evals) >= 2
+
+
 # --- driver, chains, purity, dtypes, errors ----------------------------------------------
 
 

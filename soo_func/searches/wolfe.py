@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch
+
 from soo_func.base import Transform, require_extras
 from soo_func.searches.line import (
     LineSearchState,
@@ -40,6 +42,9 @@ ZOOM_MARGIN = 0.1
 MIN_GROWTH, MAX_GROWTH = 2.0, 10.0
 """While bracketing, the next trial step is between these multiples of the current one."""
 
+ROUNDING_ULPS = 16
+"""Values within this many units of rounding (``eps |phi(0)|``) of ``phi(0)`` are a tie."""
+
 NON_FINITE_SHRINK = 0.1
 """After a non-finite trial value, the step moves back to this fraction of its distance from the
 last finite trial (overflowing objectives can need steps many orders of magnitude shorter)."""
@@ -68,10 +73,17 @@ def wolfe(
 
     Bracketing (Alg. 3.5) tries the initial step, then grows it to the minimizer of the
     cubic through the last two trials (eq. (3.59)), kept in ``[2, 10]`` times the current
-    step, until a trial fails sufficient decrease, does not lower the value, or has a
+    step (10 times when the cubic has no minimizer: nothing points to one nearby, as when
+    a tiny first step sees the line as linear to rounding), until a trial fails sufficient decrease, does not lower the value, or has a
     non-negative slope: that brackets an acceptable step. Zoom (Alg. 3.6) then tries the
     cubic interpolant's minimizer (the quadratic (3.57) when the cubic has none, else the
     midpoint), at least 10% of the bracket's width from either end.
+
+    Where rounding hides the decrease (near a minimizer: the linear model's decrease
+    ``alpha |phi'(0)|`` is below ``16 eps |phi(0)|``), a trial whose value ties ``phi(0)`` to
+    that rounding and that meets the curvature condition is accepted: Hager & Zhang's
+    approximate Wolfe conditions (SIAM J. Optim. 16, 2005), which let the gradient keep
+    shrinking after the values stop resolving it.
 
     A non-finite trial value or slope marks an upper limit on the step: while bracketing the
     step moves back to a tenth of its distance from the last finite trial (and later growth
@@ -111,12 +123,25 @@ def wolfe(
 
     def search(ray: Ray, start: Start, origin: Trial) -> tuple[Trial | None, bool]:
         f0, df0 = start.value, start.slope
+        eps = torch.finfo(origin.value_tensor.dtype).eps
+        rounding = ROUNDING_ULPS * eps * abs(f0)
 
         def sufficient(t: Trial) -> bool:
             return t.finite and t.value <= f0 + c1 * t.alpha * df0
 
         def curvature(t: Trial) -> bool:
             return abs(t.slope) <= -c2 * df0
+
+        def approximately_wolfe(t: Trial) -> bool:
+            # Hager & Zhang (2005) approximate Wolfe, where rounding hides the decrease:
+            # the linear model's decrease alpha |phi'(0)| is below the rounding of phi(0)
+            # and phi(alpha) ties phi(0); the slope condition then decides.
+            return (
+                t.finite
+                and -t.alpha * df0 <= rounding
+                and t.value <= f0 + rounding
+                and curvature(t)
+            )
 
         def zoom(lo: Trial, hi: Trial) -> tuple[Trial | None, bool]:
             while ray.num_evals < max_steps:
@@ -131,6 +156,8 @@ def wolfe(
                         candidate = quadratic_minimizer(a, lo.value, lo.slope, b, hi.value)
                 left, right = min(a, b) + ZOOM_MARGIN * width, max(a, b) - ZOOM_MARGIN * width
                 t = ray.value_and_slope(safeguard(candidate, left, right, 0.5 * (a + b)))
+                if approximately_wolfe(t):
+                    return t, False
                 if not sufficient(t) or t.value >= lo.value:
                     hi = t
                     continue
@@ -149,6 +176,8 @@ def wolfe(
                 upper = alpha
                 alpha = previous.alpha + NON_FINITE_SHRINK * (alpha - previous.alpha)
                 continue
+            if approximately_wolfe(t):
+                return t, False
             if not sufficient(t) or (previous.alpha > 0 and t.value >= previous.value):
                 return zoom(previous, t)
             if curvature(t):
@@ -158,7 +187,7 @@ def wolfe(
             candidate = cubic_minimizer(
                 previous.alpha, previous.value, previous.slope, t.alpha, t.value, t.slope
             )
-            alpha = safeguard(candidate, MIN_GROWTH * alpha, MAX_GROWTH * alpha, MIN_GROWTH * alpha)
+            alpha = safeguard(candidate, MIN_GROWTH * alpha, MAX_GROWTH * alpha, MAX_GROWTH * alpha)
             if math.isfinite(upper):
                 alpha = min(alpha, t.alpha + 0.5 * (upper - t.alpha))
             previous = t
