@@ -11,7 +11,8 @@ rebuilding the *tuple* (drop the oldest slot, append the new one): no tensor of 
 old memory is copied or written, which keeps ``update`` pure without paying a copy of
 the whole ``[m, 2, n]`` buffer at every step. Every slot is always occupied; a slot
 whose pair was rejected (bad curvature), not yet filled, or dropped by a reset holds
-``valid = False`` and contributes nothing (its coefficients are zero).
+``valid = False`` and contributes nothing (its coefficients are zero; its vectors are
+finite, but not necessarily zero).
 
 Alongside the vectors the memory keeps their Gram matrix ``G = [S Y]^T [S Y]``
 (``2m x 2m``, columns ``s_0..s_{m-1}, y_0..y_{m-1}``), updated incrementally: each stored pair
@@ -159,10 +160,10 @@ def push(
     valid = torch.cat([memory.valid[1:], accept[None]])
     both = torch.cat([valid, valid])
     gram = torch.where(both[:, None] & both[None, :], gram, torch.zeros_like(gram))
-    # A rejected pair (maybe non-finite) is stored as zeros: multiply by the 0/1 acceptance
-    # and zero what 0 * inf or 0 * NaN left (two fast passes; masked_fill_ with a 0-d mask is
-    # several times slower on CPU). An accepted pair is finite, so it is unchanged.
-    pair.mul_(accept.to(pair.dtype))
+    # A rejected slot is masked out of every product by ``valid`` (its coefficients are
+    # zero), which is exact for finite entries; NaN and inf entries are zeroed so that
+    # ``0 * NaN`` cannot reach a direction (one in-place pass; an accepted pair is finite
+    # and unchanged; masked_fill_ with a 0-d mask is several times slower on CPU).
     torch.nan_to_num_(pair, nan=0.0, posinf=0.0, neginf=0.0)
     new_memory = PairMemory(
         pairs=(*memory.pairs[1:], pair),
