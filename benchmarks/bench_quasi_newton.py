@@ -59,10 +59,10 @@ def cheap_problem(quick: bool, dtype=torch.float32):
     return value_fn, params
 
 
-def logreg_problem(quick: bool, dtype=torch.float32):
+def logreg_problem(quick: bool, dtype=torch.float32, seed: int = 1):
     """Mean logistic loss on ``X w + b`` with labels in {-1, 1} and an L2 term 1e-4 |w|^2/2;
     the columns of ``X`` are scaled from 0.1 to 10."""
-    gen = torch.Generator().manual_seed(1)
+    gen = torch.Generator().manual_seed(seed)
     rows, cols = (10_000, 100) if quick else (100_000, 400)
     # Feature scales from 0.1 to 10 make the Hessian ill-conditioned (about 1e4), so that
     # the methods do not reach float32's rounding floor within the step budget.
@@ -247,13 +247,49 @@ def quasi_newton(quick: bool) -> list[dict]:
     return rows
 
 
+def logreg_seeds(quick: bool, seeds: int = 5) -> list[dict]:
+    """Evaluations and CPU time of ours and ``torch.optim.LBFGS`` over ``seeds`` draws of the
+    logistic-regression data (50 steps each, one run per seed): one problem's evaluation
+    count is a coin flip between two trajectories; the totals are not. ``speedup_cpu`` is
+    torch's total CPU time over ours."""
+    totals = {"torch.optim.LBFGS": [0, 0.0], "soo_func lbfgs+wolfe": [0, 0.0]}
+    rows = []
+    for seed in range(1, seeds + 1):
+        value_fn, params = logreg_problem(quick, seed=seed)
+        if seed == 1:
+            run_ours(value_fn, params, 3)  # warm up
+        row = {"problem": "logreg", "seed": seed}
+        for name, fn in (("torch.optim.LBFGS", run_torch), ("soo_func lbfgs+wolfe", run_ours)):
+            r = fn(value_fn, params, 50)
+            totals[name][0] += r["evals"]
+            totals[name][1] += r["cpu_seconds"]
+            row[f"{name} evals"] = r["evals"]
+            row[f"{name} value"] = round(r["value"], 6)
+        rows.append(row)
+    (torch_evals, torch_cpu), (our_evals, our_cpu) = totals.values()
+    rows.append(
+        {
+            "problem": "logreg",
+            "seed": "total",
+            "torch.optim.LBFGS evals": torch_evals,
+            "soo_func lbfgs+wolfe evals": our_evals,
+            "speedup_cpu": round(torch_cpu / our_cpu, 3),
+        }
+    )
+    return rows
+
+
 def quasi_newton_quick(quick: bool) -> list[dict]:
     """The quick sizes whatever ``quick`` says (for the default bundle)."""
     del quick
     return quasi_newton(True)
 
 
-SUITES = {"quasi_newton": quasi_newton, "quasi_newton_quick": quasi_newton_quick}
+SUITES = {
+    "quasi_newton": quasi_newton,
+    "quasi_newton_quick": quasi_newton_quick,
+    "quasi_newton_logreg_seeds": logreg_seeds,
+}
 DEFAULT = ["quasi_newton_quick"]
 
 
