@@ -21,6 +21,7 @@ from soo_func.base import (
     stateless,
 )
 from soo_func.continuation import HomotopyState, homotopy
+from soo_func.continuation_arclength import ArclengthState, arclength_homotopy
 from soo_func.continuation_path import (
     PathResult,
     continuation_path,
@@ -55,6 +56,7 @@ from soo_func.training import bind_batch, training_step
 __version__ = "0.1.0"
 
 __all__ = [
+    "ArclengthState",
     "ChainState",
     "CountedObjective",
     "EmptyState",
@@ -64,6 +66,7 @@ __all__ = [
     "PathResult",
     "Transform",
     "apply_updates",
+    "arclength_homotopy",
     "armijo",
     "armijo_sync_free",
     "bfgs",

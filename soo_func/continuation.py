@@ -72,6 +72,7 @@ import torch
 
 from soo_func import tree
 from soo_func.base import Transform, require_extras
+from soo_func.continuation_arclength import arclength_homotopy
 from soo_func.continuation_path import (
     _ChargedObjective,
     _check_homotopy_args,
@@ -163,6 +164,7 @@ def homotopy(
     predictor: str = "tangent",
     tangent_rtol: float = 1e-6,
     tangent_max_iters: int | None = None,
+    path: str = "minimizers",
 ) -> Transform:
     """Continuation from ``f_0`` to ``f_1 = f``; chain it first, e.g.
     ``chain(homotopy(), newton_krylov(), armijo())`` (see the module docstring).
@@ -191,9 +193,16 @@ def homotopy(
       scale: the convex family's ``scale`` (default ``|grad f(x0)| / max(|x0|, 1)``).
       predictor: ``"tangent"`` (Euler predictor) or ``"none"`` (warm start only).
       tangent_rtol, tangent_max_iters: the MINRES solve of the tangent.
+      path: ``"minimizers"`` (the above) or ``"arclength"``: the pseudo-arclength follower
+        :func:`~soo_func.continuation_arclength.arclength_homotopy` of ``family`` (built-in
+        families; its own defaults, the options above do not apply).
 
     Needs the extras ``value``, ``grad``, ``value_fn``; returns ``grad f_t``.
     """
+    if path == "arclength":
+        return arclength_homotopy(family)
+    if path != "minimizers":
+        raise ValueError(f"homotopy: path must be 'minimizers' or 'arclength', got {path!r}")
     linear = schedule == "linear"
     fixed = None if isinstance(schedule, str) else [float(s) for s in schedule]
     if initial_step is None:

@@ -1,0 +1,164 @@
+"""Tests of soo_func.continuation_arclength: the curve against closed forms (a 1-D
+gradient equation whose Keller curve has two folds, the convex curve of a quadratic),
+Branin's passage through several stationary points, the fallback, purity, errors."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from helpers import assert_update_is_pure
+
+import soo_func as sf
+from benchmarks.bench_homotopy import solved
+from benchmarks.problems import UNCONSTRAINED
+from soo_func.continuation_arclength import arclength_homotopy
+
+
+def tilted_double_well(x: torch.Tensor) -> torch.Tensor:
+    """``f = x^4/4 - x^2 + x/2``: ``f' = x^3 - 2x + 1/2`` has roots -1.5257 (global
+    minimizer, f = -1.736), 0.2587 (maximizer) and 1.2670 (local minimizer, f = -0.328);
+    ``f'' = 0`` at ``+-sqrt(2/3)``."""
+    return (0.25 * x**4 - x**2 + 0.5 * x).sum()
+
+
+ROOTS = (-1.5256871, 0.2586520, 1.2670351)
+
+
+def follow(fn, x0, transform, steps):
+    """Drive ``chain(transform, newton_krylov(), armijo())`` by hand; the path points
+    ``(x, t)`` of the homotopy's state after each update, and the final params."""
+    opt = sf.chain(transform, sf.newton_krylov(), sf.armijo())
+    state, x, points = opt.init(x0), x0, []
+    for _ in range(steps):
+        value, grad = sf.value_and_grad(fn)(x)
+        updates, state = opt.update(grad, state, x, value=value, grad=grad, value_fn=fn)
+        inner = state.states[0]
+        if not bool(inner.finished):
+            points.append((inner.point.clone(), float(inner.t)))
+        x = sf.apply_updates(x, updates)
+    return points, state.states[0], x
+
+
+def test_keller_curve_passes_both_folds_on_the_closed_form(dtype):
+    # Keller's curve grad f(x) = (1 - t) grad f(x0) is t = 1 - f'(x) / f'(x0): from x0 = 3
+    # it crosses t = 1 at the local minimizer, turns at x = sqrt(2/3) (t > 1), crosses at
+    # the maximizer, turns at -sqrt(2/3) (t < 1) and reaches the global minimizer.
+    x0 = torch.tensor([3.0], dtype=dtype)
+    g0 = 27 - 6 + 0.5
+    transform = arclength_homotopy("keller", max_minimizers=2, max_path_steps=200)
+    points, state, _ = follow(tilted_double_well, x0, transform, 200)
+    xs = [float(x) for x, _ in points]
+    ts = [t for _, t in points]
+    tol = 1e-7 if dtype == torch.float64 else 1e-3
+    for x, t in zip(xs, ts, strict=True):
+        assert abs(t - (1 - (x**3 - 2 * x + 0.5) / g0)) <= tol * max(1.0, abs(t))
+    assert all(b < a for a, b in itertools.pairwise(xs))  # x decreases along it
+    peak = max(range(len(ts)), key=ts.__getitem__)
+    assert ts[peak] > 1 and min(ts[peak:]) < 1  # t rose past 1, then fell below: two folds
+    assert abs(xs[peak] - math.sqrt(2 / 3)) < 0.3 and xs[-1] < ROOTS[0] + 0.5
+    assert int(state.num_crossings) == 3 and int(state.num_minimizers) == 2
+    assert abs(float(state.best) - ROOTS[0]) < (1e-6 if dtype == torch.float64 else 1e-3)
+
+
+def test_keller_arclength_finds_the_global_minimizer_newton_misses():
+    x0 = torch.tensor([3.0], dtype=torch.float64)
+    plain = sf.minimize(tilted_double_well, x0, sf.chain(sf.newton_krylov(), sf.armijo()))
+    opt = sf.chain(arclength_homotopy(), sf.newton_krylov(), sf.armijo())
+    wrapped = sf.minimize(tilted_double_well, x0, opt, max_steps=300)
+    assert abs(float(plain.params) - ROOTS[2]) < 1e-6  # Newton: the local minimizer
+    assert wrapped.converged and abs(float(wrapped.params) - ROOTS[0]) < 1e-6
+    assert wrapped.history[-1]["continuation_minimizers"] == 2
+
+
+def test_freudenstein_roth_from_ten_times_the_start():
+    # Newton-Krylov ends at the local minimizer (f = 48.98); Keller's curve passes it,
+    # then a saddle, then the global minimizer (5, 4) (Branin's method).
+    problem = UNCONSTRAINED["freudenstein_roth"]
+    x0 = 10 * problem.x0
+    plain = sf.minimize(problem.fn, x0, sf.chain(sf.newton_krylov(), sf.armijo()), gtol=1e-6)
+    opt = sf.chain(arclength_homotopy(), sf.newton_krylov(), sf.armijo())
+    wrapped = sf.minimize(problem.fn, x0, opt, gtol=1e-6, max_steps=500)
+    assert not solved(plain, problem.f_opt) and abs(float(plain.value) - 48.98425) < 1e-3
+    assert solved(wrapped, problem.f_opt)
+    torch.testing.assert_close(wrapped.params, torch.tensor([5.0, 4.0], dtype=torch.float64))
+
+
+def test_convex_curve_of_a_quadratic_is_the_shifted_solve(dtype):
+    # t (A x - b) + (1 - t) s (x - x0) = 0  =>  (t A + (1 - t) s I) x = t b + (1 - t) s x0.
+    gen = torch.Generator().manual_seed(3)
+    m = torch.randn(4, 4, generator=gen, dtype=torch.float64)
+    a = m @ m.T + 4 * torch.eye(4, dtype=torch.float64)
+    b = torch.randn(4, generator=gen, dtype=torch.float64)
+    x0 = 5 * torch.randn(4, generator=gen, dtype=torch.float64)
+
+    def fn(x):
+        return 0.5 * x @ a.to(x.dtype) @ x - b.to(x.dtype) @ x
+
+    g0 = a @ x0 - b
+    s = g0.norm() / max(float(x0.norm()), 1.0)
+    points, state, _ = follow(fn, x0.to(dtype), arclength_homotopy("convex"), 12)
+    assert len(points) >= 3 and int(state.num_minimizers) == 1
+    for x, t in points:
+        expected = torch.linalg.solve(t * a + (1 - t) * s * torch.eye(4, dtype=torch.float64),
+                                      t * b + (1 - t) * s * x0)  # fmt: skip
+        tol = 1e-7 if dtype == torch.float64 else 2e-3
+        torch.testing.assert_close(x.double(), expected, rtol=tol, atol=tol * 10)
+    torch.testing.assert_close(state.best.double(), torch.linalg.solve(a, b), rtol=1e-3, atol=1e-3)
+
+
+def test_without_a_minimizer_the_chain_restarts_from_the_anchor():
+    # f = -x^2/2 + x^4/4 from a start near the maximizer 0 ... and a tiny path budget:
+    # no crossing is reached, so the point jumps back to x0 and Newton continues.
+    x0 = torch.tensor([0.3, -0.2], dtype=torch.float64)
+
+    def fn(x):
+        return (0.25 * x**4 - 0.5 * x**2).sum()
+
+    opt = sf.chain(arclength_homotopy(max_path_steps=1, initial_step=1e-3), sf.newton_krylov(),
+                   sf.armijo())  # fmt: skip
+    result = sf.minimize(fn, x0, opt, gtol=1e-9, max_steps=100)
+    assert result.history[1]["continuation_minimizers"] == 0
+    assert result.history[1]["converged_ok"] == 1.0
+    assert result.converged
+    plain = sf.minimize(fn, x0, sf.chain(sf.newton_krylov(), sf.armijo()), gtol=1e-9)
+    torch.testing.assert_close(result.params, plain.params)
+
+
+def test_arclength_update_is_pure():
+    x0 = torch.tensor([3.0], dtype=torch.float64)
+    value, grad = sf.value_and_grad(tilted_double_well)(x0)
+    opt = sf.chain(arclength_homotopy(), sf.newton_krylov(), sf.armijo())
+    assert_update_is_pure(opt, x0, grad, steps=3, value=value, grad=grad,
+                          value_fn=tilted_double_well)  # fmt: skip
+
+
+def test_homotopy_path_option_builds_the_arclength_follower():
+    x0 = torch.tensor([3.0], dtype=torch.float64)
+    opt = sf.chain(sf.homotopy("keller", path="arclength"), sf.newton_krylov(), sf.armijo())
+    result = sf.minimize(tilted_double_well, x0, opt, max_steps=300)
+    assert abs(float(result.params) - ROOTS[0]) < 1e-6
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"family": "smooth"}, "family"),
+        ({"initial_step": 0.0}, "initial_step"),
+        ({"max_minimizers": 0}, "max_minimizers"),
+        ({"initial_step": 20.0}, "min_step <= initial_step <= max_step"),
+        ({"krylov_rtol": math.nan}, "krylov_rtol"),
+    ],
+)
+def test_bad_arguments_are_named(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        arclength_homotopy(**kwargs)
+
+
+def test_missing_extras_are_named():
+    opt = arclength_homotopy()
+    x = torch.ones(2, dtype=torch.float64)
+    with pytest.raises(TypeError, match=r"arclength_homotopy needs .*value_fn"):
+        opt.update(x, opt.init(x), x, value=x.sum(), grad=x)
