@@ -35,12 +35,9 @@ one ``jvp`` and one ``vjp``. Marquardt's ``diag(J^T J)`` has no cheap matrix-fre
 (each entry is a squared column norm of ``J``), so with ``"cg"`` it is still computed
 exactly from the dense Jacobian (``n`` products per step): for large ``n`` use
 :func:`levenberg` (``D = I``). ``"auto"`` (default) picks ``"dense"`` for least squares
-with at most ``dense_max_params`` parameters and ``"cg"`` otherwise. Why dense for small
-problems: a CG iteration on ``J^T J`` costs a ``jvp`` and a ``vjp``, and about ``n`` of
-them reach the Gauss-Newton step, against ``n`` ``jvp``s for the whole Jacobian; on the
-31 MGH least-squares problems scipy's ``lm`` solves, ``"cg"`` solved 30 (not biggs_exp6)
-at a median 3.2x ``lm``'s evaluations, ``"dense"`` all 31 at 1.1x. The ``"cg"`` step's
-predicted reduction uses ``d^T B d = -g^T d - lam d^T D d`` (no extra product).
+with at most ``dense_max_params`` parameters and ``"cg"`` otherwise (the measurements
+behind that choice: ``docs/design.md``, section 9). The ``"cg"`` step's predicted
+reduction uses ``d^T B d = -g^T d - lam d^T D d`` (no extra product).
 
 Counting: every Jacobian product (a column of the dense Jacobian, one ``jvp``, one
 ``vjp``) is charged as one Hessian product to the driver's ``CountedObjective``
