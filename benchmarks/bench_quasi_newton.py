@@ -29,7 +29,8 @@ remaining difference is small-tensor work (ours: about 240 small ops per L-BFGS 
 80 per Wolfe search, host-sync-free; torch's: host floats), which a GPU rewards.
 ``quasi_newton_logreg_seeds`` compares the evaluation counts over several data draws.
 
-Run: ``python -m benchmarks.run --suite quasi_newton [--quick]`` or
+Run: ``python -m benchmarks.run --suite quasi_newton [--quick] [--device cuda]`` (on CUDA
+read ``speedup_wall``; scipy is left out) or
 ``python -m benchmarks.bench_quasi_newton [--quick]``.
 """
 
@@ -45,11 +46,12 @@ import scipy.optimize as so
 import torch
 
 import soo_func as sf
+from benchmarks.run import bench_device
 
 MEMORY = 10
 
 
-def cheap_problem(quick: bool, dtype=torch.float32):
+def cheap_problem(quick: bool, dtype=torch.float32, device: str = "cpu"):
     """64 tensors; ``f = sum_i c_i . (w_i - 1)^2 / 2`` with ``c_i`` log-spaced in [1, 1000]: an
     ill-conditioned quadratic that costs about five passes over the parameters per gradient."""
     gen = torch.Generator().manual_seed(0)
@@ -59,6 +61,8 @@ def cheap_problem(quick: bool, dtype=torch.float32):
         k: torch.logspace(0, 3, size, dtype=dtype)[torch.randperm(size, generator=gen)]
         for k in params
     }
+    params = {k: v.to(device) for k, v in params.items()}
+    curv = {k: v.to(device) for k, v in curv.items()}
 
     def value_fn(p):
         total = 0.0
@@ -70,7 +74,7 @@ def cheap_problem(quick: bool, dtype=torch.float32):
     return value_fn, params
 
 
-def logreg_problem(quick: bool, dtype=torch.float32, seed: int = 1):
+def logreg_problem(quick: bool, dtype=torch.float32, seed: int = 1, device: str = "cpu"):
     """Mean logistic loss on ``X w + b`` with labels in {-1, 1} and an L2 term 1e-4 |w|^2/2;
     the columns of ``X`` are scaled from 0.1 to 10."""
     gen = torch.Generator().manual_seed(seed)
@@ -82,7 +86,11 @@ def logreg_problem(quick: bool, dtype=torch.float32, seed: int = 1):
     truth = torch.randn(cols, generator=gen, dtype=dtype) / (scales * cols**0.5)
     noise = torch.randn(rows, generator=gen, dtype=dtype)
     y = torch.sign(x @ truth + 0.5 * noise)
-    params = {"w": torch.zeros(cols, dtype=dtype), "b": torch.zeros((), dtype=dtype)}
+    x, y = x.to(device), y.to(device)
+    params = {
+        "w": torch.zeros(cols, dtype=dtype, device=device),
+        "b": torch.zeros((), dtype=dtype, device=device),
+    }
 
     def value_fn(p):
         margins = y * (x @ p["w"] + p["b"])
@@ -92,15 +100,23 @@ def logreg_problem(quick: bool, dtype=torch.float32, seed: int = 1):
 
 
 class _Clock:
-    """Wall and CPU (process) time: on a shared machine the CPU time is the steadier one."""
+    """Wall and CPU (process) time: on a shared machine the CPU time is the steadier one.
+    On CUDA the clock waits for the device at both ends (read ``seconds``, not CPU time)."""
 
     def __enter__(self):
+        _synchronize()
         self.wall, self.cpu = time.perf_counter(), time.process_time()
         return self
 
     def __exit__(self, *exc):
+        _synchronize()
         self.wall = time.perf_counter() - self.wall
         self.cpu = time.process_time() - self.cpu
+
+
+def _synchronize() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def run_ours(value_fn: Callable, params, steps: int) -> dict:
@@ -253,8 +269,12 @@ def quasi_newton(quick: bool) -> list[dict]:
     steps = 20 if quick else 50
     repeats = 1 if quick else 5
     torch.manual_seed(0)
-    rows = _rows("cheap", *cheap_problem(quick), steps, scipy_too=True, repeats=repeats)
-    rows += _rows("logreg", *logreg_problem(quick), steps, scipy_too=True, repeats=repeats)
+    device = bench_device()
+    on_cpu = device == "cpu"  # scipy iterates on the host: compared on the CPU only
+    rows = _rows("cheap", *cheap_problem(quick, device=device), steps, on_cpu, repeats)
+    rows += _rows("logreg", *logreg_problem(quick, device=device), steps, on_cpu, repeats)
+    for row in rows:
+        row["device"] = device
     return rows
 
 
@@ -266,7 +286,7 @@ def logreg_seeds(quick: bool, seeds: int = 5) -> list[dict]:
     totals = {"torch.optim.LBFGS": [0, 0.0], "soo_func lbfgs+wolfe": [0, 0.0]}
     rows = []
     for seed in range(1, seeds + 1):
-        value_fn, params = logreg_problem(quick, seed=seed)
+        value_fn, params = logreg_problem(quick, seed=seed, device=bench_device())
         if seed == 1:
             run_ours(value_fn, params, 3)  # warm up
         row = {"problem": "logreg", "seed": seed}

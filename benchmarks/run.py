@@ -6,7 +6,9 @@ some of them in ``DEFAULT = [names]``: ``--suite default`` runs every module's
 DEFAULT suites (``make bench``). ``--list`` lists the suites. Each suite's rows are
 printed as an aligned table and all rows are written to JSON (default
 ``benchmarks/results/latest.json``). A suite that raises prints its traceback, the
-others still run, and the exit code is 1.
+others still run, and the exit code is 1. ``--device cuda`` sets the environment variable
+``SOO_FUNC_BENCH_DEVICE`` that the suites supporting a device read through
+:func:`bench_device` (``quasi_newton``); the others run on the CPU.
 """
 
 from __future__ import annotations
@@ -29,6 +31,14 @@ DEFAULT_JSON = HERE / "results" / "latest.json"
 
 Row = dict[str, Any]
 Suite = Callable[[bool], list[Row]]
+
+
+DEVICE_VARIABLE = "SOO_FUNC_BENCH_DEVICE"
+
+
+def bench_device() -> str:
+    """The device that ``--device`` asked for (``"cpu"`` by default)."""
+    return os.environ.get(DEVICE_VARIABLE, "cpu")
 
 
 def discover() -> tuple[dict[str, Suite], list[str], dict[str, str]]:
@@ -144,7 +154,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes, few repeats")
     parser.add_argument("--json", default=str(DEFAULT_JSON), help="where to write all rows")
     parser.add_argument("--list", action="store_true", help="list the suites and exit")
+    parser.add_argument(
+        "--device", default=None, help="cpu or cuda, for the suites that support it"
+    )
     args = parser.parse_args(argv)
+    if args.device is not None:
+        import torch
+
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            parser.error("--device cuda but torch.cuda.is_available() is False")
+        os.environ[DEVICE_VARIABLE] = args.device
 
     suites, default, errors = discover()
     for where, error in errors.items():
@@ -169,6 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "quick": args.quick,
         "python": sys.version.split()[0],
         "torch": _torch_version(),
+        "device": bench_device(),
         "suites": results,
         "load_errors": errors,
     }
