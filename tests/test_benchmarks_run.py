@@ -63,3 +63,20 @@ def test_main_writes_json_and_exit_code(tmp_path, monkeypatch):
     assert "ZeroDivisionError" in json.loads(path.read_text())["suites"]["bad"]["error"]
     with pytest.raises(SystemExit):
         run.main(["--suite", "nope", "--json", str(path)])
+
+
+def test_device_option_reaches_the_suites(tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.delenv(run.DEVICE_VARIABLE, raising=False)
+    assert run.bench_device() == "cpu"
+    seen = []
+    monkeypatch.setattr(
+        run, "discover", lambda: ({"s": lambda q: seen.append(run.bench_device()) or []}, [], {})
+    )
+    path = tmp_path / "out.json"
+    assert run.main(["--suite", "s", "--device", "cpu", "--json", str(path)]) == 0
+    assert seen == ["cpu"] and json.loads(path.read_text())["device"] == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            run.main(["--suite", "s", "--device", "cuda", "--json", str(path)])
