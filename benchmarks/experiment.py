@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -49,7 +48,7 @@ from torch.nn.functional import cross_entropy
 
 from benchmarks.data import Dataset, load_dataset
 from benchmarks.deep_methods import Method, available_methods
-from benchmarks.experiment_report import format_table, plot, with_ratios
+from benchmarks.experiment_report import first_reaching, format_table, plot, spread, with_ratios
 from benchmarks.models import MODELS, make_model
 from soo_func import training
 from soo_func.stochastic import batch_overlap, overlapping_batches
@@ -99,10 +98,7 @@ class Run:
     diverged: bool = False
 
     def first_reaching(self, target: float) -> tuple[float, float]:
-        for e, s, a in zip(self.epochs, self.seconds, self.accuracy, strict=True):
-            if a >= target:
-                return e, s
-        return math.nan, math.nan
+        return first_reaching(self.epochs, self.seconds, self.accuracy, target)
 
 
 def train(
@@ -178,13 +174,6 @@ def train(
             if seen >= epochs * n:
                 break
     return run
-
-
-def _spread(values: list[float]) -> tuple[float, float]:
-    finite = [v for v in values if math.isfinite(v)]
-    if not finite:
-        return math.nan, math.nan
-    return statistics.mean(finite), (statistics.stdev(finite) if len(finite) > 1 else 0.0)
 
 
 def run_experiment(
@@ -271,10 +260,10 @@ def run_experiment(
                 for s in range(seeds)
             ]
             reach = [r.first_reaching(target) for r in runs]
-            e_mean, e_std = _spread([e for e, _ in reach])
-            t_mean, t_std = _spread([t for _, t in reach])
-            a_mean, a_std = _spread([r.accuracy[-1] if r.accuracy else math.nan for r in runs])
-            s_mean, _ = _spread(
+            e_mean, e_std = spread([e for e, _ in reach])
+            t_mean, t_std = spread([t for _, t in reach])
+            a_mean, a_std = spread([r.accuracy[-1] if r.accuracy else math.nan for r in runs])
+            s_mean, _ = spread(
                 [r.seconds[-1] / r.epochs[-1] if r.epochs else math.nan for r in runs]
             )
             row = {

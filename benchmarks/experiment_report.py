@@ -2,15 +2,52 @@
 
 The README's table is printed from a saved record by::
 
-    python -m benchmarks.experiment_report benchmarks/results/deep_full_cpu.json
+    python -m benchmarks.experiment_report benchmarks/results/deep_full_cpu.json [--target 0.89]
+
+(``--target``: recompute the epochs and seconds to another accuracy from the saved curves.)
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 from pathlib import Path
 
-__all__ = ["format_table", "markdown_table", "plot", "with_ratios"]
+__all__ = ["first_reaching", "format_table", "markdown_table", "plot", "retarget", "spread",
+           "with_ratios"]  # fmt: skip
+
+
+def spread(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation of the finite ``values`` (NaN, NaN when none)."""
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return math.nan, math.nan
+    return statistics.mean(finite), (statistics.stdev(finite) if len(finite) > 1 else 0.0)
+
+
+def first_reaching(epochs, seconds, accuracy, target: float) -> tuple[float, float]:
+    """``(epoch, seconds)`` of the first evaluation with accuracy >= ``target``, else NaNs."""
+    for e, s, a in zip(epochs, seconds, accuracy, strict=True):
+        if a >= target:
+            return e, s
+    return math.nan, math.nan
+
+
+def retarget(rows: list[dict], curves: dict, target: float) -> list[dict]:
+    """Copies of ``rows`` with ``reached`` and the epochs/seconds to ``target`` recomputed
+    from the saved accuracy ``curves`` (``{"model/method": [run dicts]}``), with ratios."""
+    out = []
+    for row in rows:
+        runs = curves[f"{row['model']}/{row['method']}"]
+        reach = [first_reaching(r["epochs"], r["seconds"], r["accuracy"], target) for r in runs]
+        e_mean, e_sd = spread([e for e, _ in reach])
+        t_mean, t_sd = spread([t for _, t in reach])
+        reached = sum(math.isfinite(e) for e, _ in reach)
+        out.append(
+            {**row, "reached": f"{reached}/{len(runs)}", "epochs_to_target": e_mean,
+             "epochs_sd": e_sd, "seconds_to_target": t_mean, "seconds_sd": t_sd}
+        )  # fmt: skip
+    return with_ratios(out)
 
 
 def with_ratios(rows: list[dict], peer: str = "adam") -> list[dict]:
@@ -103,12 +140,21 @@ def markdown_table(rows: list[dict], target: float, peer: str = "adam") -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> str:
+    import argparse
     import json
-    import sys
 
-    if len(sys.argv) != 2:
-        sys.exit("usage: python -m benchmarks.experiment_report RECORD.json")
-    with open(sys.argv[1]) as f:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("record", help="a deep_<tag>.json written by benchmarks.experiment")
+    parser.add_argument("--target", type=float, help="default: the run's own target")
+    args = parser.parse_args(argv)
+    with open(args.record) as f:
         record = json.load(f)
-    print(markdown_table(with_ratios(record["rows"]), record["config"]["target"]))
+    target = record["config"]["target"] if args.target is None else args.target
+    table = markdown_table(retarget(record["rows"], record["curves"], target), target)
+    print(table)
+    return table
+
+
+if __name__ == "__main__":
+    main()

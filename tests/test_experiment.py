@@ -10,7 +10,7 @@ import torch
 
 import benchmarks.experiment as experiment
 from benchmarks.data import load_dataset
-from benchmarks.experiment_report import markdown_table, with_ratios
+from benchmarks.experiment_report import markdown_table, retarget, with_ratios
 from benchmarks.models import SmallResNet, make_model
 
 
@@ -178,3 +178,36 @@ def test_markdown_table_prints_mean_sd_ratios_and_dashes_for_never_reached():
         "| 0.9012 ± 0.0010 |"
     )
     assert lines[3] == "| m | hf | lr=0.001 | 0/3 | - | - | - | - | 9.4 | 0.8875 ± 0.0010 |"
+
+
+def test_retarget_recomputes_reach_from_the_curves_and_the_cli_prints_it(tmp_path):
+    from benchmarks.experiment_report import main
+
+    def run(accuracy):
+        return {"epochs": [0.5, 1.0, 1.5], "seconds": [10.0, 20.0, 30.0], "accuracy": accuracy}
+
+    curves = {
+        "m/adam": [run([0.5, 0.8, 0.9]), run([0.7, 0.85, 0.88])],
+        "m/hf": [run([0.86, 0.9, 0.91]), run([0.8, 0.9, 0.9])],
+    }
+    rows = [
+        {"model": "m", "method": name, "tuned": "x=1", "sec_per_epoch": 20.0,
+         "final_test_acc": 0.9, "acc_sd": 0.0, "reached": "?", "epochs_to_target": 0.0,
+         "epochs_sd": 0.0, "seconds_to_target": 0.0, "seconds_sd": 0.0}
+        for name in ("adam", "hf")
+    ]  # fmt: skip
+    adam, hf = retarget(rows, curves, 0.85)
+    assert (adam["reached"], adam["epochs_to_target"], adam["seconds_to_target"]) == (
+        "2/2",
+        1.25,
+        25.0,
+    )
+    assert (hf["reached"], hf["epochs_to_target"], hf["seconds_to_target"]) == ("2/2", 0.75, 15.0)
+    assert hf["epochs_ratio_vs_adam"] == 0.6 and rows[0]["reached"] == "?"  # rows not mutated
+    adam, hf = retarget(rows, curves, 0.9)
+    assert (adam["reached"], adam["epochs_to_target"], adam["epochs_sd"]) == ("1/2", 1.5, 0.0)
+    assert hf["epochs_to_target"] == 1.0 and hf["epochs_ratio_vs_adam"] == pytest.approx(2 / 3)
+    path = tmp_path / "record.json"
+    path.write_text(json.dumps({"config": {"target": 0.9}, "rows": rows, "curves": curves}))
+    assert "| m | hf | x=1 | 2/2 | 0.75 ± 0.35 |" in main([str(path), "--target", "0.85"])
+    assert "| m | adam | x=1 | 1/2 | 1.50 ± 0.00 |" in main([str(path)])
