@@ -55,12 +55,21 @@ def solved(result: sf.MinimizeResult, f_opt: float | None) -> bool:
     return float(result.value) <= f_opt + 1e-4 * abs(f_opt) + 1e-6
 
 
+VARIANTS = {
+    "keller": lambda: sf.homotopy("keller"),
+    "arclength": lambda: sf.homotopy("keller", path="arclength"),
+    "arclength_convex": lambda: sf.homotopy("convex", path="arclength"),
+    "arclength_no_descent": lambda: sf.arclength_homotopy("keller", descend_first=False),
+}
+
+
 def newton(homotopy: bool, family: str | None = None) -> sf.Transform:
-    """Newton-Krylov + Armijo, wrapped in ``homotopy(family)`` (default family if None)."""
+    """Newton-Krylov + Armijo, wrapped in the default ``homotopy()`` (``family=None``) or
+    the variant ``VARIANTS[family]``."""
     members = [sf.newton_krylov(), sf.armijo()]
     if not homotopy:
         return sf.chain(*members)
-    h = sf.homotopy() if family is None else sf.homotopy(family)
+    h = sf.homotopy() if family is None else VARIANTS[family]()
     return sf.chain(h, *members)
 
 

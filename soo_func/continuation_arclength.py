@@ -53,6 +53,8 @@ PyTree = Any
 
 __all__ = ["ArclengthState", "arclength_homotopy"]
 
+_DENSE_MAX_SIZE = 50
+
 
 class ArclengthState(NamedTuple):
     """State of :func:`arclength_homotopy` (0-d tensors on the params' device).
@@ -63,6 +65,8 @@ class ArclengthState(NamedTuple):
     """
 
     started: torch.Tensor
+    descending: torch.Tensor
+    descent_steps: torch.Tensor
     finished: torch.Tensor
     anchor: PyTree
     anchor_grad: PyTree
@@ -93,6 +97,7 @@ class _Curve:
         self.family, self.base, self.state = family, base, state
         self.s, self.c = state.scale, state.t_unit
         self.rtol, self.iters = krylov_rtol, krylov_iters
+        self.dense = False
 
     def residual(self, x, t):
         """``(f(x), grad f(x), H(x, t))``."""
@@ -113,23 +118,59 @@ class _Curve:
             lambda v: tree.add(tree.scale(t, hvp(self.base, x, v)), tree.scale((1 - t) * self.s, v))
         ), h_w
 
-    def min_norm(self, x, t, grad, a_x, a_w, b):
-        """``u = a - J^T (J J^T)^{-1} (J a - b)`` by MINRES on the saddle-point system."""
+    def min_norm(self, x, t, grad, a_x, a_w, b, normal=None):
+        """``u = a - K^T (K K^T)^{-1} (K a - b)``, ``K = J`` or, with a unit ``normal``
+        ``n``, ``K = J (I - n n^T)`` (then ``u`` is orthogonal to ``n``: the
+        pseudo-arclength corrector's hyperplane). Dense (from ``n`` Hessian products) or
+        MINRES on the saddle-point system ``[[s I, K^T], [K, 0]]``."""
         h_x, h_w = self.jacobian(x, t, grad)
+        if self.dense:
+            return self._dense_min_norm(x, h_x, h_w, a_x, a_w, b, normal)
         s = self.s
+
+        def project(u_x, u_w):
+            if normal is None:
+                return u_x, u_w
+            dot = tree.vdot(normal[0], u_x) + normal[1] * u_w
+            return tree.axpy(-dot, normal[0], u_x), u_w - dot * normal[1]
 
         def matvec(v):
             u_x, u_w, y = v
-            hy = h_x(y)
-            top = tree.axpy(s, u_x, hy)
-            mid = s * u_w + tree.vdot(h_w, y)
-            return top, mid, tree.add(h_x(u_x), tree.scale(u_w, h_w))
+            hy_x, hy_w = project(h_x(y), tree.vdot(h_w, y))
+            p_x, p_w = project(u_x, u_w)
+            top = tree.axpy(s, u_x, hy_x)
+            return top, s * u_w + hy_w, tree.add(h_x(p_x), tree.scale(p_w, h_w))
 
         rhs = (tree.scale(s, a_x), s * a_w, b)
         n = sum(leaf.numel() for leaf in tree.leaves(x))
-        iters = self.iters if self.iters is not None else 2 * (2 * n + 1)
+        iters = self.iters if self.iters is not None else max(4 * (2 * n + 1), 30)
         u_x, u_w, _ = minres(matvec, rhs, max_iters=iters, rtol=self.rtol).x
         return u_x, u_w
+
+    def solve_x(self, x, t, grad, rhs):
+        """``H_x^+ rhs`` at fixed ``t`` (dense pseudo-inverse or MINRES)."""
+        h_x, _ = self.jacobian(x, t, grad)
+        if not self.dense:
+            return minres(h_x, rhs, rtol=self.rtol).x
+        hess, raveled = _dense_matrix(h_x, x)
+        flat = tree.ravel(rhs).flat
+        if not bool(torch.isfinite(hess).all() & torch.isfinite(flat).all()):
+            return tree.map(lambda r: torch.full_like(r, math.nan), rhs)
+        return tree.unravel(torch.linalg.pinv(hess) @ flat, raveled)
+
+    def _dense_min_norm(self, x, h_x, h_w, a_x, a_w, b, normal):
+        hess, raveled = _dense_matrix(h_x, x)
+        jac = torch.cat([hess, tree.ravel(h_w).flat[:, None]], 1)
+        a = torch.cat([tree.ravel(a_x).flat, a_w.reshape(1)])
+        rhs = tree.ravel(b).flat - jac @ a
+        if normal is not None:  # [J; n^T] d = [b - J a; -n^T a]
+            n_vec = torch.cat([tree.ravel(normal[0]).flat, normal[1].reshape(1)])
+            jac, rhs = torch.cat([jac, n_vec[None]]), torch.cat([rhs, -(n_vec @ a).reshape(1)])
+        if not bool(torch.isfinite(jac).all() & torch.isfinite(rhs).all()):
+            u = torch.full_like(a, math.nan)
+        else:
+            u = a + torch.linalg.pinv(jac) @ rhs
+        return tree.unravel(u[:-1], raveled), u[-1]
 
     def tangent(self, x, t, grad, prev_x, prev_w):
         """The unit null vector of ``J`` nearest ``prev`` (its orientation)."""
@@ -137,6 +178,14 @@ class _Curve:
         u_x, u_w = self.min_norm(x, t, grad, prev_x, prev_w, zero)
         size = torch.sqrt(tree.sum_of_squares(u_x) + u_w**2)
         return tree.scale(1 / size, u_x), u_w / size
+
+
+def _dense_matrix(matvec, x) -> tuple[torch.Tensor, tree.Raveled]:
+    """The matrix of ``matvec`` in the raveled coordinates of ``x`` (``n`` products)."""
+    raveled = tree.ravel(x)
+    eye = torch.eye(raveled.flat.numel(), dtype=raveled.flat.dtype, device=raveled.flat.device)
+    columns = [tree.ravel(matvec(tree.unravel(e, raveled))).flat for e in eye]
+    return torch.stack(columns, 1), raveled
 
 
 def _smallest_ritz_value(matvec, start: PyTree, steps: int) -> tuple[float, float]:
@@ -173,10 +222,14 @@ def arclength_homotopy(
     min_step: float = 1e-8,
     max_path_steps: int = 200,
     max_minimizers: int = 2,
+    descend_first: bool = True,
+    descent_gtol: float = 1e-6,
+    max_descent_steps: int = 200,
     max_corrector_iters: int = 6,
     corrector_tol: float = 1e-8,
     krylov_rtol: float = 1e-10,
     krylov_max_iters: int | None = None,
+    solver: str = "auto",
 ) -> Transform:
     """Arclength continuation on the gradient equation; chain it first, e.g.
     ``chain(arclength_homotopy(), newton_krylov(), armijo())`` (see the module docstring).
@@ -186,11 +239,17 @@ def arclength_homotopy(
       initial_step, max_step, min_step: arclength steps, in units of ``c = max(|x0|, 1)``.
       max_path_steps: predictor-corrector steps (updates) before leaving the curve.
       max_minimizers: candidate minimizers at ``t = 1`` before leaving the curve.
+      descend_first: first let the chain minimize ``f`` from ``x0`` (until
+        ``|grad f|_inf <= descent_gtol`` or ``max_descent_steps`` steps); its point is the
+        first candidate, and the curve from ``x0`` looks for better ones (Branin's use).
       max_corrector_iters: Newton corrector iterations per step (more: the step halves).
       corrector_tol: the corrector stops when ``|dz| <= corrector_tol (1 + |z|)`` (at
         least ``100 eps`` of the params' dtype).
       krylov_rtol, krylov_max_iters: the MINRES solves (``rtol`` at least ``10 eps``;
-        default ``2 (2n + 1)`` iterations).
+        default ``max(4 (2n + 1), 30)`` iterations).
+      solver: ``"dense"`` (the Jacobian from ``n`` Hessian products, pseudo-inverse
+        solves), ``"minres"`` (matrix-free) or ``"auto"`` (dense for ``n <= 50``: MINRES
+        loses the curve on badly scaled problems, e.g. Freudenstein-Roth from 100x).
 
     Needs the extras ``value``, ``grad``, ``value_fn``.
     """
@@ -200,16 +259,22 @@ def arclength_homotopy(
             "(user families: use homotopy(family) with its minimizer path)"
         )
     numbers = dict(initial_step=initial_step, max_step=max_step, min_step=min_step,
-                   corrector_tol=corrector_tol, krylov_rtol=krylov_rtol)  # fmt: skip
+                   corrector_tol=corrector_tol, krylov_rtol=krylov_rtol,
+                   descent_gtol=descent_gtol)  # fmt: skip
     for name, value in numbers.items():
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
             raise ValueError(
                 f"arclength_homotopy: {name} must be positive and finite, got {value!r}"
             )
+    if solver not in ("auto", "dense", "minres"):
+        raise ValueError(
+            f"arclength_homotopy: solver must be 'auto', 'dense' or 'minres', got {solver!r}"
+        )
     if not min_step <= initial_step <= max_step:
         raise ValueError("arclength_homotopy: need min_step <= initial_step <= max_step")
     for name, value in dict(max_path_steps=max_path_steps, max_minimizers=max_minimizers,
-                            max_corrector_iters=max_corrector_iters).items():  # fmt: skip
+                            max_corrector_iters=max_corrector_iters,
+                            max_descent_steps=max_descent_steps).items():  # fmt: skip
         if not (isinstance(value, int) and value >= 1):
             raise ValueError(f"arclength_homotopy: {name} must be an integer >= 1, got {value!r}")
 
@@ -220,7 +285,7 @@ def arclength_homotopy(
         false = torch.zeros((), dtype=torch.bool, device=ref.device)
         zeros = tree.zeros_like(params)
         return ArclengthState(
-            false, false, zeros, zeros, zero, zero, zeros, zero, zeros, zero, zero, count, count,
+            false, false | descend_first, count, false, zeros, zeros, zero, zero, zeros, zero, zeros, zero, zero, count, count,
             count, count, zeros, zero + math.inf, zero, zeros, zeros, false, count,
         )  # fmt: skip
 
@@ -242,7 +307,7 @@ def arclength_homotopy(
         for k in range(max_corrector_iters):
             value, grad, h_val = curve.residual(x, w / c)
             u_x, u_w = curve.min_norm(x, w / c, grad, tree.zeros_like(x), torch.zeros_like(w),
-                                      tree.neg(h_val))  # fmt: skip
+                                      tree.neg(h_val), normal=(tau_x, tau_w))  # fmt: skip
             size, z_size = torch.stack([
                 torch.sqrt(tree.sum_of_squares(u_x) + u_w**2),
                 torch.sqrt(tree.sum_of_squares(x) + w**2) + value * 0,
@@ -266,8 +331,7 @@ def arclength_homotopy(
         one = torch.ones_like(w_old)
         for _ in range(5):
             _, grad, h_val = curve.residual(x, one)
-            h_x, _ = curve.jacobian(x, one, grad)
-            dx = minres(h_x, tree.neg(h_val), rtol=curve.rtol).x
+            dx = curve.solve_x(x, one, grad, tree.neg(h_val))
             x = tree.add(x, dx)
             if float(tree.norm(dx)) <= curve.tol * (1 + float(tree.norm(x))):
                 break
@@ -284,6 +348,8 @@ def arclength_homotopy(
         eps = torch.finfo(state.t.dtype).eps  # float32: tolerances at its rounding
         curve = _Curve(family, base, state, max(krylov_rtol, 10 * eps), krylov_max_iters)
         curve.tol = max(corrector_tol, 100 * eps)
+        size = sum(leaf.numel() for leaf in tree.leaves(params))
+        curve.dense = solver == "dense" or (solver == "auto" and size <= _DENSE_MAX_SIZE)
         c = float(curve.c)
         x, w = state.point, state.t * curve.c
         syncs = 0
@@ -305,7 +371,7 @@ def arclength_homotopy(
                 return finish(state._replace(num_rejections=state.num_rejections + rejections),
                               params), syncs  # fmt: skip
         x_new, w_new, f_new, grad = accepted
-        if iters <= 2:
+        if iters <= 3:
             h = min(2 * h, max_step * c)
         tau_x, tau_w = curve.tangent(x_new, w_new / c, grad, state.tangent, state.tangent_t)
         state = state._replace(
@@ -343,6 +409,17 @@ def arclength_homotopy(
             shifted=torch.ones_like(state.shifted), t=torch.ones_like(state.t),
         )  # fmt: skip
 
+    def descend(state: ArclengthState, params, f_value, f_grad) -> ArclengthState:
+        """One step of the plain chain; at its end the point becomes the first candidate."""
+        small = tree.norm(f_grad, math.inf) <= descent_gtol
+        if not bool(small | (state.descent_steps >= max_descent_steps)):
+            return state._replace(descent_steps=state.descent_steps + 1)
+        finite = torch.isfinite(f_value)
+        return state._replace(
+            descending=torch.zeros_like(state.descending), best=params,
+            best_value=torch.where(finite, f_value, state.best_value),
+        )  # fmt: skip
+
     def update(updates, state: ArclengthState, params=None, **extra):
         del updates
         require_extras("arclength_homotopy", extra, "value", "grad", "value_fn")
@@ -354,7 +431,9 @@ def arclength_homotopy(
         syncs = 1
         if not bool(state.started):
             state = start(state, params, f_grad)
-        if bool(state.finished):
+        if bool(state.descending):
+            state, syncs = descend(state, params, f_value, f_grad), syncs + 1
+        if bool(state.descending) or bool(state.finished):
             new = state._replace(value=f_value, grad=f_grad, offset=tree.zeros_like(params),
                                  shifted=torch.zeros_like(state.shifted))  # fmt: skip
         else:
@@ -374,6 +453,7 @@ def arclength_homotopy(
             "continuation_rejections": state.num_rejections,
             "continuation_crossings": state.num_crossings,
             "continuation_minimizers": state.num_minimizers,
+            "continuation_descent_steps": state.descent_steps,
             "converged_ok": state.finished,
         }
         base = extra.get("value_fn")

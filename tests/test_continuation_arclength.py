@@ -36,19 +36,20 @@ def follow(fn, x0, transform, steps):
         value, grad = sf.value_and_grad(fn)(x)
         updates, state = opt.update(grad, state, x, value=value, grad=grad, value_fn=fn)
         inner = state.states[0]
-        if not bool(inner.finished):
+        if not bool(inner.finished | inner.descending):
             points.append((inner.point.clone(), float(inner.t)))
         x = sf.apply_updates(x, updates)
     return points, state.states[0], x
 
 
-def test_keller_curve_passes_both_folds_on_the_closed_form(dtype):
+@pytest.mark.parametrize("solver", ["dense", "minres"])
+def test_keller_curve_passes_both_folds_on_the_closed_form(dtype, solver):
     # Keller's curve grad f(x) = (1 - t) grad f(x0) is t = 1 - f'(x) / f'(x0): from x0 = 3
     # it crosses t = 1 at the local minimizer, turns at x = sqrt(2/3) (t > 1), crosses at
     # the maximizer, turns at -sqrt(2/3) (t < 1) and reaches the global minimizer.
     x0 = torch.tensor([3.0], dtype=dtype)
     g0 = 27 - 6 + 0.5
-    transform = arclength_homotopy("keller", max_minimizers=2, max_path_steps=200)
+    transform = arclength_homotopy("keller", max_minimizers=2, max_path_steps=200, solver=solver)
     points, state, _ = follow(tilted_double_well, x0, transform, 200)
     xs = [float(x) for x, _ in points]
     ts = [t for _, t in points]
@@ -58,7 +59,7 @@ def test_keller_curve_passes_both_folds_on_the_closed_form(dtype):
     assert all(b < a for a, b in itertools.pairwise(xs))  # x decreases along it
     peak = max(range(len(ts)), key=ts.__getitem__)
     assert ts[peak] > 1 and min(ts[peak:]) < 1  # t rose past 1, then fell below: two folds
-    assert abs(xs[peak] - math.sqrt(2 / 3)) < 0.3 and xs[-1] < ROOTS[0] + 0.5
+    assert abs(xs[peak] - math.sqrt(2 / 3)) < 0.3  # the first fold, f"(x) = 0
     assert int(state.num_crossings) == 3 and int(state.num_minimizers) == 2
     assert abs(float(state.best) - ROOTS[0]) < (1e-6 if dtype == torch.float64 else 1e-3)
 
@@ -86,7 +87,8 @@ def test_freudenstein_roth_from_ten_times_the_start():
     torch.testing.assert_close(wrapped.params, torch.tensor([5.0, 4.0], dtype=torch.float64))
 
 
-def test_convex_curve_of_a_quadratic_is_the_shifted_solve(dtype):
+@pytest.mark.parametrize("solver", ["dense", "minres"])
+def test_convex_curve_of_a_quadratic_is_the_shifted_solve(dtype, solver):
     # t (A x - b) + (1 - t) s (x - x0) = 0  =>  (t A + (1 - t) s I) x = t b + (1 - t) s x0.
     gen = torch.Generator().manual_seed(3)
     m = torch.randn(4, 4, generator=gen, dtype=torch.float64)
@@ -99,7 +101,9 @@ def test_convex_curve_of_a_quadratic_is_the_shifted_solve(dtype):
 
     g0 = a @ x0 - b
     s = g0.norm() / max(float(x0.norm()), 1.0)
-    points, state, _ = follow(fn, x0.to(dtype), arclength_homotopy("convex"), 12)
+    points, state, _ = follow(
+        fn, x0.to(dtype), arclength_homotopy("convex", descend_first=False, solver=solver), 12
+    )
     assert len(points) >= 3 and int(state.num_minimizers) == 1
     for x, t in points:
         expected = torch.linalg.solve(t * a + (1 - t) * s * torch.eye(4, dtype=torch.float64),
@@ -117,14 +121,31 @@ def test_without_a_minimizer_the_chain_restarts_from_the_anchor():
     def fn(x):
         return (0.25 * x**4 - 0.5 * x**2).sum()
 
-    opt = sf.chain(arclength_homotopy(max_path_steps=1, initial_step=1e-3), sf.newton_krylov(),
-                   sf.armijo())  # fmt: skip
+    transform = arclength_homotopy(max_path_steps=1, initial_step=1e-3, descend_first=False)
+    opt = sf.chain(transform, sf.newton_krylov(), sf.armijo())
     result = sf.minimize(fn, x0, opt, gtol=1e-9, max_steps=100)
     assert result.history[1]["continuation_minimizers"] == 0
     assert result.history[1]["converged_ok"] == 1.0
     assert result.converged
     plain = sf.minimize(fn, x0, sf.chain(sf.newton_krylov(), sf.armijo()), gtol=1e-9)
     torch.testing.assert_close(result.params, plain.params)
+
+
+def test_the_descent_point_is_kept_when_the_curve_finds_only_worse_minimizers():
+    # Powell badly scaled from 10x: Keller's curve crosses t = 1 at a saddle (f = 2), then
+    # at a local minimizer with f = 1.04; Newton from x0 solves it. Descending first
+    # keeps Newton's point as a candidate, so the homotopy loses nothing to it.
+    problem = UNCONSTRAINED["powell_badly_scaled"]
+    x0 = 10 * problem.x0
+    runs = {}
+    for first in (False, True):
+        transform = arclength_homotopy(max_path_steps=60, descend_first=first)
+        opt = sf.chain(transform, sf.newton_krylov(), sf.armijo())
+        runs[first] = sf.minimize(problem.fn, x0, opt, gtol=1e-6, max_steps=100)
+    assert abs(float(runs[False].value) - 1.0403) < 1e-3
+    assert runs[False].history[-1]["continuation_minimizers"] >= 1
+    assert solved(runs[True], problem.f_opt)
+    assert runs[True].history[-1]["continuation_descent_steps"] >= 1
 
 
 def test_arclength_update_is_pure():
@@ -150,6 +171,8 @@ def test_homotopy_path_option_builds_the_arclength_follower():
         ({"max_minimizers": 0}, "max_minimizers"),
         ({"initial_step": 20.0}, "min_step <= initial_step <= max_step"),
         ({"krylov_rtol": math.nan}, "krylov_rtol"),
+        ({"solver": "lu"}, "solver"),
+        ({"max_descent_steps": 0}, "max_descent_steps"),
     ],
 )
 def test_bad_arguments_are_named(kwargs, match):
