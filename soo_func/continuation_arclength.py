@@ -15,15 +15,22 @@ ch. 2-3). Families (on the gradient equation of ``f``):
     ``H = t grad f(x) + (1 - t) s (x - x0)``, ``s = |grad f(x0)| / max(|x0|, 1)``
     (the fixed-point homotopy of probability-one methods, Chow, Mallet-Paret & Yorke 1978).
 
-One update is one predictor-corrector step (Allgower & Georg Algorithm 3.1.1 / 3.3.x):
-the Euler predictor ``z + h tau`` along the unit tangent ``tau`` (the null vector of
-``J = [H_x  H_t]``, oriented as the previous one) and the Moore-Penrose Newton corrector
-``z <- z - J^+ H(z)`` (Allgower & Georg section 3.3). Both are minimum-norm solves of
-``J u = b``, done matrix-free by MINRES on the symmetric saddle-point system
-``[[s I, J^T], [J, 0]] [u; y] = [s a; b]`` (``u = a - J^T (J J^T)^{-1} (J a - b)``), each
-product being two Hessian-vector products of ``f``. The step ``h`` halves (a retry in the
-same update) when the corrector's first step exceeds ``h / 2`` or stops contracting by
-half, and doubles after a corrector that converged in two iterations.
+With ``descend_first`` (default) the chain first minimizes ``f`` from ``x0`` on its own;
+the point it reaches is the first candidate minimizer, and the curve from ``x0`` then
+looks for better ones (Branin's use of the curve; it also means the homotopy ends no
+worse than the plain chain whenever the latter converges within ``max_descent_steps``).
+
+One update is one predictor-corrector step (Allgower & Georg Algorithm 3.1.1): the Euler
+predictor ``z + h tau`` along the unit tangent ``tau`` (the null vector of
+``J = [H_x  H_t]``, oriented as the previous one: ``tau`` is the previous tangent
+projected on the null space of ``J``) and the pseudo-arclength Newton corrector
+``z <- z + u``, ``J u = -H(z)``, ``u`` orthogonal to ``tau`` (Allgower & Georg section
+2.3 / 3.3; Keller 1977). Both are minimum-norm solves of ``K u = b``: dense (``J`` from
+``n`` Hessian-vector products, pseudo-inverse; the default for ``n <= 50``) or
+matrix-free, MINRES on the symmetric saddle-point system ``[[s I, K^T], [K, 0]]``
+(two Hessian-vector products per iteration). The step ``h`` halves (a retry in the same
+update) when the corrector's first step exceeds ``h / 2`` or stops contracting by half,
+and doubles after a corrector that converged within three iterations.
 
 Where the curve crosses ``t = 1`` the point is refined by Newton at ``t = 1`` (on
 ``grad f = 0``) and tested with Lanczos (the smallest Ritz value of ``n`` steps): a
@@ -45,8 +52,8 @@ import torch
 
 from soo_func import tree
 from soo_func.base import Transform, require_extras
+from soo_func.continuation_curve import Curve, family_value, ritz_extremes
 from soo_func.continuation_path import _ChargedObjective, _raw
-from soo_func.krylov import minres
 from soo_func.oracles import hvp, value_and_grad
 
 PyTree = Any
@@ -88,130 +95,6 @@ class ArclengthState(NamedTuple):
     offset: PyTree
     shifted: torch.Tensor
     num_syncs: torch.Tensor
-
-
-class _Curve:
-    """``H``, its Jacobian products and the minimum-norm solves at one anchor."""
-
-    def __init__(self, family: str, base, state: ArclengthState, krylov_rtol, krylov_iters):
-        self.family, self.base, self.state = family, base, state
-        self.s, self.c = state.scale, state.t_unit
-        self.rtol, self.iters = krylov_rtol, krylov_iters
-        self.dense = False
-
-    def residual(self, x, t):
-        """``(f(x), grad f(x), H(x, t))``."""
-        value, grad = value_and_grad(self.base)(x)
-        st = self.state
-        if self.family == "keller":
-            return value, grad, tree.axpy(-(1 - t), st.anchor_grad, grad)
-        diff = tree.sub(x, st.anchor)
-        return value, grad, tree.add(tree.scale(t, grad), tree.scale((1 - t) * self.s, diff))
-
-    def jacobian(self, x, t, grad):
-        """``(v -> H_x v, H_w)`` at ``(x, t)``, ``w = c t`` (``H_x`` is symmetric)."""
-        st = self.state
-        if self.family == "keller":
-            return (lambda v: hvp(self.base, x, v)), tree.scale(1 / self.c, st.anchor_grad)
-        h_w = tree.scale(1 / self.c, tree.axpy(-self.s, tree.sub(x, st.anchor), grad))
-        return (
-            lambda v: tree.add(tree.scale(t, hvp(self.base, x, v)), tree.scale((1 - t) * self.s, v))
-        ), h_w
-
-    def min_norm(self, x, t, grad, a_x, a_w, b, normal=None):
-        """``u = a - K^T (K K^T)^{-1} (K a - b)``, ``K = J`` or, with a unit ``normal``
-        ``n``, ``K = J (I - n n^T)`` (then ``u`` is orthogonal to ``n``: the
-        pseudo-arclength corrector's hyperplane). Dense (from ``n`` Hessian products) or
-        MINRES on the saddle-point system ``[[s I, K^T], [K, 0]]``."""
-        h_x, h_w = self.jacobian(x, t, grad)
-        if self.dense:
-            return self._dense_min_norm(x, h_x, h_w, a_x, a_w, b, normal)
-        s = self.s
-
-        def project(u_x, u_w):
-            if normal is None:
-                return u_x, u_w
-            dot = tree.vdot(normal[0], u_x) + normal[1] * u_w
-            return tree.axpy(-dot, normal[0], u_x), u_w - dot * normal[1]
-
-        def matvec(v):
-            u_x, u_w, y = v
-            hy_x, hy_w = project(h_x(y), tree.vdot(h_w, y))
-            p_x, p_w = project(u_x, u_w)
-            top = tree.axpy(s, u_x, hy_x)
-            return top, s * u_w + hy_w, tree.add(h_x(p_x), tree.scale(p_w, h_w))
-
-        rhs = (tree.scale(s, a_x), s * a_w, b)
-        n = sum(leaf.numel() for leaf in tree.leaves(x))
-        iters = self.iters if self.iters is not None else max(4 * (2 * n + 1), 30)
-        u_x, u_w, _ = minres(matvec, rhs, max_iters=iters, rtol=self.rtol).x
-        return u_x, u_w
-
-    def solve_x(self, x, t, grad, rhs):
-        """``H_x^+ rhs`` at fixed ``t`` (dense pseudo-inverse or MINRES)."""
-        h_x, _ = self.jacobian(x, t, grad)
-        if not self.dense:
-            return minres(h_x, rhs, rtol=self.rtol).x
-        hess, raveled = _dense_matrix(h_x, x)
-        flat = tree.ravel(rhs).flat
-        if not bool(torch.isfinite(hess).all() & torch.isfinite(flat).all()):
-            return tree.map(lambda r: torch.full_like(r, math.nan), rhs)
-        return tree.unravel(torch.linalg.pinv(hess) @ flat, raveled)
-
-    def _dense_min_norm(self, x, h_x, h_w, a_x, a_w, b, normal):
-        hess, raveled = _dense_matrix(h_x, x)
-        jac = torch.cat([hess, tree.ravel(h_w).flat[:, None]], 1)
-        a = torch.cat([tree.ravel(a_x).flat, a_w.reshape(1)])
-        rhs = tree.ravel(b).flat - jac @ a
-        if normal is not None:  # [J; n^T] d = [b - J a; -n^T a]
-            n_vec = torch.cat([tree.ravel(normal[0]).flat, normal[1].reshape(1)])
-            jac, rhs = torch.cat([jac, n_vec[None]]), torch.cat([rhs, -(n_vec @ a).reshape(1)])
-        if not bool(torch.isfinite(jac).all() & torch.isfinite(rhs).all()):
-            u = torch.full_like(a, math.nan)
-        else:
-            u = a + torch.linalg.pinv(jac) @ rhs
-        return tree.unravel(u[:-1], raveled), u[-1]
-
-    def tangent(self, x, t, grad, prev_x, prev_w):
-        """The unit null vector of ``J`` nearest ``prev`` (its orientation)."""
-        zero = tree.zeros_like(x)
-        u_x, u_w = self.min_norm(x, t, grad, prev_x, prev_w, zero)
-        size = torch.sqrt(tree.sum_of_squares(u_x) + u_w**2)
-        return tree.scale(1 / size, u_x), u_w / size
-
-
-def _dense_matrix(matvec, x) -> tuple[torch.Tensor, tree.Raveled]:
-    """The matrix of ``matvec`` in the raveled coordinates of ``x`` (``n`` products)."""
-    raveled = tree.ravel(x)
-    eye = torch.eye(raveled.flat.numel(), dtype=raveled.flat.dtype, device=raveled.flat.device)
-    columns = [tree.ravel(matvec(tree.unravel(e, raveled))).flat for e in eye]
-    return torch.stack(columns, 1), raveled
-
-
-def _smallest_ritz_value(matvec, start: PyTree, steps: int) -> tuple[float, float]:
-    """Smallest and largest Ritz values of ``steps`` Lanczos steps (full
-    reorthogonalization), the Hessian test at a ``t = 1`` crossing (Golub & Van Loan 10.1)."""
-    basis, alphas, betas = [], [], []
-    v = tree.scale(1 / tree.norm(start), start)
-    for k in range(steps):
-        basis.append(v)
-        w = matvec(v)
-        alphas.append(tree.vdot(v, w))
-        for q in basis:  # full reorthogonalization (Gram-Schmidt twice)
-            w = tree.axpy(-tree.vdot(q, w), q, w)
-        for q in basis:
-            w = tree.axpy(-tree.vdot(q, w), q, w)
-        beta = tree.norm(w)
-        if k + 1 == steps or float(beta) <= 1e-12 * max(abs(float(a)) for a in alphas):
-            break
-        betas.append(beta)
-        v = tree.scale(1 / beta, w)
-    t_mat = torch.diag(torch.stack(alphas))
-    if betas:
-        off = torch.stack(betas)
-        t_mat = t_mat + torch.diag(off, 1) + torch.diag(off, -1)
-    eig = torch.linalg.eigvalsh(t_mat.double())
-    return float(eig[0]), float(eig[-1])
 
 
 def arclength_homotopy(
@@ -299,7 +182,7 @@ def arclength_homotopy(
         )  # fmt: skip
         return state
 
-    def corrector(curve: _Curve, x, w, tau_x, tau_w, h: float):
+    def corrector(curve: Curve, x, w, tau_x, tau_w, h: float):
         """Predict ``z + h tau`` and correct; ``(x, w, grad)`` or ``None`` (rejected)."""
         c = float(curve.c)
         x, w = tree.axpy(h, tau_x, x), w + h * tau_w
@@ -323,7 +206,7 @@ def arclength_homotopy(
                 return (x, w, value, grad), k + 1
         return None, max_corrector_iters
 
-    def at_t_one(curve: _Curve, x_old, w_old, x_new, w_new):
+    def at_t_one(curve: Curve, x_old, w_old, x_new, w_new):
         """Newton on ``grad f = 0`` from the interpolated crossing; ``(x, f, minimizer)``."""
         c = float(curve.c)
         a = (c - w_old) / (w_new - w_old)
@@ -340,13 +223,13 @@ def arclength_homotopy(
         gen = torch.Generator().manual_seed(0)
         probe = tree.map(lambda p: torch.randn(p.shape, generator=gen, dtype=torch.float64)
                          .to(p), x)  # fmt: skip
-        low, high = _smallest_ritz_value(lambda v: hvp(curve.base, x, v), probe, min(n, 100))
+        low, high = ritz_extremes(lambda v: hvp(curve.base, x, v), probe, min(n, 100))
         eps = torch.finfo(value.dtype).eps
         return x, value, low >= -math.sqrt(eps) * max(abs(high), 1e-300)
 
     def path_step(state: ArclengthState, base, params) -> tuple[ArclengthState, int]:
         eps = torch.finfo(state.t.dtype).eps  # float32: tolerances at its rounding
-        curve = _Curve(family, base, state, max(krylov_rtol, 10 * eps), krylov_max_iters)
+        curve = Curve(family, base, state, max(krylov_rtol, 10 * eps), krylov_max_iters)
         curve.tol = max(corrector_tol, 100 * eps)
         size = sum(leaf.numel() for leaf in tree.leaves(params))
         curve.dense = solver == "dense" or (solver == "auto" and size <= _DENSE_MAX_SIZE)
@@ -395,7 +278,7 @@ def arclength_homotopy(
         if done or int(state.num_path_steps) >= max_path_steps:
             return finish(state, params), syncs
         t = state.t
-        v_t, g_t = _family_value(family, base, state, x_new, t, (f_new, grad))
+        v_t, g_t = family_value(family, base, state, x_new, t, (f_new, grad))
         return state._replace(
             value=v_t, grad=g_t, offset=tree.sub(x_new, params),
             shifted=torch.ones_like(state.shifted),
@@ -465,22 +348,9 @@ def arclength_homotopy(
             fn = _ChargedObjective(lambda p: raw(tree.add(p, offset)), base)
         else:
             fn = _ChargedObjective(
-                lambda p: _family_value(family, raw, state, tree.add(p, offset), t)[0], base
+                lambda p: family_value(family, raw, state, tree.add(p, offset), t)[0], base
             )
         out.update(value_fn=fn, value=state.value, grad=state.grad, params_offset=offset)
         return out
 
     return Transform(init, update, publish)
-
-
-def _family_value(family, base, state: ArclengthState, x, t, known=None):
-    """``f_t(x)``, and its gradient from ``known = (f(x), grad f(x))`` when given."""
-    f, g = (base(x), None) if known is None else known
-    if family == "keller":
-        value = f - (1 - t) * tree.vdot(state.anchor_grad, x)
-        return value, None if g is None else tree.axpy(-(1 - t), state.anchor_grad, g)
-    diff = tree.sub(x, state.anchor)
-    value = t * f + (1 - t) * 0.5 * state.scale * tree.sum_of_squares(diff)
-    return value, None if g is None else tree.add(
-        tree.scale(t, g), tree.scale((1 - t) * state.scale, diff)
-    )
