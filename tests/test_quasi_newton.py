@@ -262,7 +262,12 @@ def test_bfloat16_params(method, memory_size):
         "b": torch.ones(3, dtype=torch.bfloat16),
     }
     result = sf.minimize(loss, params, sf.chain(transform, sf.wolfe()), max_steps=30, gtol=2e-2)
-    assert result.converged, (method, result.reason)
+    # Solved to bfloat16 accuracy: converged, or stopped by the search at the precision
+    # limit. One ulp from 0.5 (2^-8) is a gradient of 2 * 5 * 2^-8 = 0.039 in the heaviest
+    # coordinate, above gtol, so the search stopping there is the expected outcome, not a
+    # failure; the atol below is about two ulps of 0.5 and of -1.
+    stopped_at_precision = result.reason.startswith("search_failed")
+    assert result.converged or stopped_at_precision, (method, result.reason)
     assert result.params["a"].dtype == torch.bfloat16
     assert torch.allclose(result.params["a"].float(), torch.full((5,), 0.5), atol=2e-2)
     assert torch.allclose(result.params["b"].float(), torch.full((3,), -1.0), atol=2e-2)
@@ -329,3 +334,38 @@ def test_ascent_gives_minus_g_and_keeps_the_matrix_unless_reset(method, form, me
             old_valid = state.memory.valid[1:]  # the memory shifted by one slot
             assert new_state.memory.valid[:-1][old_valid].all()
             assert torch.equal(new_state.gamma, state.gamma)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: sf.directions.lbfgs(3),
+        lambda: bfgs(memory_size=3),
+        lambda: bfgs(memory_size=3, form="direct"),
+        lambda: sr1(memory_size=3),
+        lambda: broyden(memory_size=3),
+    ],
+)
+def test_stacked_and_per_slot_memories_agree(make, monkeypatch):
+    """Small memories are one stacked tensor, large ones a tuple of slots (a size rule in
+    _pair_memory): both layouts give the same directions, Gram matrices and curvature
+    products, through wrap-around of the memory."""
+    from soo_func.directions import _pair_memory
+
+    seq = near_identity_sequence(6, 9, torch.float64, seed=4)
+    v = torch.linspace(-1.0, 1.0, 6, dtype=torch.float64)
+    outputs = {}
+    for layout, limit in (("stacked", _pair_memory.STACK_MAX_ELEMENTS), ("tuple", 0)):
+        monkeypatch.setattr(_pair_memory, "STACK_MAX_ELEMENTS", limit)
+        transform = make()
+        state = transform.init(seq[0][0])
+        directions = []
+        for x, g in seq:
+            d, state = transform.update(g, state, x)
+            directions.append(d)
+        memory = next(s for s in state if isinstance(s, _pair_memory.PairMemory))
+        assert isinstance(memory.pairs, torch.Tensor) == (layout == "stacked")
+        curvature = transform.publish(state, seq[-1][0])["curvature"](v)
+        outputs[layout] = (torch.stack(directions), memory.gram, curvature)
+    for stacked, per_slot in zip(outputs["stacked"], outputs["tuple"], strict=True):
+        torch.testing.assert_close(stacked, per_slot, rtol=1e-12, atol=1e-12)

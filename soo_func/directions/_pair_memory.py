@@ -9,7 +9,11 @@ The pairs live in a tuple of ``memory_size`` slots, oldest first, each a ``[2, n
 tensor holding ``s_i`` (row 0) and ``y_i`` (row 1). A new pair is appended by
 rebuilding the *tuple* (drop the oldest slot, append the new one): no tensor of the
 old memory is copied or written, which keeps ``update`` pure without paying a copy of
-the whole ``[m, 2, n]`` buffer at every step. Every slot is always occupied; a slot
+the whole ``[m, 2, n]`` buffer at every step. Small memories (at most
+``STACK_MAX_ELEMENTS`` numbers) are one ``[m, 2, n]`` tensor instead, rebuilt by one
+concatenation per step: copying them costs less than the per-slot products, whose
+number of small operations dominates small problems. The choice is made by
+:func:`init_memory` from the sizes (never from tensor values). Every slot is always occupied; a slot
 whose pair was rejected (bad curvature), not yet filled, or dropped by a reset holds
 ``valid = False`` and contributes nothing (its coefficients are zero; its vectors are
 finite, but not necessarily zero).
@@ -45,11 +49,15 @@ __all__ = [
     "push",
 ]
 
+STACK_MAX_ELEMENTS = 1 << 17
+"""Memories of at most this many numbers (``2 m n``) are stored as one stacked tensor."""
+
 
 class PairMemory(NamedTuple):
     """The pairs, their Gram matrix, which slots are valid and the previous point.
 
-    ``pairs``: ``m`` tensors ``[2, n]`` (``s_i``, ``y_i``), oldest first.
+    ``pairs``: ``m`` tensors ``[2, n]`` (``s_i``, ``y_i``), oldest first, as a tuple or,
+    for small memories, stacked into one ``[m, 2, n]`` tensor.
     ``gram``: ``[2m, 2m]`` inner products of ``[s_0..s_{m-1}, y_0..y_{m-1}]``
     (zero rows and columns for invalid slots).
     ``valid``: ``[m]`` bool. ``prev_point``: ``[2, n]``, the flat params and gradient at
@@ -57,7 +65,7 @@ class PairMemory(NamedTuple):
     ``has_prev``: 0-d bool, false before the first update.
     """
 
-    pairs: tuple[torch.Tensor, ...]
+    pairs: tuple[torch.Tensor, ...] | torch.Tensor
     gram: torch.Tensor
     valid: torch.Tensor
     prev_point: torch.Tensor
@@ -87,8 +95,12 @@ def init_memory(memory_size: int, n: int, dtype: torch.dtype, device: torch.devi
     """
     zeros = torch.zeros(2, n, dtype=dtype, device=device)
     small = compute_dtype(dtype)
+    if 2 * memory_size * n <= STACK_MAX_ELEMENTS:
+        pairs = torch.zeros(memory_size, 2, n, dtype=dtype, device=device)
+    else:
+        pairs = tuple(zeros for _ in range(memory_size))
     return PairMemory(
-        pairs=tuple(zeros for _ in range(memory_size)),
+        pairs=pairs,
         gram=torch.zeros(2 * memory_size, 2 * memory_size, dtype=small, device=device),
         valid=torch.zeros(memory_size, dtype=torch.bool, device=device),
         prev_point=zeros,
@@ -97,11 +109,35 @@ def init_memory(memory_size: int, n: int, dtype: torch.dtype, device: torch.devi
     )
 
 
-def _grow(block: torch.Tensor, col: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
-    """Drop the first row and column of ``block`` and append ``col`` / ``row`` (length m)."""
-    kept = block[1:, 1:]
-    top = torch.cat([kept, col[:-1, None]], dim=1)
-    return torch.cat([top, row[None, :]], dim=0)
+def _products(pairs: tuple[torch.Tensor, ...] | torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``[k, 2]``: ``(s_i . v, y_i . v)`` for the slots of ``pairs`` (a tuple or stacked)."""
+    if isinstance(pairs, torch.Tensor):
+        return torch.mv(pairs.reshape(-1, v.shape[0]), v).view(-1, 2)
+    return torch.stack([torch.mv(slot, v) for slot in pairs])
+
+
+def _append(pairs: tuple[torch.Tensor, ...] | torch.Tensor, pair: torch.Tensor):
+    """Drop the oldest slot and append ``pair`` (``[2, n]``); the old memory is untouched."""
+    if isinstance(pairs, torch.Tensor):
+        return torch.cat([pairs[1:], pair[None]])
+    return (*pairs[1:], pair)
+
+
+def _shift_gram(gram: torch.Tensor, s_new: torch.Tensor, y_new: torch.Tensor) -> torch.Tensor:
+    """The Gram matrix with the oldest slot dropped and the new pair's rows and columns set.
+
+    ``s_new[i] = (s_i . s, y_i . s)`` and ``y_new[i] = (s_i . y, y_i . y)`` over the new
+    slots (the last one is the new pair itself). The old slots move one place up (a roll of
+    both slot axes); the new ``s`` and ``y`` rows and columns are written by masks.
+    """
+    m = s_new.shape[0]
+    shifted = gram.view(2, m, 2, m).roll((-1, -1), (1, 3)).reshape(2 * m, 2 * m)
+    rows = torch.stack([s_new, y_new]).transpose(1, 2).reshape(2, 2 * m)  # s . [S Y], y . [S Y]
+    index = torch.arange(2 * m, device=gram.device)
+    source = torch.where((index >= m)[:, None], rows[1], rows[0])  # row i: s or y block's new row
+    new = index % m == m - 1
+    gram = torch.where(new[:, None], source, shifted)
+    return torch.where(new[None, :], source.T, gram)
 
 
 def push(
@@ -129,10 +165,9 @@ def push(
     own = torch.cat([torch.mv(pair, g)[:, None], pair @ pair.T], 1).to(small)  # . (g, s, y)
     if m > 1:
         # Stack the per-slot products once (few small ops per step: they dominate small problems).
-        kept_g = torch.stack([torch.mv(slot, g) for slot in memory.pairs[1:]]).to(small)
+        kept_g = _products(memory.pairs[1:], g).to(small)
         if full_gram:
-            s = pair[0]
-            kept_s = torch.stack([torch.mv(slot, s) for slot in memory.pairs[1:]]).to(small)
+            kept_s = _products(memory.pairs[1:], pair[0]).to(small)
         else:
             kept_s = torch.zeros_like(kept_g)
         kept = torch.stack([kept_g, kept_s], 2)  # [m-1, 2, 2]: (s_i, y_i) . (g, s)
@@ -146,13 +181,7 @@ def push(
 
     sg, yg = products[:, 0, 0], products[:, 1, 0]
     s_new, y_new = products[:, :, 1], products[:, :, 2]  # [m, 2]: (s_i, y_i) . s / . y
-    m2 = memory.gram
-    ss_old, sy_old, ys_old, yy_old = m2[:m, :m], m2[:m, m:], m2[m:, :m], m2[m:, m:]
-    ss = _grow(ss_old, s_new[:, 0], s_new[:, 0])
-    sy = _grow(sy_old, y_new[:, 0], s_new[:, 1])  # sy[i, j] = s_i . y_j
-    ys = _grow(ys_old, s_new[:, 1], y_new[:, 0])
-    yy = _grow(yy_old, y_new[:, 1], y_new[:, 1])
-    gram = torch.cat([torch.cat([ss, sy], 1), torch.cat([ys, yy], 1)], 0)
+    gram = _shift_gram(memory.gram, s_new, y_new)
 
     finite = torch.isfinite(products[-1]).all()
     tentative = torch.cat([memory.valid[1:], finite[None]])
@@ -166,7 +195,7 @@ def push(
     # and unchanged; masked_fill_ with a 0-d mask is several times slower on CPU).
     torch.nan_to_num_(pair, nan=0.0, posinf=0.0, neginf=0.0)
     new_memory = PairMemory(
-        pairs=(*memory.pairs[1:], pair),
+        pairs=_append(memory.pairs, pair),
         gram=gram,
         valid=valid,
         prev_point=point,
@@ -179,7 +208,8 @@ def push(
 
 def complete_gram(memory: PairMemory) -> torch.Tensor:
     """The Gram matrix of ``[S Y]`` computed afresh from the stored pairs (masked)."""
-    stacked = torch.stack(memory.pairs)  # [m, 2, n]
+    pairs = memory.pairs
+    stacked = pairs if isinstance(pairs, torch.Tensor) else torch.stack(pairs)  # [m, 2, n]
     columns = torch.cat([stacked[:, 0], stacked[:, 1]])  # [2m, n]: s_0..s_{m-1}, y_0..
     gram = (columns @ columns.T).to(memory.gram.dtype)
     both = torch.cat([memory.valid, memory.valid])
@@ -188,7 +218,7 @@ def complete_gram(memory: PairMemory) -> torch.Tensor:
 
 def project(memory: PairMemory, v: torch.Tensor) -> torch.Tensor:
     """``[S^T v; Y^T v]`` (``[2m]``) for a flat vector ``v``; zero on invalid slots."""
-    products = torch.stack([slot @ v for slot in memory.pairs]).to(memory.gram.dtype)  # [m, 2]
+    products = _products(memory.pairs, v).to(memory.gram.dtype)  # [m, 2]
     out = torch.cat([products[:, 0], products[:, 1]])
     both = torch.cat([memory.valid, memory.valid])
     return torch.where(both, out, torch.zeros_like(out))
@@ -203,6 +233,8 @@ def combine(
     coef = torch.where(both, coef, torch.zeros_like(coef)).to(v.dtype)
     pair_coef = torch.stack([coef[:m], coef[m:]], dim=1)  # [m, 2]
     out = v * scale.to(v.dtype)  # a fresh tensor: accumulating into it in place mutates no input
+    if isinstance(memory.pairs, torch.Tensor):
+        return out.addmv_(memory.pairs.reshape(2 * m, -1).T, pair_coef.reshape(-1))
     for slot, c in zip(memory.pairs, pair_coef, strict=True):
         out.addmv_(slot.T, c)
     return out
