@@ -3,10 +3,11 @@
 ``homotopy_far_starts``: Moré-Garbow-Hillstrom problems from 10x and 100x their standard
 starting points, Newton-Krylov with Armijo backtracking alone
 (``chain(newton_krylov(), armijo())``) against the same wrapped in the default homotopy
-(``chain(homotopy(), newton_krylov(), armijo())``, the convex family), at most
-``MAX_STEPS`` steps each. ``homotopy_far_starts_keller``: the same with Keller's family
-(``homotopy("keller")``), which solves fewer than Newton alone (see
-:mod:`soo_func.continuation`).
+(``chain(homotopy(), newton_krylov(), armijo())``: Keller's curve by pseudo-arclength after
+the chain's own descent, :mod:`soo_func.continuation_arclength`), at most ``MAX_STEPS``
+steps each. ``homotopy_far_starts_convex`` / ``_keller``: the minimizer path with the
+convex family (the default before) / Keller's family (``homotopy("convex")``,
+``homotopy("keller")``; Keller's solves fewer than Newton alone).
 A run *solves* a problem when its final value is within ``1e-4 |f*| + 1e-6`` of the
 reference optimum ``f*`` (rule fixed before comparing; see :func:`solved`). Problems
 whose value or gradient is not finite at the far start are skipped (both methods refuse
@@ -56,6 +57,7 @@ def solved(result: sf.MinimizeResult, f_opt: float | None) -> bool:
 
 
 VARIANTS = {
+    "convex": lambda: sf.homotopy("convex"),
     "keller": lambda: sf.homotopy("keller"),
     "arclength": lambda: sf.homotopy("keller", path="arclength"),
     "arclength_convex": lambda: sf.homotopy("convex", path="arclength"),
@@ -215,8 +217,13 @@ def far_starts_keller(quick: bool) -> list[dict]:
     return far_starts(quick, family="keller")
 
 
+def far_starts_convex(quick: bool) -> list[dict]:
+    return far_starts(quick, family="convex")
+
+
 SUITES = {
     "homotopy_far_starts": far_starts,
+    "homotopy_far_starts_convex": far_starts_convex,
     "homotopy_far_starts_keller": far_starts_keller,
     "homotopy_regularization_path": regularization_path,
 }

@@ -385,7 +385,7 @@ def test_reset_at_stage_change_restarts_the_direction_state():
 def test_homotopy_with_lbfgs_downstream_converges():
     value_fn = lambda x: ((x - 3) ** 4).sum() + (x**2).sum()  # noqa: E731
     x0 = torch.full((4,), -20.0, dtype=torch.float64)
-    opt = sf.chain(homotopy(), reset_at_stage_change(sf.directions.lbfgs()), sf.armijo())
+    opt = sf.chain(homotopy("convex"), reset_at_stage_change(sf.directions.lbfgs()), sf.armijo())
     result = sf.minimize(value_fn, x0, opt, gtol=1e-8)
     assert result.converged
     assert math.isclose(float(result.grad_norm), 0.0, abs_tol=1e-7)
