@@ -337,6 +337,7 @@ def arclength_homotopy(
             "continuation_crossings": state.num_crossings,
             "continuation_minimizers": state.num_minimizers,
             "continuation_descent_steps": state.descent_steps,
+            "continuation_restart": state.shifted,
             "converged_ok": state.finished,
         }
         base = extra.get("value_fn")

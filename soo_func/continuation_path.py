@@ -179,7 +179,8 @@ def reset_at_stage_change(direction: Transform) -> Transform:
     points. The wrapper reads the ``continuation_restart`` flag that the homotopy
     publishes (true on the update that starts a stage and on the one after it) and
     replaces the state by ``direction.init(params)`` there, with ``torch.where`` (no
-    host sync). Use it as ``chain(homotopy(), reset_at_stage_change(lbfgs()), wolfe())``.
+    host sync). Use it as ``chain(homotopy("convex"), reset_at_stage_change(lbfgs()), wolfe())``
+    (the arclength follower publishes the flag too: true whenever it moved the point).
     """
 
     def update(updates, state, params=None, **extra):

@@ -15,6 +15,7 @@ import soo_func as sf
 from benchmarks.bench_homotopy import solved
 from benchmarks.problems import UNCONSTRAINED
 from soo_func.continuation_arclength import arclength_homotopy
+from soo_func.continuation_path import reset_at_stage_change
 
 
 def tilted_double_well(x: torch.Tensor) -> torch.Tensor:
@@ -185,3 +186,15 @@ def test_missing_extras_are_named():
     x = torch.ones(2, dtype=torch.float64)
     with pytest.raises(TypeError, match=r"arclength_homotopy needs .*value_fn"):
         opt.update(x, opt.init(x), x, value=x.sum(), grad=x)
+
+
+def test_default_homotopy_with_lbfgs_downstream_converges():
+    # The follower publishes continuation_restart whenever it moves the point, so a
+    # quasi-Newton memory wrapped in reset_at_stage_change never mixes two objectives.
+    value_fn = lambda x: ((x - 3) ** 4).sum() + (x**2).sum()  # noqa: E731
+    x0 = torch.full((4,), -20.0, dtype=torch.float64)
+    lbfgs = reset_at_stage_change(sf.directions.lbfgs())
+    opt = sf.chain(sf.homotopy(), lbfgs, sf.armijo())
+    result = sf.minimize(value_fn, x0, opt, gtol=1e-8, max_steps=500)
+    assert result.converged and float(result.grad_norm) <= 1e-7
+    assert result.history[-1]["continuation_minimizers"] >= 1
