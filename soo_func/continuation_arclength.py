@@ -193,7 +193,7 @@ def arclength_homotopy(
                                       tree.neg(h_val), normal=(tau_x, tau_w))  # fmt: skip
             size, z_size = torch.stack([
                 torch.sqrt(tree.sum_of_squares(u_x) + u_w**2),
-                torch.sqrt(tree.sum_of_squares(x) + w**2) + value * 0,
+                torch.sqrt(tree.sum_of_squares(x) + w**2) + value * 0,  # NaN if f is not finite
             ]).tolist()  # fmt: skip
             if not (math.isfinite(size) and math.isfinite(z_size)):
                 return None, k + 1
