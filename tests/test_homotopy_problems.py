@@ -30,10 +30,12 @@ def summary():
     return compare(SMALL, 10.0)[1]
 
 
+@pytest.mark.slow  # the comparison takes about 55 s alone, over 2 minutes on a busy machine
 def test_the_subset_is_every_small_problem(summary):
     assert len(SMALL) >= 15 and not summary["skipped"]
 
 
+@pytest.mark.slow
 def test_homotopy_solves_every_problem_newton_solves(summary):
     assert summary["losses"] == [], summary
     assert "freudenstein_roth" in summary["wins"], summary
