@@ -16,6 +16,9 @@ Default: wins Freudenstein-Roth at both (Newton ends at the local minimizer 48.9
 no losses; median evaluations about 25x Newton's (10x: 1089 values, 5033 Hessian
 products against 43 and 405), since the curve is followed for up to 200 steps looking
 for a second minimizer. Convex minimizer path: wins trigonometric at 100x only.
+``--suite homotopy_far_starts_5x_50x`` (starts not used while choosing the method):
+5x 27/33 Newton vs 28/33 default, 50x 23/33 vs 24/33; again Freudenstein-Roth, no losses.
+Every win so far is that one problem: the evidence that it generalizes is thin.
 A run *solves* a problem when its final value is within ``1e-4 |f*| + 1e-6`` of the
 reference optimum ``f*`` (rule fixed before comparing; see :func:`solved`). Problems
 whose value or gradient is not finite at the far start are skipped (both methods refuse
