@@ -339,6 +339,10 @@ def arclength_homotopy(
             "continuation_descent_steps": state.descent_steps,
             "continuation_restart": state.shifted,
             "converged_ok": state.finished,
+            # The best minimizer found so far (inf before the first): a run stopped while
+            # the point is on the curve returns it (see soo_func.minimize).
+            "incumbent_params": state.best,
+            "incumbent_value": state.best_value,
         }
         base = extra.get("value_fn")
         if base is None or not bool(state.started) or not bool(state.shifted):

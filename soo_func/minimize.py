@@ -63,6 +63,8 @@ class MinimizeResult:
 
 
 _RESERVED = {
+    "incumbent_params",
+    "incumbent_value",
     "value_fn",
     "value",
     "grad",
@@ -110,6 +112,23 @@ def _reusable(published: dict[str, Any], objective: CountedObjective, new_params
     if recover is not None and next_fn is published.get("value_fn"):
         return recover(published["next_value"], next_grad, new_params)
     return None
+
+
+def _incumbent_if_better(incumbent, value_host: float, objective: CountedObjective):
+    """``(params, value, grad)`` of the published incumbent when its value is below
+    ``value_host`` (one host read, one counted evaluation), else ``None``.
+
+    An optimizer that explores away from its best point (a homotopy following a curve
+    through several minimizers) publishes ``incumbent_params`` / ``incumbent_value``; a
+    run stopped before convergence then returns the incumbent, not the exploring point.
+    """
+    if incumbent is None:
+        return None
+    params, value = incumbent
+    if not isinstance(value, torch.Tensor) or not float(value) < value_host:
+        return None
+    value, grad = value_and_grad(objective)(params)
+    return params, value, grad
 
 
 def _check_finite_start(value: torch.Tensor, grad: PyTree) -> None:
@@ -207,12 +226,15 @@ def minimize(
     history = [row_for(0, value_host, grad_norm, 0.0, {})]
     reason, converged, num_steps = "max_steps", False, 0
     may_converge = True
+    incumbent = None  # the best point an exploring optimizer published (params, value)
     if grad_inf <= gtol:
         reason, converged = "gtol", True
     while not converged and num_steps < max_steps:
         kwargs = dict(extra, value=value, grad=grad, value_fn=objective)
         updates, state = optimizer.update(grad, state, params, **kwargs)
         published = publish(optimizer, state, params, **kwargs)
+        if "incumbent_params" in published:
+            incumbent = (published["incumbent_params"], published.get("incumbent_value"))
         new_params = apply_updates(params, updates)
         reuse = _reusable(published, objective, new_params)
         if reuse is not None:
@@ -266,6 +288,10 @@ def minimize(
         if callback is not None and callback(row, params):
             reason = "callback"
             break
+    better = None if converged else _incumbent_if_better(incumbent, value_host, objective)
+    if better is not None:
+        params, value, grad = better
+        reason += "; returned the optimizer's incumbent (its best point, lower than the last)"
     return MinimizeResult(
         params=params,
         value=value,

@@ -88,6 +88,27 @@ def test_freudenstein_roth_from_ten_times_the_start():
     torch.testing.assert_close(wrapped.params, torch.tensor([5.0, 4.0], dtype=torch.float64))
 
 
+def test_a_run_stopped_on_the_curve_returns_the_best_minimizer_found():
+    # While the point explores Keller's curve its value is far above the descent's
+    # minimizer (48.98); a driver stopped there returns that minimizer (the published
+    # incumbent), never the exploring point, so a small max_steps loses nothing to Newton.
+    problem = UNCONSTRAINED["freudenstein_roth"]
+    x0 = 10 * problem.x0
+    opt = sf.chain(arclength_homotopy(), sf.newton_krylov(), sf.armijo())
+    full = sf.minimize(problem.fn, x0, opt, gtol=1e-6, max_steps=500)
+    on_curve = [
+        row["step"]
+        for row in full.history
+        if row.get("continuation_path_steps", 0) >= 1 and row["value"] > 60.0
+    ]
+    assert on_curve, "the curve never left the local minimizer's neighbourhood"
+    stopped = sf.minimize(problem.fn, x0, opt, gtol=1e-6, max_steps=on_curve[0])
+    assert stopped.history[-1]["value"] > 60.0  # the driver's last point is on the curve
+    assert "incumbent" in stopped.reason and not stopped.converged
+    assert abs(float(stopped.value) - 48.98425) < 1e-3
+    assert float(problem.fn(stopped.params)) == pytest.approx(float(stopped.value), rel=1e-12)
+
+
 @pytest.mark.parametrize("solver", ["dense", "minres"])
 def test_convex_curve_of_a_quadratic_is_the_shifted_solve(dtype, solver):
     # t (A x - b) + (1 - t) s (x - x0) = 0  =>  (t A + (1 - t) s I) x = t b + (1 - t) s x0.

@@ -203,3 +203,31 @@ def test_result_fields_and_history():
     assert result.grad_norm == pytest.approx(float(tree.norm(result.grad)))
     assert result.history[1]["step_norm"] == pytest.approx(0.1 * result.history[0]["grad_norm"])
     assert isinstance(result.state, sf.base.SgdState)
+
+
+def _explorer(start: torch.Tensor) -> sf.Transform:
+    """Steps uphill (+1 per step) and publishes its starting point as the incumbent."""
+
+    def update(updates, state, params=None, **extra):
+        return torch.ones_like(updates), state
+
+    def publish(state, params=None, **extra):
+        return {"incumbent_params": start, "incumbent_value": (start**2).sum()}
+
+    return sf.Transform(lambda p: (), update, publish)
+
+
+def test_a_run_stopped_early_returns_a_lower_published_incumbent():
+    def loss(x):
+        return (x**2).sum()
+
+    start = torch.tensor([0.5], dtype=torch.float64)
+    result = sf.minimize(loss, start + 1.0, _explorer(start), max_steps=3, gtol=1e-12)
+    assert not result.converged and "incumbent" in result.reason
+    assert torch.equal(result.params, start) and float(result.value) == 0.25
+    torch.testing.assert_close(result.grad, 2 * start)
+    assert result.num_grad_evals == 1 + 3 + 1  # start, three steps, the incumbent
+    # Not lower than the last point: the last point is returned.
+    high = torch.tensor([10.0], dtype=torch.float64)
+    result = sf.minimize(loss, start, _explorer(high), max_steps=2, gtol=1e-12)
+    assert "incumbent" not in result.reason and float(result.params) == 2.5
