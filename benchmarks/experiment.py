@@ -21,7 +21,7 @@ The full experiment (all of Fashion-MNIST, MLP and small ResNet, all methods, tu
 
     python -m benchmarks.experiment --full --device cuda
 
-The full-data run that fits about 80 minutes of one CPU core (the README's table): the
+The full-data run that fits one CPU core (71 minutes here; the README's table): the
 strided-stem ResNet, four methods, tuning shortened to one epoch on 20k examples::
 
     OMP_NUM_THREADS=1 python -m benchmarks.experiment --full --models resnet_s2 --width 16 \
