@@ -12,24 +12,13 @@ tuned Adam measured in the same run (``< 1`` means fewer epochs / less time).
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from benchmarks.data import load_dataset
 from benchmarks.experiment import available_methods, run_experiment
+from benchmarks.experiment_report import with_ratios
 
 QUICK_METHODS = ["sgd", "adam", "hessian_free", "multi_batch_lbfgs"]
-
-
-def _with_ratios(rows: list[dict], peer: str = "adam") -> list[dict]:
-    peers = {r["model"]: r for r in rows if r["method"] == peer}
-    for r in rows:
-        p = peers.get(r["model"])
-        for key in ("epochs_to_target", "seconds_to_target"):
-            ok = p is not None and math.isfinite(p[key]) and p[key] > 0
-            r[f"{key.split('_')[0]}_ratio_vs_{peer}"] = r[key] / p[key] if ok else math.nan
-    return rows
 
 
 def deep_quick(quick: bool) -> list[dict]:
@@ -46,7 +35,7 @@ def deep_quick(quick: bool) -> list[dict]:
         validation=200,
         verbose=False,
     )
-    return _with_ratios(rows)
+    return with_ratios(rows)
 
 
 def deep_fmnist(quick: bool) -> list[dict]:
@@ -61,7 +50,7 @@ def deep_fmnist(quick: bool) -> list[dict]:
         validation=500,
         verbose=False,
     )
-    return _with_ratios(rows)
+    return with_ratios(rows)
 
 
 SUITES = {"deep_quick": deep_quick, "deep_fmnist": deep_fmnist}
