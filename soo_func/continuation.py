@@ -45,13 +45,8 @@ steps, and shrinks (``shrink``) with a retry from ``x_k`` when it did not within
 minimizes ``f`` from where it is. The last stage, ``t = 1``, is the plain chain on ``f``
 from the predicted point, ended only by the driver's ``gtol`` (``retry_last_stage``).
 
-How a chain-first member moves the point (the ``params_offset`` protocol extension): a
-predictor jump (and a retry from ``x_k``) is published as ``params_offset = x_pred - x``
-together with the objective seen *from the predicted point*, ``p -> f_t(p + offset)``,
-its value and gradient at ``params``. The members downstream compute their step ``u``
-for that objective, and :func:`~soo_func.chain` adds ``params_offset`` to the final
-updates, so the new point is ``x_pred + u``. A predictor whose value is not below that
-of the point it replaces is dropped (``offset`` to the path point instead).
+How the point moves (predictor jumps, retries): the ``params_offset`` extension of the
+publish channel, described in ``docs/design.md`` (section 3).
 
 Published: ``value_fn``, ``value``, ``grad`` (of ``f_t``, while ``t < 1`` or shifted)
 with ``recover_objective`` (built-in families: ``f`` and ``grad f`` from ``f_t`` and
@@ -79,6 +74,8 @@ from soo_func.continuation_arclength import arclength_homotopy
 from soo_func.continuation_path import (
     _ChargedObjective,
     _check_homotopy_args,
+    _compose,
+    _family_fn,
     _raw,
     _recovery,
     path_tangent,
@@ -122,29 +119,6 @@ class HomotopyState(NamedTuple):
     offset: PyTree
     shifted: torch.Tensor
     num_syncs: torch.Tensor
-
-
-def _family_fn(family: str | Family, base: Callable, state: HomotopyState) -> Family:
-    """``(p, t) -> f_t(p)`` for the built-in families (``base`` is the raw ``f``)."""
-    if callable(family):
-        return family
-    if family == "keller":
-        return lambda p, t: base(p) - (1 - t) * tree.vdot(state.anchor_grad, p)
-    return lambda p, t: (
-        t * base(p) + (1 - t) * 0.5 * state.scale * tree.sum_of_squares(tree.sub(p, state.anchor))
-    )
-
-
-def _compose(family: str, t, x, f_value, f_grad, state: HomotopyState):
-    """``f_t`` and its gradient at ``x`` from ``f`` and its gradient there (built-ins)."""
-    c = 1 - t
-    if family == "keller":
-        return f_value - c * tree.vdot(state.anchor_grad, x), tree.axpy(
-            -c, state.anchor_grad, f_grad
-        )
-    diff = tree.sub(x, state.anchor)
-    value = t * f_value + c * 0.5 * state.scale * tree.sum_of_squares(diff)
-    return value, tree.add(tree.scale(t, f_grad), tree.scale(c * state.scale, diff))
 
 
 def homotopy(

@@ -38,6 +38,30 @@ Family = Callable[[PyTree, torch.Tensor], torch.Tensor]
 __all__ = ["PathResult", "continuation_path", "path_tangent", "reset_at_stage_change"]
 
 
+def _family_fn(family: str | Family, base: Callable, state: Any) -> Family:
+    """``(p, t) -> f_t(p)`` for the built-in families (``base`` is the raw ``f``; ``state`` a
+    :class:`~soo_func.continuation.HomotopyState`)."""
+    if callable(family):
+        return family
+    if family == "keller":
+        return lambda p, t: base(p) - (1 - t) * tree.vdot(state.anchor_grad, p)
+    return lambda p, t: (
+        t * base(p) + (1 - t) * 0.5 * state.scale * tree.sum_of_squares(tree.sub(p, state.anchor))
+    )
+
+
+def _compose(family: str, t, x, f_value, f_grad, state: Any):
+    """``f_t`` and its gradient at ``x`` from ``f`` and its gradient there (built-ins)."""
+    c = 1 - t
+    if family == "keller":
+        return f_value - c * tree.vdot(state.anchor_grad, x), tree.axpy(
+            -c, state.anchor_grad, f_grad
+        )
+    diff = tree.sub(x, state.anchor)
+    value = t * f_value + c * 0.5 * state.scale * tree.sum_of_squares(diff)
+    return value, tree.add(tree.scale(t, f_grad), tree.scale(c * state.scale, diff))
+
+
 class _ChargedObjective(CountedObjective):
     """``fn`` as a counted objective whose evaluations are charged to ``charge_to``."""
 

@@ -39,15 +39,13 @@ with at most ``dense_max_params`` parameters and ``"cg"`` otherwise (the measure
 behind that choice: ``docs/design.md``, section 9). The ``"cg"`` step's predicted
 reduction uses ``d^T B d = -g^T d - lam d^T D d`` (no extra product).
 
-Counting: every Jacobian product (a column of the dense Jacobian, one ``jvp``, one
-``vjp``) is charged as one Hessian product to the driver's ``CountedObjective``
-(``value_fn``), each residual evaluation as one value. The dense solver evaluates the
-Jacobian at each trial point (``n`` products and one residual evaluation: the trial's
-value ``0.5 |r|^2`` and gradient ``J^T r`` come with it) and keeps it in the state for
-the next update, so a step costs ``n + 1``, accepted or not (MINPACK: ``1`` per trial
-plus ``n`` per accepted step). The matrix-free modes evaluate the trial with
-``value_and_grad``. Host synchronisation: the dense mode makes one per update (checking
-that the cached Jacobian belongs to ``params``); acceptance is a ``torch.where``.
+Counting: a Jacobian product (a dense column, a ``jvp``, a ``vjp``) is one Hessian product
+to the driver's ``CountedObjective``, a residual evaluation one value. The dense solver
+evaluates the Jacobian at each trial point (``n`` products and one residual evaluation,
+which give the trial's ``0.5 |r|^2`` and ``J^T r``) and keeps it for the next update: a
+step costs ``n + 1``, accepted or not (MINPACK: 1 per trial, ``n`` per accepted step).
+The matrix-free modes evaluate the trial with ``value_and_grad``. Host syncs: dense mode
+one per update (is the cached Jacobian at ``params``?); acceptance is a ``torch.where``.
 """
 
 from __future__ import annotations
