@@ -13,10 +13,10 @@ the whole ``[m, 2, n]`` buffer at every step. Small memories (at most
 ``STACK_MAX_ELEMENTS`` numbers) are one ``[m, 2, n]`` tensor instead, rebuilt by one
 concatenation per step: copying them costs less than the per-slot products, whose
 number of small operations dominates small problems. The choice is made by
-:func:`init_memory` from the sizes (never from tensor values). Every slot is always occupied; a slot
-whose pair was rejected (bad curvature), not yet filled, or dropped by a reset holds
-``valid = False`` and contributes nothing (its coefficients are zero; its vectors are
-finite, but not necessarily zero).
+:func:`init_memory` from the sizes (never from tensor values). Every slot is always
+occupied; a slot whose pair was rejected (bad curvature), not yet filled, or dropped by a
+reset holds ``valid = False`` and contributes nothing (its coefficients are zero; its
+vectors are finite, but not necessarily zero).
 
 Alongside the vectors the memory keeps their Gram matrix ``G = [S Y]^T [S Y]``
 (``2m x 2m``, columns ``s_0..s_{m-1}, y_0..y_{m-1}``), updated incrementally: each stored pair

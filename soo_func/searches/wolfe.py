@@ -74,10 +74,11 @@ def wolfe(
     Bracketing (Alg. 3.5) tries the initial step, then grows it to the minimizer of the
     cubic through the last two trials (eq. (3.59)), kept in ``[2, 10]`` times the current
     step (10 times when the cubic has no minimizer: nothing points to one nearby, as when
-    a tiny first step sees the line as linear to rounding), until a trial fails sufficient decrease, does not lower the value, or has a
-    non-negative slope: that brackets an acceptable step. Zoom (Alg. 3.6) then tries the
-    cubic interpolant's minimizer (the quadratic (3.57) when the cubic has none, else the
-    midpoint), at least 10% of the bracket's width from either end.
+    a tiny first step sees the line as linear to rounding), until a trial fails sufficient
+    decrease, does not lower the value, or has a non-negative slope: that brackets an
+    acceptable step. Zoom (Alg. 3.6) then tries the cubic interpolant's minimizer (the
+    quadratic (3.57) when the cubic has none, else the midpoint), at least 10% of the
+    bracket's width from either end.
 
     Where rounding hides the decrease (near a minimizer: the linear model's decrease
     ``alpha |phi'(0)|`` is below ``16 eps |phi(0)|``), a trial whose value ties ``phi(0)`` to
