@@ -15,7 +15,7 @@ $(VENV)/.stamp-base: pyproject.toml constraints.txt
 	touch $@
 
 test: $(VENV)/.stamp-base
-	$(VENV)/bin/ruff check soo_func tests benchmarks
+	$(VENV)/bin/ruff check soo_func tests benchmarks notebooks
 	OMP_NUM_THREADS=2 $(PY) -m pytest tests
 
 bench: $(VENV)/.stamp-base
@@ -29,7 +29,7 @@ bench: $(VENV)/.stamp-base
 	OMP_NUM_THREADS=2 $(PY) -m benchmarks.run --suite default
 
 lint: $(VENV)/.stamp-base
-	$(VENV)/bin/ruff check soo_func tests benchmarks
+	$(VENV)/bin/ruff check soo_func tests benchmarks notebooks
 
 clean:
 	rm -rf $(VENV)

@@ -48,7 +48,14 @@ from torch.nn.functional import cross_entropy
 
 from benchmarks.data import Dataset, load_dataset
 from benchmarks.deep_methods import Method, available_methods
-from benchmarks.experiment_report import first_reaching, format_table, plot, spread, with_ratios
+from benchmarks.experiment_report import (
+    first_reaching,
+    format_table,
+    plot,
+    reach_summary,
+    spread,
+    with_ratios,
+)
 from benchmarks.models import MODELS, make_model
 from soo_func import training
 from soo_func.stochastic import batch_overlap, overlapping_batches
@@ -259,9 +266,6 @@ def run_experiment(
                 )
                 for s in range(seeds)
             ]
-            reach = [r.first_reaching(target) for r in runs]
-            e_mean, e_std = spread([e for e, _ in reach])
-            t_mean, t_std = spread([t for _, t in reach])
             a_mean, a_std = spread([r.accuracy[-1] if r.accuracy else math.nan for r in runs])
             s_mean, _ = spread(
                 [r.seconds[-1] / r.epochs[-1] if r.epochs else math.nan for r in runs]
@@ -270,11 +274,7 @@ def run_experiment(
                 "model": model,
                 "method": name,
                 "tuned": f"{method.knob}={best:g}",
-                "reached": f"{sum(math.isfinite(e) for e, _ in reach)}/{seeds}",
-                "epochs_to_target": e_mean,
-                "epochs_sd": e_std,
-                "seconds_to_target": t_mean,
-                "seconds_sd": t_std,
+                **reach_summary([r.__dict__ for r in runs], target),
                 "final_test_acc": a_mean,
                 "acc_sd": a_std,
                 "sec_per_epoch": s_mean,

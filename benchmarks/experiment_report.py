@@ -4,7 +4,9 @@ The README's table is printed from a saved record by::
 
     python -m benchmarks.experiment_report benchmarks/results/deep_full_cpu.json [--target 0.89]
 
-(``--target``: recompute the epochs and seconds to another accuracy from the saved curves.)
+(``--target``: recompute the epochs and seconds to another accuracy from the saved curves;
+several records of one command split by ``--methods`` across processes are merged, and
+``--plot``/``--save`` write the merged curves and record.)
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ import math
 import statistics
 from pathlib import Path
 
-__all__ = ["first_reaching", "format_table", "markdown_table", "plot", "retarget", "spread",
-           "with_ratios"]  # fmt: skip
+__all__ = ["first_reaching", "format_table", "markdown_table", "merge", "plot", "reach_summary",
+           "retarget", "spread", "with_ratios"]  # fmt: skip
 
 
 def spread(values: list[float]) -> tuple[float, float]:
@@ -33,21 +35,57 @@ def first_reaching(epochs, seconds, accuracy, target: float) -> tuple[float, flo
     return math.nan, math.nan
 
 
+def reach_summary(runs: list[dict], target: float) -> dict:
+    """How the ``runs`` (dicts with ``epochs``, ``seconds``, ``accuracy``) reach ``target``.
+
+    ``epochs_to_target`` / ``seconds_to_target``: mean and sd over the seeds that reached it;
+    ``epochs_median`` / ``seconds_median``: median over *all* seeds, a seed that never
+    reached it counting as never (NaN when fewer than half reached it), so one lucky
+    seed cannot stand for a method.
+    """
+    reach = [first_reaching(r["epochs"], r["seconds"], r["accuracy"], target) for r in runs]
+    e_mean, e_sd = spread([e for e, _ in reach])
+    t_mean, t_sd = spread([t for _, t in reach])
+
+    def median(values: list[float]) -> float:
+        m = statistics.median([v if math.isfinite(v) else math.inf for v in values])
+        return m if math.isfinite(m) else math.nan
+
+    reached = sum(math.isfinite(e) for e, _ in reach)
+    return {"reached": f"{reached}/{len(runs)}", "epochs_to_target": e_mean, "epochs_sd": e_sd,
+            "seconds_to_target": t_mean, "seconds_sd": t_sd,
+            "epochs_median": median([e for e, _ in reach]),
+            "seconds_median": median([t for _, t in reach])}  # fmt: skip
+
+
 def retarget(rows: list[dict], curves: dict, target: float) -> list[dict]:
-    """Copies of ``rows`` with ``reached`` and the epochs/seconds to ``target`` recomputed
-    from the saved accuracy ``curves`` (``{"model/method": [run dicts]}``), with ratios."""
-    out = []
-    for row in rows:
-        runs = curves[f"{row['model']}/{row['method']}"]
-        reach = [first_reaching(r["epochs"], r["seconds"], r["accuracy"], target) for r in runs]
-        e_mean, e_sd = spread([e for e, _ in reach])
-        t_mean, t_sd = spread([t for _, t in reach])
-        reached = sum(math.isfinite(e) for e, _ in reach)
-        out.append(
-            {**row, "reached": f"{reached}/{len(runs)}", "epochs_to_target": e_mean,
-             "epochs_sd": e_sd, "seconds_to_target": t_mean, "seconds_sd": t_sd}
-        )  # fmt: skip
+    """Copies of ``rows`` with :func:`reach_summary` recomputed for ``target`` from the saved
+    accuracy ``curves`` (``{"model/method": [run dicts]}``), with ratios."""
+    out = [
+        {**row, **reach_summary(curves[f"{row['model']}/{row['method']}"], target)} for row in rows
+    ]
     return with_ratios(out)
+
+
+def merge(records: list[dict]) -> dict:
+    """One record from several runs of the same experiment (e.g. methods run in parallel
+    processes): their rows and curves together; the configurations must agree except for
+    ``methods``."""
+    ignored = {"methods"}
+    first = {k: v for k, v in records[0]["config"].items() if k not in ignored}
+    for other in records[1:]:
+        config = {k: v for k, v in other["config"].items() if k not in ignored}
+        differ = sorted(k for k in set(first) | set(config) if first.get(k) != config.get(k))
+        if differ or other.get("device") != records[0].get("device"):
+            raise ValueError(
+                "cannot merge records of different experiments: they differ in "
+                f"{differ or ['device']}; merge only runs of one command split by --methods"
+            )
+    rows = [dict(r) for record in records for r in record["rows"]]
+    curves = {k: v for record in records for k, v in record["curves"].items()}
+    methods = [m for record in records for m in record["config"].get("methods", [])]
+    return {"config": {**records[0]["config"], "methods": methods},
+            "device": records[0].get("device"), "rows": with_ratios(rows), "curves": curves}  # fmt: skip
 
 
 def with_ratios(rows: list[dict], peer: str = "adam") -> list[dict]:
@@ -115,20 +153,23 @@ def _ratio(value: float) -> str:
 
 
 def markdown_table(rows: list[dict], target: float, peer: str = "adam") -> str:
-    """The rows as a Markdown table: reached, epochs and seconds to ``target`` (mean ± sd over
-    the seeds that reached it), their ratios to ``peer``, seconds per epoch, final accuracy."""
+    """The rows as a Markdown table: seeds that reached ``target``, the median epochs to it
+    over all seeds (:func:`reach_summary`), epochs and seconds to it (mean ± sd over the
+    seeds that reached it), their ratios to ``peer``, seconds per epoch, final accuracy."""
     head = [
-        "model", "method", "tuned", f"reached {target:g}", f"epochs to {target:g}",
-        f"seconds to {target:g}", f"epochs vs {peer}", f"seconds vs {peer}",
-        "s / epoch", "final test acc",
+        "model", "method", "tuned", f"reached {target:g}", "median epochs",
+        f"epochs to {target:g}", f"seconds to {target:g}", f"epochs vs {peer}",
+        f"seconds vs {peer}", "s / epoch", "final test acc",
     ]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rows:
+        median = r.get("epochs_median", math.nan)
         cells = [
             r["model"],
             r["method"],
             r["tuned"],
             r["reached"],
+            f"{median:.2f}" if math.isfinite(median) else "-",
             _mean_sd(r["epochs_to_target"], r["epochs_sd"], 2),
             _mean_sd(r["seconds_to_target"], r["seconds_sd"], 0),
             _ratio(r.get(f"epochs_ratio_vs_{peer}", math.nan)),
@@ -145,14 +186,27 @@ def main(argv: list[str] | None = None) -> str:
     import json
 
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("record", help="a deep_<tag>.json written by benchmarks.experiment")
+    parser.add_argument(
+        "records", nargs="+", help="deep_<tag>.json files written by benchmarks.experiment "
+        "(several: runs of one command split by --methods, merged)",
+    )  # fmt: skip
     parser.add_argument("--target", type=float, help="default: the run's own target")
+    parser.add_argument("--plot", type=Path, help="also plot the (merged) curves to this PNG")
+    parser.add_argument("--save", type=Path, help="also write the merged record to this JSON")
     args = parser.parse_args(argv)
-    with open(args.record) as f:
-        record = json.load(f)
+    records = []
+    for path in args.records:
+        with open(path) as f:
+            records.append(json.load(f))
+    record = merge(records)
     target = record["config"]["target"] if args.target is None else args.target
     table = markdown_table(retarget(record["rows"], record["curves"], target), target)
     print(table)
+    if args.plot:
+        plot(record["curves"], target, args.plot)
+    if args.save:
+        with open(args.save, "w") as f:
+            json.dump(record, f)
     return table
 
 

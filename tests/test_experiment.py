@@ -10,7 +10,7 @@ import torch
 
 import benchmarks.experiment as experiment
 from benchmarks.data import load_dataset
-from benchmarks.experiment_report import markdown_table, retarget, with_ratios
+from benchmarks.experiment_report import markdown_table, merge, reach_summary, retarget, with_ratios
 from benchmarks.models import SmallResNet, make_model
 
 
@@ -164,20 +164,22 @@ def test_markdown_table_prints_mean_sd_ratios_and_dashes_for_never_reached():
         [
             {**base, "method": "adam", "reached": "3/3", "epochs_to_target": 4.5,
              "epochs_sd": 0.25, "seconds_to_target": 40.0, "seconds_sd": 2.0,
-             "final_test_acc": 0.9012},
+             "epochs_median": 4.25, "final_test_acc": 0.9012},
             {**base, "method": "hf", "reached": "0/3", "epochs_to_target": nan,
              "epochs_sd": nan, "seconds_to_target": nan, "seconds_sd": nan,
              "final_test_acc": 0.8875},
         ]
     )  # fmt: skip
     lines = markdown_table(rows, 0.9).splitlines()
-    assert lines[0].startswith("| model | method | tuned | reached 0.9 | epochs to 0.9 |")
-    assert len(lines) == 4 and lines[1].count("---") == 10
+    assert lines[0].startswith(
+        "| model | method | tuned | reached 0.9 | median epochs | epochs to 0.9 |"
+    )
+    assert len(lines) == 4 and lines[1].count("---") == 11
     assert lines[2] == (
-        "| m | adam | lr=0.001 | 3/3 | 4.50 ± 0.25 | 40 ± 2 | 1.00x | 1.00x | 9.4 "
+        "| m | adam | lr=0.001 | 3/3 | 4.25 | 4.50 ± 0.25 | 40 ± 2 | 1.00x | 1.00x | 9.4 "
         "| 0.9012 ± 0.0010 |"
     )
-    assert lines[3] == "| m | hf | lr=0.001 | 0/3 | - | - | - | - | 9.4 | 0.8875 ± 0.0010 |"
+    assert lines[3] == "| m | hf | lr=0.001 | 0/3 | - | - | - | - | - | 9.4 | 0.8875 ± 0.0010 |"
 
 
 def test_retarget_recomputes_reach_from_the_curves_and_the_cli_prints_it(tmp_path):
@@ -209,5 +211,59 @@ def test_retarget_recomputes_reach_from_the_curves_and_the_cli_prints_it(tmp_pat
     assert hf["epochs_to_target"] == 1.0 and hf["epochs_ratio_vs_adam"] == pytest.approx(2 / 3)
     path = tmp_path / "record.json"
     path.write_text(json.dumps({"config": {"target": 0.9}, "rows": rows, "curves": curves}))
-    assert "| m | hf | x=1 | 2/2 | 0.75 ± 0.35 |" in main([str(path), "--target", "0.85"])
-    assert "| m | adam | x=1 | 1/2 | 1.50 ± 0.00 |" in main([str(path)])
+    assert "| m | hf | x=1 | 2/2 | 0.75 | 0.75 ± 0.35 |" in main([str(path), "--target", "0.85"])
+    # One seed of two never reached 0.9: the median over all seeds is "never" (a dash).
+    assert "| m | adam | x=1 | 1/2 | - | 1.50 ± 0.00 |" in main([str(path)])
+
+
+def test_reach_summary_median_counts_seeds_that_never_reach_as_never():
+    def run(accuracy):
+        return {"epochs": [1.0, 2.0, 3.0], "seconds": [5.0, 10.0, 15.0], "accuracy": accuracy}
+
+    never, at_two, at_three = run([0.8, 0.8, 0.8]), run([0.8, 0.9, 0.9]), run([0.8, 0.8, 0.95])
+    summary = reach_summary([at_two, never, at_three], 0.9)
+    assert summary["reached"] == "2/3" and summary["epochs_median"] == 3.0
+    assert summary["epochs_to_target"] == 2.5 and summary["seconds_median"] == 15.0
+    lucky = reach_summary([at_two, never, never], 0.9)
+    assert lucky["epochs_to_target"] == 2.0 and math.isnan(lucky["epochs_median"])
+
+
+def test_merge_joins_split_runs_and_refuses_different_experiments(tmp_path):
+    from benchmarks.experiment_report import main
+
+    def record(method, epochs_to_target, **config):
+        curve = {"epochs": [1.0, 2.0], "seconds": [1.0, 2.0], "accuracy": [0.5, 0.95]}
+        row = {
+            "model": "m",
+            "method": method,
+            "tuned": "x=1",
+            "reached": "1/1",
+            "epochs_to_target": epochs_to_target,
+            "epochs_sd": 0.0,
+            "seconds_to_target": 2.0,
+            "seconds_sd": 0.0,
+            "sec_per_epoch": 1.0,
+            "final_test_acc": 0.95,
+            "acc_sd": 0.0,
+        }
+        cfg = {"target": 0.9, "epochs": 2.0, "width": 16, "methods": [method], **config}
+        return {"config": cfg, "device": "cpu", "rows": [row], "curves": {f"m/{method}": [curve]}}
+
+    merged = merge([record("adam", 2.0), record("hf", 1.0)])
+    assert [r["method"] for r in merged["rows"]] == ["adam", "hf"]
+    assert merged["config"]["methods"] == ["adam", "hf"] and set(merged["curves"]) == {
+        "m/adam",
+        "m/hf",
+    }
+    assert merged["rows"][1]["epochs_ratio_vs_adam"] == 0.5
+    with pytest.raises(ValueError, match=r"differ in \['width'\]"):
+        merge([record("adam", 2.0), record("hf", 1.0, width=8)])
+    paths = []
+    for method in ("adam", "hf"):
+        paths.append(tmp_path / f"{method}.json")
+        paths[-1].write_text(json.dumps(record(method, 2.0)))
+    out = tmp_path / "merged.json"
+    table = main([*map(str, paths), "--save", str(out), "--plot", str(tmp_path / "m.png")])
+    assert "| m | hf |" in table and "| m | adam |" in table
+    assert json.loads(out.read_text())["config"]["methods"] == ["adam", "hf"]
+    assert (tmp_path / "m.png").stat().st_size > 0
