@@ -250,8 +250,9 @@ def run_experiment(
                         flush=True,
                     )
             best = max(tuning, key=tuning.get)
-            runs = [
-                train(
+            runs = []
+            for seed in range(seeds):
+                run = train(
                     method,
                     best,
                     model,
@@ -260,12 +261,19 @@ def run_experiment(
                     data.test_x,
                     data.test_y,
                     epochs=epochs,
-                    seed=s,
+                    seed=seed,
                     width=width,
                     evals_per_epoch=evals_per_epoch,
                 )
-                for s in range(seeds)
-            ]
+                runs.append(run)
+                if verbose:
+                    reached_at, _ = run.first_reaching(target)
+                    print(
+                        f"    seed {seed}: test acc {max(run.accuracy, default=math.nan):.4f} best, "
+                        f"{run.accuracy[-1] if run.accuracy else math.nan:.4f} final; "
+                        f"{target:g} first at epoch {reached_at:.2f}",
+                        flush=True,
+                    )
             a_mean, a_std = spread([r.accuracy[-1] if r.accuracy else math.nan for r in runs])
             s_mean, _ = spread(
                 [r.seconds[-1] / r.epochs[-1] if r.epochs else math.nan for r in runs]
