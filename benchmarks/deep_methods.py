@@ -144,6 +144,12 @@ def available_methods() -> dict[str, Method]:
             batch_size=500, curvature_size=125, ggn_residual=True,
             notes="as gauss_newton_armijo with batch 500, GGN on 125 (twice the steps per epoch)",
         )  # fmt: skip
+        methods["gauss_newton_armijo_b250"] = Method(
+            "gauss_newton_armijo_b250", "soo", "damping", (0.01, 0.1, 1.0),
+            lambda lam: sf.chain(gauss_newton(damping=lam, max_iters=10), armijo()),
+            batch_size=250, curvature_size=64, ggn_residual=True,
+            notes="as gauss_newton_armijo with batch 250, GGN on 64 (4x the steps per epoch)",
+        )  # fmt: skip
     if levenberg:
         methods["levenberg_ggn"] = Method(
             "levenberg_ggn",

@@ -52,8 +52,7 @@ from benchmarks.experiment_report import (
     first_reaching,
     format_table,
     plot,
-    reach_summary,
-    spread,
+    summarize_runs,
     with_ratios,
 )
 from benchmarks.models import MODELS, make_model
@@ -189,6 +188,7 @@ def run_experiment(
     models: list[str],
     methods: list[str],
     seeds: int,
+    first_seed: int = 0,
     epochs: float,
     target: float,
     validation: int,
@@ -251,7 +251,7 @@ def run_experiment(
                     )
             best = max(tuning, key=tuning.get)
             runs = []
-            for seed in range(seeds):
+            for seed in range(first_seed, first_seed + seeds):
                 run = train(
                     method,
                     best,
@@ -274,19 +274,11 @@ def run_experiment(
                         f"{target:g} first at epoch {reached_at:.2f}",
                         flush=True,
                     )
-            a_mean, a_std = spread([r.accuracy[-1] if r.accuracy else math.nan for r in runs])
-            s_mean, _ = spread(
-                [r.seconds[-1] / r.epochs[-1] if r.epochs else math.nan for r in runs]
-            )
             row = {
                 "model": model,
                 "method": name,
                 "tuned": f"{method.knob}={best:g}",
-                **reach_summary([r.__dict__ for r in runs], target),
-                "final_test_acc": a_mean,
-                "acc_sd": a_std,
-                "sec_per_epoch": s_mean,
-                "diverged": sum(r.diverged for r in runs),
+                **summarize_runs([r.__dict__ for r in runs], target),
             }
             rows.append(row)
             curves[f"{model}/{name}"] = [r.__dict__ for r in runs]
@@ -355,6 +347,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "--models", nargs="+", choices=MODELS, help="resnet_s2: ResNet with a stride-2 stem"
     )
     parser.add_argument("--seeds", type=int)
+    parser.add_argument(
+        "--first-seed", type=int, default=0, help="seeds first_seed, ..., first_seed + seeds - 1 "
+        "(to split seeds across processes; merge with benchmarks.experiment_report)",
+    )  # fmt: skip
     parser.add_argument("--epochs", type=float)
     parser.add_argument("--target", type=float, help="test accuracy target (full: 0.9)")
     parser.add_argument("--train-size", type=int)
@@ -398,6 +394,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "tune_size": args.tune_size,
         "evals_per_epoch": args.evals_per_epoch,
         "threads": torch.get_num_threads(),
+        "first_seed": args.first_seed,
     }
 
     def save(rows: list[dict], curves: dict, suffix: str = "") -> Path:
@@ -411,6 +408,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         models=cfg["models"],
         methods=methods,
         seeds=cfg["seeds"],
+        first_seed=args.first_seed,
         epochs=cfg["epochs"],
         target=cfg["target"],
         validation=cfg["validation"],

@@ -16,7 +16,7 @@ import statistics
 from pathlib import Path
 
 __all__ = ["first_reaching", "format_table", "markdown_table", "merge", "plot", "reach_summary",
-           "retarget", "spread", "with_ratios"]  # fmt: skip
+           "retarget", "spread", "summarize_runs", "with_ratios"]  # fmt: skip
 
 
 def spread(values: list[float]) -> tuple[float, float]:
@@ -67,11 +67,27 @@ def retarget(rows: list[dict], curves: dict, target: float) -> list[dict]:
     return with_ratios(out)
 
 
+def summarize_runs(runs: list[dict], target: float) -> dict:
+    """A table row's numbers from the ``runs`` of one method (dicts with ``epochs``,
+    ``seconds``, ``accuracy``, ``diverged``): :func:`reach_summary`, the final test accuracy
+    (mean, sd), the seconds per epoch and how many runs diverged."""
+    acc_mean, acc_sd = spread([r["accuracy"][-1] if r["accuracy"] else math.nan for r in runs])
+    per_epoch, _ = spread(
+        [r["seconds"][-1] / r["epochs"][-1] if r["epochs"] else math.nan for r in runs]
+    )
+    return {**reach_summary(runs, target), "final_test_acc": acc_mean, "acc_sd": acc_sd,
+            "sec_per_epoch": per_epoch, "diverged": sum(bool(r["diverged"]) for r in runs)}  # fmt: skip
+
+
 def merge(records: list[dict]) -> dict:
-    """One record from several runs of the same experiment (e.g. methods run in parallel
-    processes): their rows and curves together; the configurations must agree except for
-    ``methods``."""
-    ignored = {"methods"}
+    """One record from several runs of the same experiment: methods run in parallel
+    processes (``--methods``) and seeds split across processes (``--first-seed``).
+
+    The configurations must agree except for ``methods``, ``seeds`` and ``first_seed``; a
+    method in several records must have been tuned to the same value, its runs are pooled
+    (distinct seeds) and its row recomputed by :func:`summarize_runs`.
+    """
+    ignored = {"methods", "seeds", "first_seed"}
     first = {k: v for k, v in records[0]["config"].items() if k not in ignored}
     for other in records[1:]:
         config = {k: v for k, v in other["config"].items() if k not in ignored}
@@ -79,13 +95,30 @@ def merge(records: list[dict]) -> dict:
         if differ or other.get("device") != records[0].get("device"):
             raise ValueError(
                 "cannot merge records of different experiments: they differ in "
-                f"{differ or ['device']}; merge only runs of one command split by --methods"
+                f"{differ or ['device']}; merge only runs of one command split by --methods "
+                "or --first-seed"
             )
-    rows = [dict(r) for record in records for r in record["rows"]]
-    curves = {k: v for record in records for k, v in record["curves"].items()}
-    methods = [m for record in records for m in record["config"].get("methods", [])]
-    return {"config": {**records[0]["config"], "methods": methods},
-            "device": records[0].get("device"), "rows": with_ratios(rows), "curves": curves}  # fmt: skip
+    rows: dict[str, dict] = {}
+    curves: dict[str, list] = {}
+    for record in records:
+        for row in record["rows"]:
+            key = f"{row['model']}/{row['method']}"
+            if key in rows and rows[key]["tuned"] != row["tuned"]:
+                raise ValueError(
+                    f"cannot pool {key}: tuned to {rows[key]['tuned']} in one record and "
+                    f"{row['tuned']} in another"
+                )
+            runs = curves.get(key, []) + record["curves"][key]
+            seeds = [r.get("seed") for r in runs]
+            if key in rows and len(set(seeds)) != len(seeds):
+                raise ValueError(f"cannot pool {key}: seed repeated in {seeds}")
+            curves[key] = runs
+            rows[key] = {**row, **summarize_runs(runs, first["target"])} if key in rows else row
+    methods = list(dict.fromkeys(r["method"] for r in rows.values()))
+    seeds = max(len(runs) for runs in curves.values())
+    return {"config": {**records[0]["config"], "methods": methods, "seeds": seeds},
+            "device": records[0].get("device"), "rows": with_ratios(list(rows.values())),
+            "curves": curves}  # fmt: skip
 
 
 def with_ratios(rows: list[dict], peer: str = "adam") -> list[dict]:

@@ -267,3 +267,28 @@ def test_merge_joins_split_runs_and_refuses_different_experiments(tmp_path):
     assert "| m | hf |" in table and "| m | adam |" in table
     assert json.loads(out.read_text())["config"]["methods"] == ["adam", "hf"]
     assert (tmp_path / "m.png").stat().st_size > 0
+
+
+def test_merge_pools_seeds_split_across_processes():
+    def record(seeds, reach_epoch, tuned="lr=0.001", first_seed=0):
+        runs = []
+        for seed in seeds:
+            accuracy = [0.95 if e >= reach_epoch else 0.5 for e in (1.0, 2.0, 3.0)]
+            runs.append({"seed": seed, "epochs": [1.0, 2.0, 3.0], "seconds": [2.0, 4.0, 6.0],
+                         "accuracy": accuracy, "diverged": False})  # fmt: skip
+        from benchmarks.experiment_report import summarize_runs
+
+        row = {"model": "m", "method": "adam", "tuned": tuned, **summarize_runs(runs, 0.9)}
+        cfg = {"target": 0.9, "epochs": 3.0, "methods": ["adam"], "seeds": len(seeds),
+               "first_seed": first_seed}  # fmt: skip
+        return {"config": cfg, "device": "cpu", "rows": [row], "curves": {"m/adam": runs}}
+
+    early, late = record([0, 1, 2], 1.0), record([3, 4, 5], 3.0, first_seed=3)
+    (row,) = merge([early, late])["rows"]
+    assert row["reached"] == "6/6" and row["epochs_to_target"] == 2.0
+    assert row["epochs_median"] == 2.0 and row["sec_per_epoch"] == 2.0
+    assert early["rows"][0]["reached"] == "3/3"  # inputs not mutated
+    with pytest.raises(ValueError, match="seed repeated"):
+        merge([early, record([2, 3], 3.0)])
+    with pytest.raises(ValueError, match=r"tuned to lr=0\.001 in one record and lr=0\.003"):
+        merge([early, record([3, 4, 5], 3.0, tuned="lr=0.003")])
