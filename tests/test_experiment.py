@@ -292,3 +292,11 @@ def test_merge_pools_seeds_split_across_processes():
         merge([early, record([2, 3], 3.0)])
     with pytest.raises(ValueError, match=r"tuned to lr=0\.001 in one record and lr=0\.003"):
         merge([early, record([3, 4, 5], 3.0, tuned="lr=0.003")])
+
+
+def test_experiment_checks_cli_trains_one_seed(capsys):
+    from benchmarks.experiment_checks import main
+
+    accuracy = main(["adam", "--train-size", "600", "--epochs", "0.5", "--width", "4"])
+    assert len(accuracy) == 2 and all(0 <= a <= 1 for a in accuracy)
+    assert "adam width 4 seed 0" in capsys.readouterr().out
