@@ -21,12 +21,18 @@ The full experiment (all of Fashion-MNIST, MLP and small ResNet, all methods, tu
 
     python -m benchmarks.experiment --full --device cuda
 
-The full-data run that fits one CPU core (71 minutes here; the README's table): the
-strided-stem ResNet, four methods, tuning shortened to one epoch on 20k examples::
+The full-data run that fits this machine's CPU (the README's table, about 2 hours of two
+cores): the strided-stem ResNet, tuning shortened to one epoch on 20k examples, methods and
+seeds split over two one-thread processes with ``--methods`` / ``--first-seed``, then merged::
 
     OMP_NUM_THREADS=1 python -m benchmarks.experiment --full --models resnet_s2 --width 16 \
-        --methods adam sgd hessian_free_b250 gauss_newton_armijo --epochs 6 \
-        --tune-epochs 1 --tune-size 20000 --evals-per-epoch 4 --tag full_cpu
+        --epochs 10 --tune-epochs 1 --tune-size 20000 --evals-per-epoch 4 \
+        --methods adam sgd gauss_newton_armijo_b500 --tag full_cpu10_a
+    (... --methods hessian_free_b250 --tag full_cpu10_b;
+     ... --methods gauss_newton_armijo_b500 --seeds 3 --first-seed 3 --tag full_cpu10_c;
+     ... --methods adam sgd --seeds 3 --first-seed 3 --tag full_cpu10_d)
+    python -m benchmarks.experiment_report benchmarks/results/deep_full_cpu10_{a,b,c,d}.json \
+        --save benchmarks/results/deep_full_cpu10.json --plot benchmarks/results/deep_full_cpu10.png
 
 Plots and a JSON record go to ``benchmarks/results/``. The methods and their grids are in
 :mod:`benchmarks.deep_methods`.
