@@ -5,7 +5,8 @@ The README's table is printed from a saved record by::
     python -m benchmarks.experiment_report benchmarks/results/deep_full_cpu.json [--target 0.89]
 
 (``--target``: recompute the epochs and seconds to another accuracy from the saved curves;
-several records of one command split by ``--methods`` across processes are merged, and
+several records of one command split across processes by ``--methods`` or ``--first-seed``
+are merged (:func:`merge`), and
 ``--plot``/``--save`` write the merged curves and record.)
 """
 
@@ -221,7 +222,7 @@ def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument(
         "records", nargs="+", help="deep_<tag>.json files written by benchmarks.experiment "
-        "(several: runs of one command split by --methods, merged)",
+        "(several: runs of one command split by --methods or --first-seed, merged)",
     )  # fmt: skip
     parser.add_argument("--target", type=float, help="default: the run's own target")
     parser.add_argument("--plot", type=Path, help="also plot the (merged) curves to this PNG")
