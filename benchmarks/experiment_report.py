@@ -1,13 +1,12 @@
 """Reporting for :mod:`benchmarks.experiment`: ratios to a peer, text and Markdown tables, plots.
 
-The README's table is printed from a saved record by::
+The README's table is printed from saved records by::
 
-    python -m benchmarks.experiment_report benchmarks/results/deep_full_cpu.json [--target 0.89]
+    python -m benchmarks.experiment_report benchmarks/results/deep_full_cpu10.json [--target 0.89]
 
 (``--target``: recompute the epochs and seconds to another accuracy from the saved curves;
 several records of one command split across processes by ``--methods`` or ``--first-seed``
-are merged (:func:`merge`), and
-``--plot``/``--save`` write the merged curves and record.)
+are merged (:func:`merge`), and ``--plot``/``--save`` write the merged curves and record.)
 """
 
 from __future__ import annotations
