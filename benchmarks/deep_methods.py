@@ -29,6 +29,10 @@ class Method:
     ``knob`` is the tuned value (``grid``); ``batch_size`` may depend on it via
     ``batch_size_of``. ``curvature_size``: examples of the gradient batch used for GGN
     products (the ``curvature`` extra); ``overlap``: multi-batch overlap size.
+    ``cosine_decay``: the step decays to 0 over the run's updates along a cosine
+    (:func:`soo_func.cosine_decay_schedule`): a torch.optim method's learning rate through
+    ``LambdaLR``; a soo_func method is then built as ``build(knob, step_scale)`` with
+    ``step_scale = sf.scale_by_schedule(...)`` to place in its chain (before a search).
     """
 
     name: str
@@ -41,6 +45,7 @@ class Method:
     curvature_size: int | None = None
     overlap: int | None = None
     ggn_residual: bool = False  # pass residual_fn = cross_entropy_ggn_residual on the subsample
+    cosine_decay: bool = False
     notes: str = ""
 
     def batch(self, knob: float) -> int:
@@ -76,6 +81,24 @@ def available_methods() -> dict[str, Method]:
             (3e-4, 1e-3, 3e-3),
             lambda lr: lambda ps: torch.optim.Adam(ps, lr=lr),
             notes="torch.optim.Adam, batch 128",
+        ),
+        "sgd_cosine": Method(
+            "sgd_cosine",
+            "torch",
+            "lr",
+            (0.01, 0.03, 0.1),
+            lambda lr: lambda ps: torch.optim.SGD(ps, lr=lr, momentum=0.9),
+            cosine_decay=True,
+            notes="sgd with the learning rate decayed to 0 along a cosine over the run",
+        ),
+        "adam_cosine": Method(
+            "adam_cosine",
+            "torch",
+            "lr",
+            (3e-4, 1e-3, 3e-3),
+            lambda lr: lambda ps: torch.optim.Adam(ps, lr=lr),
+            cosine_decay=True,
+            notes="adam with the learning rate decayed to 0 along a cosine over the run",
         ),
         "hessian_free": Method(
             "hessian_free",
@@ -141,6 +164,18 @@ def available_methods() -> dict[str, Method]:
                 batch_size=batch, curvature_size=curvature, ggn_residual=True,
                 notes=f"gauss_newton (CE GGN via its residual factor on {curvature} of a batch of "
                 f"{batch}, 10 CG) + armijo",
+            )  # fmt: skip
+        # The same with the step decayed to 0 along a cosine over the run (the schedule
+        # scales the Gauss-Newton direction before the search tries its unit step).
+        for suffix, batch, curvature in (("_b500", 500, 125), ("_b250", 250, 64)):
+            methods[f"gauss_newton_armijo{suffix}_cosine"] = Method(
+                f"gauss_newton_armijo{suffix}_cosine", "soo", "damping", (0.01, 0.1, 1.0),
+                lambda lam, step_scale: sf.chain(
+                    gauss_newton(damping=lam, max_iters=10), step_scale, armijo()
+                ),
+                batch_size=batch, curvature_size=curvature, ggn_residual=True, cosine_decay=True,
+                notes=f"gauss_newton_armijo{suffix} with the direction scaled by a cosine decay "
+                "to 0 over the run",
             )  # fmt: skip
     if levenberg:
         methods["levenberg_ggn"] = Method(

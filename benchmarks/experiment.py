@@ -52,6 +52,7 @@ import torch
 import torch.func as tf
 from torch.nn.functional import cross_entropy
 
+import soo_func as sf
 from benchmarks.data import Dataset, load_dataset
 from benchmarks.deep_methods import Method, available_methods
 from benchmarks.experiment_report import (
@@ -98,6 +99,12 @@ def _batches(method: Method, knob: float, n: int, gen: torch.Generator, device):
     return (order[i : i + size] for i in range(0, n - size + 1, size))
 
 
+def _num_updates(method: Method, knob: float, n: int, epochs: float) -> int:
+    """The updates :func:`train` makes in ``epochs`` (the horizon of a decaying step)."""
+    size = min(method.batch(knob), n)
+    return max(1, math.ceil(epochs * n / (size - (method.overlap or 0))))
+
+
 @dataclass
 class Run:
     method: str
@@ -134,11 +141,21 @@ def train(
     gen = torch.Generator().manual_seed(seed)
     run = Run(method.name, knob, seed)
     n = len(train_y)
+    scheduler = None
     if method.kind == "torch":
         params = {k: v.requires_grad_(True) for k, v in params.items()}
         opt = method.build(knob)(list(params.values()))
+        if method.cosine_decay:
+            decay = sf.cosine_decay_schedule(1.0, _num_updates(method, knob, n, epochs))
+            scheduler = torch.optim.lr_scheduler.LambdaLR(
+                opt, lambda count: float(decay(torch.tensor(count)))
+            )
     else:
-        opt = method.build(knob)
+        if method.cosine_decay:
+            decay = sf.cosine_decay_schedule(1.0, _num_updates(method, knob, n, epochs))
+            opt = method.build(knob, sf.scale_by_schedule(decay))
+        else:
+            opt = method.build(knob)
         state = opt.init(params)
     seen, clock, next_eval = 0, 0.0, n / evals_per_epoch
     while seen < epochs * n and not run.diverged:
@@ -150,6 +167,8 @@ def train(
                 loss = loss_fn(params, batch)
                 loss.backward()
                 opt.step()
+                if scheduler is not None:
+                    scheduler.step()
                 loss = loss.detach()
             else:
                 extra = {}

@@ -4,7 +4,7 @@ The README's table is printed from saved records by::
 
     python -m benchmarks.experiment_report benchmarks/results/deep_full_cpu10.json [--target 0.89]
 
-(``--target``: recompute the epochs and seconds to another accuracy from the saved curves;
+(``--peer adam_cosine``: ratios to another method; ``--target``: recompute the epochs and seconds to another accuracy from the saved curves;
 several records of one command split across processes by ``--methods`` or ``--first-seed``
 are merged (:func:`merge`), and ``--plot``/``--save`` write the merged curves and record.)
 """
@@ -58,13 +58,13 @@ def reach_summary(runs: list[dict], target: float) -> dict:
             "seconds_median": median([t for _, t in reach])}  # fmt: skip
 
 
-def retarget(rows: list[dict], curves: dict, target: float) -> list[dict]:
+def retarget(rows: list[dict], curves: dict, target: float, peer: str = "adam") -> list[dict]:
     """Copies of ``rows`` with :func:`reach_summary` recomputed for ``target`` from the saved
-    accuracy ``curves`` (``{"model/method": [run dicts]}``), with ratios."""
+    accuracy ``curves`` (``{"model/method": [run dicts]}``), with ratios to ``peer``."""
     out = [
         {**row, **reach_summary(curves[f"{row['model']}/{row['method']}"], target)} for row in rows
     ]
-    return with_ratios(out)
+    return with_ratios(out, peer)
 
 
 def summarize_runs(runs: list[dict], target: float) -> dict:
@@ -224,6 +224,10 @@ def main(argv: list[str] | None = None) -> str:
         "(several: runs of one command split by --methods or --first-seed, merged)",
     )  # fmt: skip
     parser.add_argument("--target", type=float, help="default: the run's own target")
+    parser.add_argument(
+        "--peer", default="adam", help="the method the ratios compare with (default adam; "
+        "e.g. adam_cosine for the runs with a decaying step)",
+    )  # fmt: skip
     parser.add_argument("--plot", type=Path, help="also plot the (merged) curves to this PNG")
     parser.add_argument("--save", type=Path, help="also write the merged record to this JSON")
     args = parser.parse_args(argv)
@@ -233,7 +237,11 @@ def main(argv: list[str] | None = None) -> str:
             records.append(json.load(f))
     record = merge(records)
     target = record["config"]["target"] if args.target is None else args.target
-    table = markdown_table(retarget(record["rows"], record["curves"], target), target)
+    methods = {row["method"] for row in record["rows"]}
+    if args.peer not in methods:
+        parser.error(f"--peer {args.peer} is not among the record's methods {sorted(methods)}")
+    rows = retarget(record["rows"], record["curves"], target, args.peer)
+    table = markdown_table(rows, target, args.peer)
     print(table)
     if args.plot:
         plot(record["curves"], target, args.plot)

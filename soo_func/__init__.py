@@ -41,6 +41,7 @@ from soo_func.oracles import (
     linearize_grad,
     value_and_grad,
 )
+from soo_func.schedules import ScaleByScheduleState, cosine_decay_schedule, scale_by_schedule
 from soo_func.searches import (
     LineSearchState,
     armijo,
@@ -64,6 +65,7 @@ __all__ = [
     "LineSearchState",
     "MinimizeResult",
     "PathResult",
+    "ScaleByScheduleState",
     "Transform",
     "apply_updates",
     "arclength_homotopy",
@@ -74,6 +76,7 @@ __all__ = [
     "broyden",
     "chain",
     "continuation_path",
+    "cosine_decay_schedule",
     "dfp",
     "functional_loss",
     "gauss_newton",
@@ -96,6 +99,7 @@ __all__ = [
     "require_extras",
     "reset_at_stage_change",
     "scale",
+    "scale_by_schedule",
     "sgd",
     "sr1",
     "stateless",

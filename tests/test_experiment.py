@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 import benchmarks.experiment as experiment
+import soo_func as sf
 from benchmarks.data import load_dataset
 from benchmarks.experiment_report import markdown_table, merge, reach_summary, retarget, with_ratios
 from benchmarks.models import SmallResNet, make_model
@@ -214,6 +216,12 @@ def test_retarget_recomputes_reach_from_the_curves_and_the_cli_prints_it(tmp_pat
     assert "| m | hf | x=1 | 2/2 | 0.75 | 0.75 ± 0.35 |" in main([str(path), "--target", "0.85"])
     # One seed of two never reached 0.9: the median over all seeds is "never" (a dash).
     assert "| m | adam | x=1 | 1/2 | - | 1.50 ± 0.00 |" in main([str(path)])
+    # Ratios to another peer: hf's 0.75 epochs over hf's own 0.75 is 1.00x.
+    assert "| 0.75 ± 0.35 | 15 ± 7 | 1.00x | 1.00x |" in main(
+        [str(path), "--target", "0.85", "--peer", "hf"]
+    )
+    with pytest.raises(SystemExit):
+        main([str(path), "--peer", "adam_cosine"])
 
 
 def test_reach_summary_median_counts_seeds_that_never_reach_as_never():
@@ -300,3 +308,51 @@ def test_experiment_checks_cli_trains_one_seed(capsys):
     accuracy = main(["adam", "--train-size", "600", "--epochs", "0.5", "--width", "4"])
     assert len(accuracy) == 2 and all(0 <= a <= 1 for a in accuracy)
     assert "adam width 4 seed 0" in capsys.readouterr().out
+
+
+def test_cosine_decay_spans_exactly_the_updates_of_the_run(digits, monkeypatch):
+    """The decaying methods' horizon is the number of updates train makes: the multiplier of
+    the last update is the schedule's last nonzero value, and no update runs past it."""
+    seen = []
+    real_scale = sf.scale_by_schedule
+
+    def recording_scale(schedule):
+        real = real_scale(schedule)
+
+        def update(updates, state, params=None, **extra):
+            seen.append(float(schedule(state.count)))
+            return real.update(updates, state, params)
+
+        return sf.Transform(real.init, update)
+
+    method = experiment.available_methods()["gauss_newton_armijo_b250_cosine"]
+    method = dataclasses.replace(method, batch_size=64, curvature_size=16)
+    monkeypatch.setattr(sf, "scale_by_schedule", recording_scale)
+    run = experiment.train(method, 0.1, "mlp", digits.train_x, digits.train_y, digits.test_x,
+                           digits.test_y, epochs=1.5, seed=0)  # fmt: skip
+    updates = experiment._num_updates(method, 0.1, len(digits.train_y), 1.5)
+    assert updates == math.ceil(1.5 * 300 / 64) == len(seen)
+    closed_form = [0.5 * (1 + math.cos(math.pi * k / updates)) for k in range(updates)]
+    assert seen == pytest.approx(closed_form) and seen[-1] > 0
+    assert not run.diverged and run.epochs[-1] == pytest.approx(len(seen) * 64 / 300)
+
+
+def test_torch_baselines_with_cosine_decay_end_at_a_vanishing_learning_rate(digits, monkeypatch):
+    rates = []
+    real_step = torch.optim.lr_scheduler.LambdaLR.step
+
+    def recording_step(self, *args):
+        real_step(self, *args)
+        rates.append(self.optimizer.param_groups[0]["lr"])
+
+    monkeypatch.setattr(torch.optim.lr_scheduler.LambdaLR, "step", recording_step)
+    method = experiment.available_methods()["adam_cosine"]
+    experiment.train(method, 1e-3, "mlp", digits.train_x, digits.train_y, digits.test_x,
+                     digits.test_y, epochs=1.0, seed=0)  # fmt: skip
+    # LambdaLR sets the first rate when built, then one step after each update: the k-th
+    # update ran at schedule(k), and the last at schedule(updates - 1) > 0.
+    updates = math.ceil(300 / 128)
+    assert len(rates) == 1 + updates
+    schedule = sf.cosine_decay_schedule(1e-3, updates)
+    assert rates == pytest.approx([float(schedule(torch.tensor(k))) for k in range(updates + 1)])
+    assert rates[-2] > 0 and rates[-1] == 0.0
