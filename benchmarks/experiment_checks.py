@@ -27,6 +27,9 @@ TUNED = {"adam": 1e-3, "sgd": 0.01, "gauss_newton_armijo_b500": 0.1,
 def main(argv: list[str] | None = None) -> list[float]:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("method", choices=sorted(TUNED))
+    parser.add_argument(
+        "--value", type=float, help="the method's knob (default: the full run's tuned value)"
+    )
     parser.add_argument("--width", type=int, default=16)
     parser.add_argument("--epochs", type=float, default=4.0)
     parser.add_argument("--seed", type=int, default=0)
@@ -34,11 +37,13 @@ def main(argv: list[str] | None = None) -> list[float]:
     args = parser.parse_args(argv)
     data = load_dataset("fashion-mnist", train_size=args.train_size)
     method = available_methods()[args.method]
-    run = train(method, TUNED[args.method], "resnet_s2", data.train_x, data.train_y,
+    value = TUNED[args.method] if args.value is None else args.value
+    run = train(method, value, "resnet_s2", data.train_x, data.train_y,
                 data.test_x, data.test_y, epochs=args.epochs, seed=args.seed,
                 evals_per_epoch=4, width=args.width)  # fmt: skip
     per_epoch = run.seconds[-1] / run.epochs[-1] if run.epochs else float("nan")
-    print(f"{args.method} width {args.width} seed {args.seed}: {per_epoch:.0f} s/epoch")
+    print(f"{args.method} {method.knob}={value:g} width {args.width} seed {args.seed}: "
+          f"{per_epoch:.0f} s/epoch")  # fmt: skip
     print("test accuracy:", " ".join(f"{a:.3f}" for a in run.accuracy))
     return run.accuracy
 

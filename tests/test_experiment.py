@@ -307,7 +307,9 @@ def test_experiment_checks_cli_trains_one_seed(capsys):
 
     accuracy = main(["adam", "--train-size", "600", "--epochs", "0.5", "--width", "4"])
     assert len(accuracy) == 2 and all(0 <= a <= 1 for a in accuracy)
-    assert "adam width 4 seed 0" in capsys.readouterr().out
+    assert "adam lr=0.001 width 4 seed 0" in capsys.readouterr().out  # the tuned value
+    main(["adam", "--value", "0.003", "--train-size", "600", "--epochs", "0.25", "--width", "4"])
+    assert "adam lr=0.003 width 4 seed 0" in capsys.readouterr().out
 
 
 def test_cosine_decay_spans_exactly_the_updates_of_the_run(digits, monkeypatch):
