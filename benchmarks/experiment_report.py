@@ -4,8 +4,9 @@ The README's table is printed from saved records by::
 
     python -m benchmarks.experiment_report benchmarks/results/deep_full_cpu10.json [--target 0.89]
 
-(``--peer adam_cosine``: ratios to another method; ``--target``: recompute the epochs and seconds to another accuracy from the saved curves;
-several records of one command split across processes by ``--methods`` or ``--first-seed``
+(``--peer adam_cosine``: ratios to another method; ``--averaged``: the accuracy of the
+averaged parameters; ``--target``: recompute the epochs and seconds to another accuracy
+from the saved curves; several records of one command split across processes by ``--methods`` or ``--first-seed``
 are merged (:func:`merge`), and ``--plot``/``--save`` write the merged curves and record.)
 """
 
@@ -15,8 +16,8 @@ import math
 import statistics
 from pathlib import Path
 
-__all__ = ["first_reaching", "format_table", "markdown_table", "merge", "plot", "reach_summary",
-           "retarget", "spread", "summarize_runs", "with_ratios"]  # fmt: skip
+__all__ = ["averaged_view", "first_reaching", "format_table", "markdown_table", "merge", "plot",
+           "reach_summary", "retarget", "spread", "summarize_runs", "with_ratios"]  # fmt: skip
 
 
 def spread(values: list[float]) -> tuple[float, float]:
@@ -59,12 +60,27 @@ def reach_summary(runs: list[dict], target: float) -> dict:
 
 
 def retarget(rows: list[dict], curves: dict, target: float, peer: str = "adam") -> list[dict]:
-    """Copies of ``rows`` with :func:`reach_summary` recomputed for ``target`` from the saved
-    accuracy ``curves`` (``{"model/method": [run dicts]}``), with ratios to ``peer``."""
+    """Copies of ``rows`` with their numbers (:func:`summarize_runs`) recomputed for
+    ``target`` from the saved accuracy ``curves`` (``{"model/method": [run dicts]}``), with
+    ratios to ``peer``."""
     out = [
-        {**row, **reach_summary(curves[f"{row['model']}/{row['method']}"], target)} for row in rows
+        {**row, **summarize_runs(curves[f"{row['model']}/{row['method']}"], target)} for row in rows
     ]
     return with_ratios(out, peer)
+
+
+def averaged_view(record: dict) -> dict:
+    """A copy of ``record`` whose curves' ``accuracy`` is the accuracy of the averaged
+    parameters (``averaged_accuracy``, :class:`benchmarks.experiment.ParamsAverage`)."""
+    curves = {}
+    for key, runs in record["curves"].items():
+        if any("averaged_accuracy" not in r for r in runs):
+            raise ValueError(
+                f"{key} has no averaged_accuracy curve: the record predates parameter averaging "
+                "(rerun it with the current benchmarks.experiment, or drop --averaged)"
+            )
+        curves[key] = [{**r, "accuracy": r["averaged_accuracy"]} for r in runs]
+    return {**record, "curves": curves}
 
 
 def summarize_runs(runs: list[dict], target: float) -> dict:
@@ -76,7 +92,8 @@ def summarize_runs(runs: list[dict], target: float) -> dict:
         [r["seconds"][-1] / r["epochs"][-1] if r["epochs"] else math.nan for r in runs]
     )
     return {**reach_summary(runs, target), "final_test_acc": acc_mean, "acc_sd": acc_sd,
-            "sec_per_epoch": per_epoch, "diverged": sum(bool(r["diverged"]) for r in runs)}  # fmt: skip
+            "sec_per_epoch": per_epoch,
+            "diverged": sum(bool(r.get("diverged")) for r in runs)}  # fmt: skip
 
 
 def merge(records: list[dict]) -> dict:
@@ -228,6 +245,10 @@ def main(argv: list[str] | None = None) -> str:
         "--peer", default="adam", help="the method the ratios compare with (default adam; "
         "e.g. adam_cosine for the runs with a decaying step)",
     )  # fmt: skip
+    parser.add_argument(
+        "--averaged", action="store_true", help="the accuracy of the averaged parameters "
+        "(a moving average over one epoch) instead of the last iterate's",
+    )  # fmt: skip
     parser.add_argument("--plot", type=Path, help="also plot the (merged) curves to this PNG")
     parser.add_argument("--save", type=Path, help="also write the merged record to this JSON")
     args = parser.parse_args(argv)
@@ -236,15 +257,19 @@ def main(argv: list[str] | None = None) -> str:
         with open(path) as f:
             records.append(json.load(f))
     record = merge(records)
+    try:
+        view = averaged_view(record) if args.averaged else record
+    except ValueError as error:
+        parser.error(str(error))
     target = record["config"]["target"] if args.target is None else args.target
     methods = {row["method"] for row in record["rows"]}
     if args.peer not in methods:
         parser.error(f"--peer {args.peer} is not among the record's methods {sorted(methods)}")
-    rows = retarget(record["rows"], record["curves"], target, args.peer)
+    rows = retarget(view["rows"], view["curves"], target, args.peer)
     table = markdown_table(rows, target, args.peer)
     print(table)
     if args.plot:
-        plot(record["curves"], target, args.plot)
+        plot(view["curves"], target, args.plot)
     if args.save:
         with open(args.save, "w") as f:
             json.dump(record, f)

@@ -358,3 +358,53 @@ def test_torch_baselines_with_cosine_decay_end_at_a_vanishing_learning_rate(digi
     schedule = sf.cosine_decay_schedule(1e-3, updates)
     assert rates == pytest.approx([float(schedule(torch.tensor(k))) for k in range(updates + 1)])
     assert rates[-2] > 0 and rates[-1] == 0.0
+
+
+def test_params_average_is_the_debiased_exponential_average():
+    """Against the explicit weighted mean: after updates with fractions f_1..f_k the weight
+    of p_i is f_i * prod_{j > i} (1 - f_j), normalized to sum to one."""
+    torch.manual_seed(0)
+    points = [{"w": torch.randn(3), "b": torch.randn(())} for _ in range(5)]
+    fractions = [0.3, 0.3, 0.5, 0.1, 1.0 / 3]
+    average = experiment.ParamsAverage(points[0])
+    for p, f in zip(points, fractions, strict=True):
+        average.update(p, f)
+    weights = [f * math.prod(1 - g for g in fractions[i + 1 :]) for i, f in enumerate(fractions)]
+    for key in ("w", "b"):
+        expected = sum(w * p[key] for w, p in zip(weights, points, strict=True)) / sum(weights)
+        torch.testing.assert_close(average.value()[key], expected)
+    constant = experiment.ParamsAverage(points[0])
+    for _ in range(3):
+        constant.update(points[0], 0.01)
+    torch.testing.assert_close(constant.value()["w"], points[0]["w"])  # no pull towards zero
+    assert points[0]["w"].data_ptr() != average.value()["w"].data_ptr()
+
+
+def test_train_evaluates_the_averaged_params_alongside_the_iterate(digits):
+    method = experiment.available_methods()["sgd"]
+    run = experiment.train(method, 0.03, "mlp", digits.train_x, digits.train_y, digits.test_x,
+                           digits.test_y, epochs=2.0, seed=0, evals_per_epoch=2)  # fmt: skip
+    assert len(run.averaged_accuracy) == len(run.accuracy) == 4
+    assert all(0 <= a <= 1 for a in run.averaged_accuracy)
+    assert run.averaged_accuracy != run.accuracy
+
+
+def test_report_averaged_reads_the_averaged_curves_and_names_old_records(tmp_path):
+    from benchmarks.experiment_report import main, summarize_runs
+
+    def run(accuracy, averaged):
+        return {"epochs": [1.0, 2.0], "seconds": [5.0, 10.0], "accuracy": accuracy,
+                "averaged_accuracy": averaged}  # fmt: skip
+
+    curves = {"m/adam": [run([0.8, 0.9], [0.9, 0.95])]}
+    row = {"model": "m", "method": "adam", "tuned": "lr=1",
+           **summarize_runs(curves["m/adam"], 0.9)}  # fmt: skip
+    path = tmp_path / "record.json"
+    path.write_text(json.dumps({"config": {"target": 0.9}, "rows": [row], "curves": curves}))
+    assert "| m | adam | lr=1 | 1/1 | 2.00 | 2.00 ± 0.00 |" in main([str(path)])
+    averaged = main([str(path), "--averaged"])
+    assert "| 1/1 | 1.00 | 1.00 ± 0.00 |" in averaged and "0.9500 ± 0.0000" in averaged
+    del curves["m/adam"][0]["averaged_accuracy"]
+    path.write_text(json.dumps({"config": {"target": 0.9}, "rows": [row], "curves": curves}))
+    with pytest.raises(SystemExit):
+        main([str(path), "--averaged"])
