@@ -21,9 +21,10 @@ The full experiment (all of Fashion-MNIST, MLP and small ResNet, all methods, tu
 
     python -m benchmarks.experiment --full --device cuda
 
-The full-data run that fits this machine's CPU (the README's table, about 2 hours of two
-cores): the strided-stem ResNet, tuning shortened to one epoch on 20k examples, methods and
-seeds split over two one-thread processes with ``--methods`` / ``--first-seed``, then merged::
+The full-data run that fits this machine's CPU (the README's tables, about 2 hours of two
+cores each): the strided-stem ResNet, tuning shortened to one epoch on 20k examples, methods and
+seeds split over two one-thread processes with ``--methods`` / ``--first-seed``, then merged.
+Constant steps::
 
     OMP_NUM_THREADS=1 python -m benchmarks.experiment --full --models resnet_s2 --width 16 \
         --epochs 10 --tune-epochs 1 --tune-size 20000 --evals-per-epoch 4 \
@@ -33,6 +34,16 @@ seeds split over two one-thread processes with ``--methods`` / ``--first-seed``,
      ... --methods adam sgd --seeds 3 --first-seed 3 --tag full_cpu10_d)
     python -m benchmarks.experiment_report benchmarks/results/deep_full_cpu10_{a,b,c,d}.json \
         --save benchmarks/results/deep_full_cpu10.json --plot benchmarks/results/deep_full_cpu10.png
+
+Every step decayed to 0 along a cosine over the run (the ``_cosine`` methods), each run also
+evaluating a one-epoch moving average of its parameters (:class:`ParamsAverage`; the report's
+``--averaged`` reads it)::
+
+    ... --methods gauss_newton_armijo_b250_cosine --tag full_cpu10_e
+    ... --methods adam_cosine sgd_cosine --seeds 6 --tag full_cpu10_f
+    ... --methods gauss_newton_armijo_b250_cosine --seeds 2 --first-seed 3 --tag full_cpu10_g
+    python -m benchmarks.experiment_report benchmarks/results/deep_full_cpu10_{e,f,g}.json \
+        --peer adam_cosine [--averaged] --save benchmarks/results/deep_full_cpu10_cosine.json
 
 Plots and a JSON record go to ``benchmarks/results/``. The methods and their grids are in
 :mod:`benchmarks.deep_methods`.
