@@ -10,6 +10,7 @@ left out (:func:`available_methods` looks them up by name).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -82,24 +83,6 @@ def available_methods() -> dict[str, Method]:
             lambda lr: lambda ps: torch.optim.Adam(ps, lr=lr),
             notes="torch.optim.Adam, batch 128",
         ),
-        "sgd_cosine": Method(
-            "sgd_cosine",
-            "torch",
-            "lr",
-            (0.01, 0.03, 0.1),
-            lambda lr: lambda ps: torch.optim.SGD(ps, lr=lr, momentum=0.9),
-            cosine_decay=True,
-            notes="sgd with the learning rate decayed to 0 along a cosine over the run",
-        ),
-        "adam_cosine": Method(
-            "adam_cosine",
-            "torch",
-            "lr",
-            (3e-4, 1e-3, 3e-3),
-            lambda lr: lambda ps: torch.optim.Adam(ps, lr=lr),
-            cosine_decay=True,
-            notes="adam with the learning rate decayed to 0 along a cosine over the run",
-        ),
         "hessian_free": Method(
             "hessian_free",
             "soo",
@@ -131,6 +114,11 @@ def available_methods() -> dict[str, Method]:
             notes="Berahas et al. 2016, batch 512, overlap 128, m=10",
         ),
     }
+    for name in ("sgd", "adam"):  # the baselines with the learning rate decayed along a cosine
+        methods[f"{name}_cosine"] = dataclasses.replace(
+            methods[name], name=f"{name}_cosine", cosine_decay=True,
+            notes=methods[name].notes + ", learning rate decayed to 0 along a cosine over the run",
+        )  # fmt: skip
     lbfgs, armijo, wolfe = _family("lbfgs"), _family("armijo"), _family("wolfe")
     nonlinear_cg, levenberg = _family("nonlinear_cg"), _family("levenberg")
     gauss_newton = _family("gauss_newton")
