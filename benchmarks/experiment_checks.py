@@ -6,6 +6,8 @@ of the full run (no tuning) and prints its test accuracy 4 times an epoch::
     OMP_NUM_THREADS=1 python -m benchmarks.experiment_checks gauss_newton_armijo_b250 --epochs 8
     OMP_NUM_THREADS=1 python -m benchmarks.experiment_checks gauss_newton_armijo_b500 --width 32 --epochs 4
     OMP_NUM_THREADS=1 python -m benchmarks.experiment_checks adam --width 32 --epochs 4
+    OMP_NUM_THREADS=1 python -m benchmarks.experiment_checks adam_cosine --value 1e-3 --epochs 10 \
+        --seed S   (S = 0, 1, 2: Adam with the cosine at the constant-step run's learning rate)
 
 The figures are in ``benchmarks/results/deep_full_cpu10_checks.md``.
 """
@@ -18,10 +20,12 @@ from benchmarks.data import load_dataset
 from benchmarks.deep_methods import available_methods
 from benchmarks.experiment import train
 
-# The values the full run's tuning chose (benchmarks/results/deep_full_cpu10.json);
-# gauss_newton_armijo_b250 was not in that run and uses the batch-500 entry's damping.
+# The values the full runs' tuning chose (benchmarks/results/deep_full_cpu10.json and
+# deep_full_cpu10_cosine.json); gauss_newton_armijo_b250 was not in those runs and uses the
+# batch-500 entry's damping.
 TUNED = {"adam": 1e-3, "sgd": 0.01, "gauss_newton_armijo_b500": 0.1,
-         "gauss_newton_armijo_b250": 0.1, "hessian_free_b250": 0.3}  # fmt: skip
+         "gauss_newton_armijo_b250": 0.1, "hessian_free_b250": 0.3,
+         "adam_cosine": 3e-3, "sgd_cosine": 0.1, "gauss_newton_armijo_b250_cosine": 0.1}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> list[float]:
@@ -45,6 +49,7 @@ def main(argv: list[str] | None = None) -> list[float]:
     print(f"{args.method} {method.knob}={value:g} width {args.width} seed {args.seed}: "
           f"{per_epoch:.0f} s/epoch")  # fmt: skip
     print("test accuracy:", " ".join(f"{a:.3f}" for a in run.accuracy))
+    print("averaged params:", " ".join(f"{a:.3f}" for a in run.averaged_accuracy))
     return run.accuracy
 
 
