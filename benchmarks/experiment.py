@@ -41,8 +41,7 @@ evaluating a one-epoch moving average of its parameters (:class:`ParamsAverage`;
 
     ... --methods gauss_newton_armijo_b250_cosine --tag full_cpu10_e
     ... --methods adam_cosine sgd_cosine --seeds 6 --tag full_cpu10_f
-    ... --methods gauss_newton_armijo_b250_cosine --seeds 2 --first-seed 3 --tag full_cpu10_g
-    python -m benchmarks.experiment_report benchmarks/results/deep_full_cpu10_{e,f,g}.json \
+    python -m benchmarks.experiment_report benchmarks/results/deep_full_cpu10_{e,f}.json \
         --peer adam_cosine [--averaged] --save benchmarks/results/deep_full_cpu10_cosine.json
 
 Plots and a JSON record go to ``benchmarks/results/``. The methods and their grids are in
