@@ -21,8 +21,8 @@ The full experiment (all of Fashion-MNIST, MLP and small ResNet, all methods, tu
 
     python -m benchmarks.experiment --full --device cuda
 
-The full-data run that fits this machine's CPU (the README's tables, about 2 hours of two
-cores each): the strided-stem ResNet, tuning shortened to one epoch on 20k examples, methods and
+The full-data run that fits this machine's CPU (the README's tables, 1-2 hours of two cores
+each): the strided-stem ResNet, tuning shortened to one epoch on 20k examples, methods and
 seeds split over two one-thread processes with ``--methods`` / ``--first-seed``, then merged.
 Constant steps::
 
@@ -178,21 +178,21 @@ def train(
     gen = torch.Generator().manual_seed(seed)
     run = Run(method.name, knob, seed)
     n = len(train_y)
+    decay = None
+    if method.cosine_decay:
+        decay = sf.cosine_decay_schedule(1.0, _num_updates(method, knob, n, epochs))
     scheduler = None
     if method.kind == "torch":
         params = {k: v.requires_grad_(True) for k, v in params.items()}
         opt = method.build(knob)(list(params.values()))
-        if method.cosine_decay:
-            decay = sf.cosine_decay_schedule(1.0, _num_updates(method, knob, n, epochs))
+        if decay is not None:
             scheduler = torch.optim.lr_scheduler.LambdaLR(
                 opt, lambda count: float(decay(torch.tensor(count)))
             )
     else:
-        if method.cosine_decay:
-            decay = sf.cosine_decay_schedule(1.0, _num_updates(method, knob, n, epochs))
-            opt = method.build(knob, sf.scale_by_schedule(decay))
-        else:
-            opt = method.build(knob)
+        opt = (
+            method.build(knob) if decay is None else method.build(knob, sf.scale_by_schedule(decay))
+        )
         state = opt.init(params)
     average = ParamsAverage(params)  # not timed: part of the evaluation, like the test passes
     seen, clock, next_eval = 0, 0.0, n / evals_per_epoch

@@ -6,8 +6,9 @@ The README's table is printed from saved records by::
 
 (``--peer adam_cosine``: ratios to another method; ``--averaged``: the accuracy of the
 averaged parameters; ``--target``: recompute the epochs and seconds to another accuracy
-from the saved curves; several records of one command split across processes by ``--methods`` or ``--first-seed``
-are merged (:func:`merge`), and ``--plot``/``--save`` write the merged curves and record.)
+from the saved curves; several records of one command split across processes by
+``--methods`` or ``--first-seed`` are merged (:func:`merge`), and ``--plot``/``--save``
+write the merged curves and record.)
 """
 
 from __future__ import annotations
