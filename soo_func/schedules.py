@@ -88,7 +88,9 @@ def scale_by_schedule(schedule: Schedule) -> Transform:
 
     def update(updates, state: ScaleByScheduleState, params=None, **extra):
         del params, extra
-        multiplier = torch.as_tensor(schedule(state.count), device=state.count.device)
+        multiplier = torch.as_tensor(  # float64 so a number keeps its digits for float64 leaves
+            schedule(state.count), dtype=torch.float64, device=state.count.device
+        )
         scaled = tree.map(lambda u: u * multiplier.to(u.dtype), updates)
         return scaled, ScaleByScheduleState(state.count + 1)
 

@@ -34,8 +34,6 @@ def _six_digits(x, certified) -> bool:
     return bool(np.all(np.abs(np.asarray(x) - certified) <= 1e-6 * np.abs(certified)))
 
 
-
-
 @pytest.mark.parametrize("start", [1, 2])
 @pytest.mark.parametrize("name", sorted(NIST))
 def test_nist_certified_values_where_scipy_reaches_them(name, start):

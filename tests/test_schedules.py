@@ -54,6 +54,10 @@ def test_scale_by_schedule_keeps_each_leaf_dtype_and_accepts_number_schedules():
     updates, _ = opt.update(params, opt.init(params), params)
     assert updates["a"].dtype == torch.float32 and updates["b"].dtype == torch.float64
     torch.testing.assert_close(updates["a"], torch.full((2,), 0.5))
+    # a number schedule is exact for float64 leaves (0.1 is not a float32 number)
+    opt = sf.scale_by_schedule(lambda count: 0.1)
+    updates, _ = opt.update(params, opt.init(params), params)
+    assert updates["b"].item() == 0.1
     # a float64 schedule value must not promote a 0-d float32 leaf
     opt = sf.scale_by_schedule(sf.cosine_decay_schedule(1.0, 3))
     zero_d = {"c": torch.tensor(2.0)}
