@@ -114,6 +114,13 @@ def available_methods() -> dict[str, Method]:
             notes="Berahas et al. 2016, batch 512, overlap 128, m=10",
         ),
     }
+    # Hessian-free with its step scaled by a cosine decay after the CG/Levenberg-Marquardt
+    # machinery (the damping still adapts to the unscaled proposal's reduction ratio).
+    methods["hessian_free_b250_cosine"] = dataclasses.replace(
+        methods["hessian_free_b250"], name="hessian_free_b250_cosine", cosine_decay=True,
+        build=lambda lam, step_scale: sf.chain(hessian_free(damping=lam, max_cg_iters=10), step_scale),
+        notes=methods["hessian_free_b250"].notes + ", step decayed to 0 along a cosine over the run",
+    )  # fmt: skip
     for name in ("sgd", "adam"):  # the baselines with the learning rate decayed along a cosine
         methods[f"{name}_cosine"] = dataclasses.replace(
             methods[name], name=f"{name}_cosine", cosine_decay=True,

@@ -312,7 +312,8 @@ def test_experiment_checks_cli_trains_one_seed(capsys):
     assert "adam lr=0.003 width 4 seed 0" in capsys.readouterr().out
 
 
-def test_cosine_decay_spans_exactly_the_updates_of_the_run(digits, monkeypatch):
+@pytest.mark.parametrize("name", ["gauss_newton_armijo_b250_cosine", "hessian_free_b250_cosine"])
+def test_cosine_decay_spans_exactly_the_updates_of_the_run(digits, monkeypatch, name):
     """The decaying methods' horizon is the number of updates train makes: the multiplier of
     the last update is the schedule's last nonzero value, and no update runs past it."""
     seen = []
@@ -327,7 +328,7 @@ def test_cosine_decay_spans_exactly_the_updates_of_the_run(digits, monkeypatch):
 
         return sf.Transform(real.init, update)
 
-    method = experiment.available_methods()["gauss_newton_armijo_b250_cosine"]
+    method = experiment.available_methods()[name]
     method = dataclasses.replace(method, batch_size=64, curvature_size=16)
     monkeypatch.setattr(sf, "scale_by_schedule", recording_scale)
     run = experiment.train(method, 0.1, "mlp", digits.train_x, digits.train_y, digits.test_x,
