@@ -173,8 +173,14 @@ def train(
     seed: int,
     evals_per_epoch: int = 2,
     width: int = 8,
+    track_average: bool = True,
 ) -> Run:
-    """Train ``model`` with ``method`` at ``knob``; evaluate ``evals_per_epoch`` times an epoch."""
+    """Train ``model`` with ``method`` at ``knob``; evaluate ``evals_per_epoch`` times an epoch.
+
+    With ``track_average`` the one-epoch average of the parameters (:class:`ParamsAverage`) is
+    evaluated alongside the iterate at every evaluation point; tuning, which reads only the
+    iterate, turns it off.
+    """
     device = train_x.device
     torch.manual_seed(seed)
     apply_fn, loss_fn, params = functional_model(model, seed, device, width)
@@ -197,7 +203,8 @@ def train(
             method.build(knob) if decay is None else method.build(knob, sf.scale_by_schedule(decay))
         )
         state = opt.init(params)
-    average = ParamsAverage(params)  # not timed: part of the evaluation, like the test passes
+    # not timed: part of the evaluation, like the test passes
+    average = ParamsAverage(params) if track_average else None
     seen, clock, next_eval = 0, 0.0, n / evals_per_epoch
     while seen < epochs * n and not run.diverged:
         for idx in _batches(method, knob, n, gen, device):
@@ -237,12 +244,16 @@ def train(
             if not math.isfinite(loss):
                 run.diverged = True
                 break
-            average.update(params, (len(idx) - (method.overlap or 0)) / n)
+            if average is not None:
+                average.update(params, (len(idx) - (method.overlap or 0)) / n)
             if seen >= next_eval or seen >= epochs * n:
                 run.epochs.append(seen / n)
                 run.seconds.append(clock)
                 run.accuracy.append(accuracy(apply_fn, params, eval_x, eval_y))
-                run.averaged_accuracy.append(accuracy(apply_fn, average.value(), eval_x, eval_y))
+                if average is not None:
+                    run.averaged_accuracy.append(
+                        accuracy(apply_fn, average.value(), eval_x, eval_y)
+                    )
                 run.loss.append(loss)
                 next_eval += n / evals_per_epoch
             if seen >= epochs * n:
@@ -310,6 +321,7 @@ def run_experiment(
                     seed=0,
                     width=width,
                     evals_per_epoch=evals_per_epoch,
+                    track_average=False,
                 )
                 tuning[knob] = -1.0 if r.diverged or not r.accuracy else r.accuracy[-1]
                 if verbose:

@@ -28,11 +28,12 @@ def digits():
 
 
 def test_tuning_budget_options_reach_every_tuning_run_and_not_the_final_runs(digits, monkeypatch):
-    calls = []
+    calls, averaging = [], []
     real_train = experiment.train
 
     def recording_train(method, knob, model, train_x, train_y, eval_x, eval_y, **kw):
         calls.append((method.name, len(train_y), len(eval_y), kw["epochs"], kw["evals_per_epoch"]))
+        averaging.append((kw["epochs"], kw.get("track_average", True)))
         return real_train(method, knob, model, train_x, train_y, eval_x, eval_y, **kw)
 
     monkeypatch.setattr(experiment, "train", recording_train)
@@ -56,6 +57,8 @@ def test_tuning_budget_options_reach_every_tuning_run_and_not_the_final_runs(dig
     assert all(c[1:3] == (300, 100) for c in final)  # whole training set, test set
     assert all(c[4] == 4 for c in calls)
     assert [r["method"] for r in rows] == ["sgd", "adam"]
+    # tuning reads only the iterate: the averaged params are tracked in the final runs only
+    assert sorted(set(averaging)) == [(0.5, False), (1.0, True)]
 
 
 def test_tuning_defaults_to_the_final_budget_on_all_remaining_examples(digits, monkeypatch):
@@ -388,6 +391,10 @@ def test_train_evaluates_the_averaged_params_alongside_the_iterate(digits):
     assert len(run.averaged_accuracy) == len(run.accuracy) == 4
     assert all(0 <= a <= 1 for a in run.averaged_accuracy)
     assert run.averaged_accuracy != run.accuracy
+    plain = experiment.train(method, 0.03, "mlp", digits.train_x, digits.train_y, digits.test_x,
+                             digits.test_y, epochs=2.0, seed=0, evals_per_epoch=2,
+                             track_average=False)  # fmt: skip
+    assert plain.averaged_accuracy == [] and plain.accuracy == run.accuracy
 
 
 def test_report_averaged_reads_the_averaged_curves_and_names_old_records(tmp_path):
