@@ -282,7 +282,9 @@ def run_experiment(
 
     Tuning runs ``tune_epochs`` (default ``epochs``) on ``tune_size`` examples (default all
     but the ``validation`` held out), the same budget for every method. ``on_row(rows,
-    curves)`` is called after each method (e.g. to save partial results of a long run).
+    curves)`` is called after each seed of each method, the current method's row computed
+    from its seeds so far (e.g. to save partial results: a long run cut off loses at most
+    the seed in progress).
     """
     available = available_methods()
     unknown = [m for m in methods if m not in available]
@@ -330,7 +332,7 @@ def run_experiment(
                         flush=True,
                     )
             best = max(tuning, key=tuning.get)
-            runs = []
+            key, runs = f"{model}/{name}", []
             for seed in range(first_seed, first_seed + seeds):
                 run = train(
                     method,
@@ -346,6 +348,14 @@ def run_experiment(
                     evals_per_epoch=evals_per_epoch,
                 )
                 runs.append(run)
+                row = {
+                    "model": model,
+                    "method": name,
+                    "tuned": f"{method.knob}={best:g}",
+                    **summarize_runs([r.__dict__ for r in runs], target),
+                }
+                if on_row is not None:
+                    on_row(with_ratios([*rows, row]), {**curves, key: [r.__dict__ for r in runs]})
                 if verbose:
                     reached_at, _ = run.first_reaching(target)
                     averaged_at, _ = first_reaching(
@@ -358,17 +368,9 @@ def run_experiment(
                         f"(averaged params: {averaged_at:.2f})",
                         flush=True,
                     )
-            row = {
-                "model": model,
-                "method": name,
-                "tuned": f"{method.knob}={best:g}",
-                **summarize_runs([r.__dict__ for r in runs], target),
-            }
             rows.append(row)
-            curves[f"{model}/{name}"] = [r.__dict__ for r in runs]
+            curves[key] = [r.__dict__ for r in runs]
             with_ratios(rows)
-            if on_row is not None:
-                on_row(rows, curves)
             if verbose:
                 print(
                     "  ",

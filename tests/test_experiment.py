@@ -115,6 +115,38 @@ def test_on_row_sees_each_method_as_it_finishes_with_ratios_to_adam(digits):
     )
 
 
+def test_on_row_sees_every_seed_so_a_cut_off_run_keeps_the_finished_seeds(digits):
+    seen = []
+    rows, curves = experiment.run_experiment(
+        digits,
+        models=["mlp"],
+        methods=["adam", "sgd"],
+        seeds=2,
+        first_seed=3,
+        epochs=0.25,
+        target=0.0,
+        validation=50,
+        tune_epochs=0.25,
+        tune_size=100,
+        on_row=lambda rows, curves: seen.append(
+            ([(r["method"], r["reached"]) for r in rows],
+             {k: [run["seed"] for run in v] for k, v in curves.items()})
+        ),
+        verbose=False,
+    )  # fmt: skip
+    assert [s[0] for s in seen] == [
+        [("adam", "1/1")],
+        [("adam", "2/2")],
+        [("adam", "2/2"), ("sgd", "1/1")],
+        [("adam", "2/2"), ("sgd", "2/2")],
+    ]
+    assert seen[0][1] == {"mlp/adam": [3]}
+    assert seen[2][1] == {"mlp/adam": [3, 4], "mlp/sgd": [3]}
+    # the last call is the finished experiment
+    assert seen[-1] == ([(r["method"], r["reached"]) for r in rows],
+                        {k: [run["seed"] for run in v] for k, v in curves.items()})  # fmt: skip
+
+
 def test_with_ratios_by_model_and_nan_when_a_side_never_reached():
     nan = math.nan
     rows = [
