@@ -44,8 +44,8 @@ evaluating a one-epoch moving average of its parameters (:class:`ParamsAverage`;
     python -m benchmarks.experiment_report benchmarks/results/deep_full_cpu10_{e,f}.json \
         --peer adam_cosine [--averaged] --save benchmarks/results/deep_full_cpu10_cosine.json
 
-(the README lists all five commands of that table: Hessian-free and more seeds were added
-as ``full_cpu10_{g,h,i}``).
+(the README lists all seven commands of that table: Hessian-free and more seeds were added
+as ``full_cpu10_{g,h,i}``, Gauss-Newton with the GGN on the whole batch as ``full_cpu10_{j,k}``).
 
 Plots and a JSON record go to ``benchmarks/results/``. The methods and their grids are in
 :mod:`benchmarks.deep_methods`.
