@@ -297,6 +297,8 @@ def run_experiment(
             f"validation={validation} must be between 1 and the training size - 1 "
             f"({len(data.train_y) - 1})"
         )
+    if seeds < 1:
+        raise ValueError(f"seeds must be at least 1 (the runs reported per method), got {seeds}")
     if tune_size is not None and tune_size < 1:
         raise ValueError(f"tune_size must be a positive number of examples, got {tune_size}")
     if tune_epochs is not None and tune_epochs <= 0:

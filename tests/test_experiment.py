@@ -83,6 +83,7 @@ def test_tuning_defaults_to_the_final_budget_on_all_remaining_examples(digits, m
         ({"tune_size": 0}, "tune_size"),
         ({"tune_epochs": 0.0}, "tune_epochs"),
         ({"validation": 300}, "validation"),
+        ({"seeds": 0}, "seeds"),
     ],
 )
 def test_run_experiment_rejects_bad_budgets(digits, kwargs, match):
