@@ -350,14 +350,15 @@ def run_experiment(
                     evals_per_epoch=evals_per_epoch,
                 )
                 runs.append(run)
+                records = [r.__dict__ for r in runs]
                 row = {
                     "model": model,
                     "method": name,
                     "tuned": f"{method.knob}={best:g}",
-                    **summarize_runs([r.__dict__ for r in runs], target),
+                    **summarize_runs(records, target),
                 }
                 if on_row is not None:
-                    on_row(with_ratios([*rows, row]), {**curves, key: [r.__dict__ for r in runs]})
+                    on_row(with_ratios([*rows, row]), {**curves, key: records})
                 if verbose:
                     reached_at, _ = run.first_reaching(target)
                     averaged_at, _ = first_reaching(
@@ -371,7 +372,7 @@ def run_experiment(
                         flush=True,
                     )
             rows.append(row)
-            curves[key] = [r.__dict__ for r in runs]
+            curves[key] = records
             with_ratios(rows)
             if verbose:
                 print(
