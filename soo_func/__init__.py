@@ -32,7 +32,7 @@ from soo_func.directions import bfgs, broyden, dfp, lbfgs, sr1
 from soo_func.directions.gauss_newton import gauss_newton
 from soo_func.directions.newton import newton_krylov
 from soo_func.directions.nonlinear_cg import nonlinear_cg
-from soo_func.minimize import MinimizeResult, least_squares, minimize
+from soo_func.drivers import MinimizeResult, least_squares, minimize
 from soo_func.oracles import (
     CountedObjective,
     functional_loss,

@@ -267,7 +267,7 @@ def continuation_path(
       max_steps: the most optimizer steps per point.
       predictor: ``"tangent"`` or ``"none"`` (warm start only).
     """
-    from soo_func.minimize import minimize
+    from soo_func.drivers.minimize import minimize
 
     values = [float(s) for s in schedule]
     if not values or not all(math.isfinite(v) for v in values):

@@ -343,7 +343,7 @@ def test_sync_free_update_reads_nothing_on_the_host():
         for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__"):
             patch.setattr(torch.Tensor, name, _refuse_sync)
         updates, state = search.update(
-            d, state, x0, value=value, grad=grad, value_fn=fn, initial_step=torch.tensor(0.5)
+            d, state, x0, value=value, grad=grad, value_fn=fn, step_hint=torch.tensor(0.5)
         )
     assert int(state.num_syncs) == 0
     assert not bool(state.search_failed)

@@ -234,7 +234,7 @@ def test_first_step_hint_is_inverse_gradient_norm_until_a_pair_is_stored(order, 
     direction, state = transform.update(grad, state, params)
     assert torch.equal(direction, -grad)
     assert float(state.initial_step) == pytest.approx(expected, rel=1e-15)
-    assert float(transform.publish(state, params)["initial_step"]) == pytest.approx(expected)
+    assert float(transform.publish(state, params)["step_hint"]) == pytest.approx(expected)
     # With a stored pair the hint is the quasi-Newton unit step.
     params2 = params + 0.1 * direction
     _, state = transform.update(grad * 0.5, state, params2)

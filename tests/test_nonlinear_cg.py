@@ -101,7 +101,7 @@ def test_beta_formulas_on_a_nonquadratic_function(beta):
     # N&W eq. 3.60 step hint: alpha_0 g_0^T d_0 / g_1^T d_1 with alpha_0 = 0.05.
     hint = 0.05 * float(g0["x"] @ d0["x"]) / float(g1["x"] @ d1["x"])
     assert float(state.initial_step) == pytest.approx(hint, rel=1e-12)
-    assert float(sf.publish(opt, state, params)["initial_step"]) == pytest.approx(hint, rel=1e-12)
+    assert float(sf.publish(opt, state, params)["step_hint"]) == pytest.approx(hint, rel=1e-12)
 
 
 def test_powell_restart_and_periodic_restart():
@@ -201,4 +201,4 @@ def test_update_makes_no_host_sync(beta):
             d, state = opt.update(grad, state, params)
             published = sf.publish(opt, state, params)
         params = sf.apply_updates(params, sf.tree.scale(0.1, d))
-    assert published["initial_step"].dim() == 0
+    assert published["step_hint"].dim() == 0

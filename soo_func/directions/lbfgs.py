@@ -196,6 +196,6 @@ def lbfgs(
             return bfgs_direct_kernel(memory.gram, memory.valid, sigma)
 
         operator = kernel_operator(memory, kernel, sigma, params)
-        return {"curvature": operator, "initial_step": state.initial_step}
+        return {"curvature": operator, "step_hint": state.initial_step}
 
     return Transform(init, update, publish)

@@ -177,6 +177,6 @@ def limited_memory(
             return direct_kernel(memory.gram, memory.valid, sigma)
 
         operator = kernel_operator(memory, kernel, sigma, params)
-        return {"curvature": operator, "initial_step": state.initial_step}
+        return {"curvature": operator, "step_hint": state.initial_step}
 
     return Transform(init, update, publish)

@@ -173,7 +173,7 @@ def nonlinear_cg(
     def publish(state: NonlinearCgState, params: PyTree = None, **extra: Any) -> dict:
         del params, extra
         return {
-            "initial_step": state.initial_step,
+            "step_hint": state.initial_step,
             "cg_beta": state.beta,
             "cg_restarted": state.restarted,
         }

@@ -240,7 +240,7 @@ def _dense(cfg: _Config, who: str) -> Transform:
             out = _solve(matrix, small) if inverse else matrix @ small
             return tree.unravel(out.to(flat.dtype), params)
 
-        return {"curvature": curvature, "initial_step": state.initial_step}
+        return {"curvature": curvature, "step_hint": state.initial_step}
 
     return Transform(init, update, publish)
 

@@ -104,7 +104,7 @@ def armijo(
       max_shrink: the largest such factor, in [min_shrink, 1).
       max_steps: the most trial evaluations per update.
       initial_step: ``"unit"`` (1), ``"previous_decrease"`` (N&W eq. (3.60)) or a positive
-        number; an ``initial_step`` 0-d tensor published upstream takes precedence.
+        number; a ``step_hint`` 0-d tensor published upstream takes precedence.
       c1: alias of ``slope_rtol``.
 
     Needs the extras ``value``, ``grad`` and ``value_fn``; publishes ``next_value``,
@@ -150,7 +150,7 @@ def armijo(
         check_extras("armijo", updates, state, extra)
         ray = Ray(extra["value_fn"], params, updates)
         start = read_start(
-            ray, extra["value"], extra["grad"], state, initial_step, extra.get("initial_step")
+            ray, extra["value"], extra["grad"], state, initial_step, extra.get("step_hint")
         )
         descent = math.isfinite(start.value) and math.isfinite(start.slope) and start.slope < 0
         if not descent:
@@ -228,7 +228,7 @@ def armijo_sync_free(
         slope = tree.vdot(grad, updates).to(f0.dtype)
         ok_start = torch.isfinite(f0) & torch.isfinite(slope) & (slope < 0)
         alpha = _initial_step_tensor(
-            initial_step, f0, slope, grad, state, extra.get("initial_step")
+            initial_step, f0, slope, grad, state, extra.get("step_hint")
         )
         accepted = torch.zeros_like(alpha)
         found = torch.zeros((), dtype=torch.bool, device=f0.device)

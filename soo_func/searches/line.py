@@ -199,7 +199,7 @@ def read_start(
 ) -> Start:
     """Read ``phi(0)``, ``phi'(0)`` and choose the first trial step (one sync).
 
-    Order of precedence: a finite positive ``initial_step`` 0-d tensor published upstream
+    Order of precedence: a finite positive ``step_hint`` 0-d tensor published upstream
     (nonlinear CG publishes one), then the search's ``initial_step`` strategy:
 
     * a number: that step;

@@ -105,7 +105,7 @@ def wolfe(
       curvature_rtol: ``c2``, in (slope_rtol, 1); default 0.9.
       initial_step: ``"unit"`` (1; Newton and quasi-Newton), ``"previous_decrease"`` (N&W
         eq. (3.60), capped at 1; nonlinear CG and gradient descent) or a positive number. An
-        ``initial_step`` 0-d tensor published upstream takes precedence.
+        ``step_hint`` 0-d tensor published upstream takes precedence.
       max_steps: the most trial evaluations per update.
       c1, c2: aliases of ``slope_rtol`` and ``curvature_rtol``.
 
@@ -201,7 +201,7 @@ def wolfe(
         check_extras("wolfe", updates, state, extra)
         value, grad = extra["value"], extra["grad"]
         ray = Ray(extra["value_fn"], params, updates)
-        start = read_start(ray, value, grad, state, initial_step, extra.get("initial_step"))
+        start = read_start(ray, value, grad, state, initial_step, extra.get("step_hint"))
         descent = math.isfinite(start.value) and math.isfinite(start.slope) and start.slope < 0
         if not descent:
             return finish(ray, state, value, grad, None, True)

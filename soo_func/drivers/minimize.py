@@ -1,4 +1,4 @@
-"""Drivers: :func:`minimize` and :func:`least_squares`, their result and stopping rules.
+"""The driver :func:`minimize`, its result and stopping rules.
 
 The drivers own the host-side loop: they evaluate the objective, call the
 optimizer's ``update``, apply the updates and decide when to stop. They never
@@ -36,7 +36,7 @@ from soo_func.oracles import CountedObjective, value_and_grad
 
 PyTree = Any
 
-__all__ = ["MinimizeResult", "least_squares", "minimize"]
+__all__ = ["MinimizeResult", "minimize"]
 
 
 @dataclass
@@ -306,32 +306,3 @@ def minimize(
         state=state,
         history=history,
     )
-
-
-def least_squares(
-    residual_fn: Callable[[PyTree], PyTree],
-    params: PyTree,
-    optimizer: Transform | None = None,
-    **kwargs: Any,
-) -> MinimizeResult:
-    """Minimize ``0.5 * ||residual_fn(params)||^2``.
-
-    The optimizer receives ``residual_fn`` as an extra (Gauss-Newton and
-    Levenberg-Marquardt use it). When ``optimizer`` is ``None`` it is
-    ``levenberg_marquardt()``. Other keyword arguments go to :func:`minimize`.
-    """
-    if optimizer is None:
-        try:
-            from soo_func.searches.levenberg import levenberg_marquardt
-        except ImportError as err:  # pragma: no cover - until Levenberg-Marquardt lands
-            raise NotImplementedError(
-                "least_squares needs an optimizer until levenberg_marquardt is available"
-            ) from err
-        optimizer = levenberg_marquardt()
-
-    def value_fn(p: PyTree) -> torch.Tensor:
-        r = residual_fn(p)
-        return 0.5 * tree.sum_of_squares(r)
-
-    extra = dict(kwargs.pop("extra", None) or {}, residual_fn=residual_fn)
-    return minimize(value_fn, params, optimizer, extra=extra, **kwargs)
