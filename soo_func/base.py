@@ -5,46 +5,21 @@ A :class:`Transform` is a pair of pure functions, as in optax::
     state = t.init(params)
     updates, state = t.update(updates, state, params, **extra)
 
-``extra`` carries what is known at the current point (see :data:`KNOWN_EXTRAS`):
-``value``, ``grad``, ``value_fn`` and ``residual_fn``. A transform that needs one
-declares it with :func:`require_extras`, which raises a ``TypeError`` naming the
-transform and the missing argument.
+``extra`` carries what is known at the current point: ``value``, ``grad``, ``value_fn``
+and ``residual_fn`` (the driver passes them). A transform that needs one declares it with
+:func:`require_extras`, which raises a ``TypeError`` naming the transform and the missing
+argument.
 
 Publishing (the channel from upstream to downstream members of a chain)
 -----------------------------------------------------------------------
 A transform may carry a third, optional function ``publish(state, params, **extra)``
-that returns a mapping of extras. :func:`chain` calls it right after the member's
-``update`` (with the member's *new* state, the params and the extras the member
-received) and merges the result into the extras that the members after it receive.
-The chain's own ``publish`` returns everything its members published, so the
-driver (:func:`soo_func.minimize`) reads it the same way. Keys with a fixed meaning:
-
-``curvature``
-    ``v -> B v``: the Hessian (or its approximation) of the direction's quadratic
-    model ``m(d) = value + <grad, d> + 0.5 <d, B d>`` at ``params`` (for trust regions).
-``value_fn``, ``value``, ``grad``, ``residual_fn``
-    A rewritten objective and its value and gradient at ``params`` (homotopy).
-``next_value``, ``next_grad``, ``next_value_fn``
-    The value and gradient of ``next_value_fn`` at ``params + updates``, already
-    evaluated by a search; the driver reuses them when ``next_value_fn`` is its own
-    objective, so no point is evaluated twice.
-``recover_objective``
-    ``(value, grad, params) -> (value, grad)``, published with a rewritten ``value_fn``:
-    maps that objective's value and gradient at ``params`` to the original objective's
-    there, exactly (a homotopy: ``f = f_t + (1 - t) <g0, x>``). When a search's
-    ``next_value_fn`` is the published ``value_fn``, the driver recovers its own value
-    and gradient at the accepted point this way instead of evaluating it again.
-``search_failed``
-    0-d bool: the search found no acceptable step (it returned a safe one).
-``converged_ok``
-    0-d bool: whether the driver may declare convergence (homotopy says no before t = 1).
-``initial_step``
-    0-d tensor: a step-length hint for the search (nonlinear CG).
-``params_offset``
-    A pytree like ``params``: the member moved the point to ``params + params_offset``
-    (a homotopy's predictor) and published the objective as seen from there
-    (``p -> f(p + params_offset)``). :func:`chain` adds it to its final updates and does
-    not publish it further (an enclosing chain does not add it twice).
+that returns a mapping whose keys are declared, by role, in :mod:`soo_func.publication`
+(the model of a direction, a rewritten objective, a search's outcome for the driver,
+diagnostics). :func:`update_and_publish` runs a member's ``update`` and then its
+``publish`` once, with the member's *new* state, the params and the extras the member
+received. :func:`chain` forwards the model and objective entries to the members after
+it as extras, and returns everything its members published from its own
+``update_and_publish``: the driver calls that once per step and replays nothing.
 
 Transforms written for optax's two-function protocol, with or without ``**extra``,
 work as chain members unchanged: they publish nothing, and receive no extras unless
@@ -53,19 +28,19 @@ their ``update`` accepts them.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import torch
 
-from soo_func import tree
+from soo_func import publication, tree
 
 PyTree = Any
 State = Any
 
 __all__ = [
-    "KNOWN_EXTRAS",
     "ChainState",
     "EmptyState",
     "Transform",
@@ -77,9 +52,8 @@ __all__ = [
     "scale",
     "sgd",
     "stateless",
+    "update_and_publish",
 ]
-
-KNOWN_EXTRAS = ("value", "grad", "value_fn", "residual_fn")
 
 
 class Transform(NamedTuple):
@@ -87,11 +61,15 @@ class Transform(NamedTuple):
     ``update(updates, state, params=None, **extra) -> (updates, state)``.
 
     ``publish(state, params, **extra) -> Mapping`` is optional; see the module docstring.
+    ``update_and_publish(updates, state, params=None, **extra) -> (updates, state,
+    publication)`` is optional too: a composite (:func:`chain`) that gathers its members'
+    publications during its update sets it, so that they are computed once.
     """
 
     init: Callable[[PyTree], State]
     update: Callable[..., tuple[PyTree, State]]
     publish: Callable[..., Mapping[str, Any]] | None = None
+    update_and_publish: Callable[..., tuple[PyTree, State, dict[str, Any]]] | None = None
 
 
 class EmptyState(NamedTuple):
@@ -122,14 +100,50 @@ def require_extras(who: str, extra: Mapping[str, Any], *names: str) -> None:
 
 
 def publish(transform: Transform, state: State, params: PyTree, **extra: Any) -> dict[str, Any]:
-    """What ``transform`` publishes at ``state`` (an empty dict for plain optax-style ones)."""
+    """What ``transform`` publishes at ``state`` (an empty dict for plain optax-style ones).
+
+    For inspecting a state by hand; a chain replays its members here. The drivers use
+    :func:`update_and_publish`, which computes each publication once.
+    """
     fn = getattr(transform, "publish", None)
     if fn is None:
         return {}
     return dict(fn(state, params, **extra))
 
 
+def update_and_publish(
+    transform: Transform, updates: PyTree, state: State, params: PyTree = None, **extra: Any
+) -> tuple[PyTree, State, dict[str, Any]]:
+    """``transform.update`` followed by its publication at the new state, computed once.
+
+    Returns ``(updates, state, publication)``; the publication's keys are declared in
+    :mod:`soo_func.publication`. A transform whose ``update`` takes no ``**extra`` (optax
+    style) is called without extras and publishes nothing.
+    """
+    combined = getattr(transform, "update_and_publish", None)
+    if combined is not None:
+        return combined(updates, state, params, **extra)
+    if _accepts_extras(transform.update):
+        updates, state = transform.update(updates, state, params, **extra)
+    else:
+        updates, state = transform.update(updates, state, params)
+    return updates, state, publish(transform, state, params, **extra)
+
+
 def _accepts_extras(update: Callable) -> bool:
+    """Whether ``update`` takes ``**extra`` (cached per function; uncached if unhashable)."""
+    try:
+        return _accepts_extras_cached(update)
+    except TypeError:
+        return _has_var_keyword(update)
+
+
+@functools.lru_cache(maxsize=1024)
+def _accepts_extras_cached(update: Callable) -> bool:
+    return _has_var_keyword(update)
+
+
+def _has_var_keyword(update: Callable) -> bool:
     try:
         sig = inspect.signature(update)
     except (TypeError, ValueError):
@@ -178,50 +192,63 @@ def chain(*transforms: Transform) -> Transform:
 
     The first member receives the incoming ``updates`` (by convention the gradient);
     when ``grad`` is not given as an extra, the incoming updates are passed as ``grad``.
+    Each member's publication is computed once, right after its update; its model and
+    objective entries (and undeclared ones) reach the later members as extras
+    (:func:`soo_func.publication.forwarded`). A published ``params_offset`` is added to
+    the final updates and not published further.
     """
-    takes_extras = tuple(_accepts_extras(t.update) for t in transforms)
 
     def init(params: PyTree) -> ChainState:
         return ChainState(tuple(t.init(params) for t in transforms))
 
-    def update(updates, state: ChainState, params=None, **extra):
-        if len(state.states) != len(transforms):
-            raise ValueError(
-                f"chain of {len(transforms)} transforms got a state with {len(state.states)} "
-                "members: was it made by this chain's init?"
-            )
+    def update_and_publish_all(updates, state: ChainState, params=None, **extra):
+        _check_chain_state(state, len(transforms))
         if params is not None:
             check_like(updates, params, "updates (the gradient)")
         extra = dict(extra)
         if extra.get("grad") is None:
             extra["grad"] = updates
-        new_states = []
-        offsets = []
-        for t, s, wants in zip(transforms, state.states, takes_extras, strict=True):
-            if wants:
-                updates, s = t.update(updates, s, params, **extra)
-            else:
-                updates, s = t.update(updates, s, params)
+        new_states, offsets, published = [], [], {}
+        for t, s in zip(transforms, state.states, strict=True):
+            updates, s, out = update_and_publish(t, updates, s, params, **extra)
             new_states.append(s)
-            out = publish(t, s, params, **extra)
+            extra.update(publication.forwarded(out))
+            published.update(out)
             if out.get("params_offset") is not None:
                 offsets.append(out["params_offset"])
-            extra.update(out)
         for offset in offsets:
             updates = tree.add(updates, offset)
-        return updates, ChainState(tuple(new_states))
+        published.pop("params_offset", None)  # consumed here
+        return updates, ChainState(tuple(new_states)), published
+
+    def update(updates, state: ChainState, params=None, **extra):
+        updates, state, _ = update_and_publish_all(updates, state, params, **extra)
+        return updates, state
 
     def publish_all(state: ChainState, params=None, **extra) -> dict[str, Any]:
         extra = dict(extra)
         published: dict[str, Any] = {}
         for t, s in zip(transforms, state.states, strict=True):
             out = publish(t, s, params, **extra)
-            extra.update(out)
+            extra.update(publication.forwarded(out))
             published.update(out)
         published.pop("params_offset", None)  # consumed by this chain's update
         return published
 
-    return Transform(init, update, publish_all)
+    return Transform(init, update, publish_all, update_and_publish_all)
+
+
+def _check_chain_state(state: Any, size: int) -> None:
+    if not isinstance(state, ChainState):
+        raise TypeError(
+            f"chain got a state of type {type(state).__name__}, not a ChainState: pass the "
+            "state that this chain's init (or its previous update) returned"
+        )
+    if len(state.states) != size:
+        raise ValueError(
+            f"chain of {size} transforms got a state with {len(state.states)} "
+            "members: was it made by this chain's init?"
+        )
 
 
 def stateless(fn: Callable[[PyTree, PyTree], PyTree]) -> Transform:

@@ -228,10 +228,10 @@ def test_no_sufficient_decrease_returns_best_decreasing_point_or_zero():
 # --- initial steps -------------------------------------------------------------------------
 
 
-def test_published_initial_step_is_honoured():
+def test_published_step_hint_is_honoured():
     fn, x0, d = random_problem(2)
     hint = 1e-4 / float(d.norm())
-    _, state = run_search(armijo(), fn, x0, d, initial_step=torch.tensor(hint, dtype=torch.float64))
+    _, state = run_search(armijo(), fn, x0, d, step_hint=torch.tensor(hint, dtype=torch.float64))
     assert float(state.step_size) == pytest.approx(hint, rel=1e-15)
 
 

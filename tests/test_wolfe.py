@@ -207,10 +207,10 @@ def test_exhausted_search_returns_the_best_decreasing_point_or_zero():
     assert not bool(state.search_failed)
 
 
-def test_published_initial_step_is_honoured():
+def test_published_step_hint_is_honoured():
     fn, x0, d = quadratic_ray(0.37)
     hint = torch.tensor(0.37, dtype=torch.float64)
-    _, state = run_search(wolfe(), fn, x0, d, initial_step=hint)
+    _, state = run_search(wolfe(), fn, x0, d, step_hint=hint)
     assert float(state.step_size) == 0.37
     assert int(state.num_search_evals) == 1
 

@@ -26,12 +26,12 @@ import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
-from soo_func import tree
-from soo_func.base import Transform, apply_updates, check_params, publish
+from soo_func import publication, tree
+from soo_func.base import Transform, apply_updates, check_params, update_and_publish
 from soo_func.oracles import CountedObjective, value_and_grad
 
 PyTree = Any
@@ -60,29 +60,6 @@ class MinimizeResult:
     reason: str
     state: Any = None
     history: list[dict[str, float]] = field(default_factory=list)
-
-
-_RESERVED = {
-    "incumbent_params",
-    "incumbent_value",
-    "value_fn",
-    "value",
-    "grad",
-    "residual_fn",
-    "next_value_fn",
-    "next_value",
-    "next_grad",
-    "recover_objective",
-}
-
-
-def _diagnostic_tensors(published: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The 0-d tensors among the published entries (they go to the history)."""
-    return {
-        key: val
-        for key, val in published.items()
-        if key not in _RESERVED and isinstance(val, torch.Tensor) and val.dim() == 0
-    }
 
 
 def _read_scalars(scalars: list[torch.Tensor], device: torch.device) -> list[float]:
@@ -148,7 +125,7 @@ def _progress_printer(enabled: bool) -> Callable[[dict[str, float]], None]:
     if not enabled:
         return lambda row: None
     try:
-        from tqdm.auto import tqdm
+        from tqdm.auto import tqdm  # optional dependency (the bench extra), only on request
     except ImportError:  # pragma: no cover - tqdm is in the bench extra
         tqdm = None
     if tqdm is not None:
@@ -167,6 +144,95 @@ def _progress_printer(enabled: bool) -> Callable[[dict[str, float]], None]:
         )
 
     return show
+
+
+class _StepNumbers(NamedTuple):
+    """What the stopping rules and the history read after a step, on the host."""
+
+    value: float
+    grad_norm: float
+    grad_inf: float
+    step_norm: float
+    params_norm: float  # NaN unless xtol > 0
+    may_converge: bool  # False while the optimizer publishes converged_ok=False
+    search_failed: bool
+    diagnostics: dict[str, float]
+
+
+def _read_step(
+    value: torch.Tensor,
+    grad: PyTree,
+    updates: PyTree,
+    params: PyTree,
+    published: dict[str, Any],
+    with_params_norm: bool,
+    device: torch.device,
+) -> _StepNumbers:
+    """Everything the stopping rules and the history read, in one host sync."""
+    diagnostics = publication.recorded(published)
+    flags = [published.get(k) for k in ("converged_ok", "search_failed")]
+    flags = [f if isinstance(f, torch.Tensor) else None for f in flags]
+    scalars = [value, tree.norm(grad), tree.norm(grad, math.inf), tree.norm(updates)]
+    scalars += [tree.norm(params)] if with_params_norm else []
+    scalars += [f for f in flags if f is not None] + list(diagnostics.values())
+    numbers = _read_scalars(scalars, device)
+    value_host, grad_norm, grad_inf, step_norm = numbers[:4]
+    rest = numbers[4:]
+    params_norm = rest.pop(0) if with_params_norm else math.nan
+    may_converge, failed = True, False
+    if flags[0] is not None:
+        may_converge = bool(rest.pop(0))
+    if flags[1] is not None:
+        failed = bool(rest.pop(0))
+    return _StepNumbers(
+        value_host,
+        grad_norm,
+        grad_inf,
+        step_norm,
+        params_norm,
+        may_converge,
+        failed,
+        dict(zip(diagnostics, rest, strict=True)),
+    )
+
+
+_SEARCH_FAILED = (
+    "search_failed: no acceptable step (the point cannot be improved at this precision or "
+    "along this direction)"
+)
+
+
+def _stop_reason(
+    numbers: _StepNumbers, old_value: float, gtol: float, ftol: float, xtol: float
+) -> tuple[str | None, bool]:
+    """``(reason, converged)`` by the rules of the module docstring, in their order;
+    ``(None, False)`` to go on."""
+    moved = numbers.step_norm > 0.0
+    value = numbers.value
+    if numbers.may_converge:
+        if numbers.grad_inf <= gtol:
+            return "gtol", True
+        if moved and ftol > 0 and old_value - value <= ftol * max(abs(old_value), abs(value), 1):
+            return "ftol", True
+        if moved and xtol > 0 and numbers.step_norm <= xtol * (numbers.params_norm + xtol):
+            return "xtol", True
+    if numbers.search_failed and not moved:
+        return _SEARCH_FAILED, False
+    return None, False
+
+
+def _history_row(step: int, numbers: tuple, objective: CountedObjective) -> dict[str, Any]:
+    value, grad_norm, step_norm, diagnostics = numbers
+    return {
+        "step": step,
+        "value": value,
+        "grad_norm": grad_norm,
+        "step_norm": step_norm,
+        "num_value_evals": objective.num_value_evals,
+        "num_grad_evals": objective.num_grad_evals,
+        "num_hvp_evals": objective.num_hvp_evals,
+        **diagnostics,
+    }
 
 
 def minimize(
@@ -205,86 +271,38 @@ def minimize(
     value, grad = value_and_grad(objective)(params)
     _check_finite_start(value, grad)
     show = _progress_printer(progress)
-
     device = tree.leaves(params)[0].device
-
-    def row_for(step: int, value: float, grad_norm: float, step_norm: float, diagnostics) -> dict:
-        return {
-            "step": step,
-            "value": value,
-            "grad_norm": grad_norm,
-            "step_norm": step_norm,
-            "num_value_evals": objective.num_value_evals,
-            "num_grad_evals": objective.num_grad_evals,
-            "num_hvp_evals": objective.num_hvp_evals,
-            **diagnostics,
-        }
-
     value_host, grad_norm, grad_inf = _read_scalars(
         [value, tree.norm(grad), tree.norm(grad, math.inf)], device
     )
-    history = [row_for(0, value_host, grad_norm, 0.0, {})]
-    reason, converged, num_steps = "max_steps", False, 0
-    may_converge = True
+    history = [_history_row(0, (value_host, grad_norm, 0.0, {}), objective)]
+    reason, converged, num_steps = "max_steps", grad_inf <= gtol, 0
+    reason = "gtol" if converged else reason
     incumbent = None  # the best point an exploring optimizer published (params, value)
-    if grad_inf <= gtol:
-        reason, converged = "gtol", True
     while not converged and num_steps < max_steps:
         kwargs = dict(extra, value=value, grad=grad, value_fn=objective)
-        updates, state = optimizer.update(grad, state, params, **kwargs)
-        published = publish(optimizer, state, params, **kwargs)
+        updates, state, published = update_and_publish(optimizer, grad, state, params, **kwargs)
         if "incumbent_params" in published:
             incumbent = (published["incumbent_params"], published.get("incumbent_value"))
         new_params = apply_updates(params, updates)
         reuse = _reusable(published, objective, new_params)
-        if reuse is not None:
-            new_value, new_grad = reuse
-        else:
-            new_value, new_grad = value_and_grad(objective)(new_params)
+        new_value, new_grad = reuse if reuse is not None else value_and_grad(objective)(new_params)
         num_steps += 1
-        # Everything the stopping rules and the history read, in one host sync per step.
-        diagnostics = _diagnostic_tensors(published)
-        flags = {k: published.get(k) for k in ("converged_ok", "search_failed")}
-        flags = {k: v for k, v in flags.items() if isinstance(v, torch.Tensor)}
-        scalars = [new_value, tree.norm(new_grad), tree.norm(new_grad, math.inf)]
-        scalars += [tree.norm(updates)]
-        scalars += [tree.norm(new_params)] if xtol > 0 else []
-        numbers = _read_scalars([*scalars, *flags.values(), *diagnostics.values()], device)
-        new_value_host, grad_norm, grad_inf, step_norm = numbers[:4]
-        numbers = numbers[4:]
-        params_norm = numbers.pop(0) if xtol > 0 else math.nan
-        flag_values = dict(zip(flags, numbers[: len(flags)], strict=True))
-        diagnostics = dict(zip(diagnostics, numbers[len(flags) :], strict=True))
-        if not math.isfinite(new_value_host):
+        numbers = _read_step(new_value, new_grad, updates, new_params, published, xtol > 0, device)
+        if not math.isfinite(numbers.value):
             reason = "non-finite value: returned the last finite point"
             break
         old_value = value_host
-        params, value, grad, value_host = new_params, new_value, new_grad, new_value_host
-        row = row_for(num_steps, value_host, grad_norm, step_norm, diagnostics)
+        params, value, grad, value_host = new_params, new_value, new_grad, numbers.value
+        row_numbers = (numbers.value, numbers.grad_norm, numbers.step_norm, numbers.diagnostics)
+        row = _history_row(num_steps, row_numbers, objective)
         history.append(row)
         show(row)
-        ok = flag_values.get("converged_ok")
-        may_converge = True if ok is None else bool(ok)
-        failed = flag_values.get("search_failed")
-        if may_converge and grad_inf <= gtol:
-            reason, converged = "gtol", True
-        elif (
-            may_converge
-            and step_norm > 0.0
-            and ftol > 0
-            and old_value - value_host <= ftol * max(abs(old_value), abs(value_host), 1.0)
-        ):
-            reason, converged = "ftol", True
-        elif (
-            may_converge
-            and step_norm > 0.0
-            and xtol > 0
-            and step_norm <= xtol * (params_norm + xtol)
-        ):
-            reason, converged = "xtol", True
-        elif failed is not None and bool(failed) and step_norm == 0.0:
-            reason = "search_failed: no acceptable step (the point cannot be improved at this precision or along this direction)"
-            break
+        stop, converged = _stop_reason(numbers, old_value, gtol, ftol, xtol)
+        if stop is not None:
+            reason = stop
+            if not converged:
+                break
         if callback is not None and callback(row, params):
             reason = "callback"
             break
