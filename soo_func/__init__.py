@@ -19,6 +19,7 @@ from soo_func.base import (
     scale,
     sgd,
     stateless,
+    update_and_publish,
 )
 from soo_func.continuation import HomotopyState, homotopy
 from soo_func.continuation_arclength import ArclengthState, arclength_homotopy
@@ -108,6 +109,7 @@ __all__ = [
     "training_step",
     "tree",
     "trust_region",
+    "update_and_publish",
     "value_and_grad",
     "wolfe",
 ]
