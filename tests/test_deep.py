@@ -4,10 +4,12 @@ Small data (256 examples of the digits, batch 64, 4 steps), each family with its
 defaults, chained with a search where it needs one, in the mini-batch setting of
 :mod:`soo_func.training`: the loss bound to the batch as ``value_fn``, the
 Gauss-Newton curvature on a 16-example subsample (for ``gauss_newton`` through the
-residual factor :func:`soo_func.training.cross_entropy_ggn_residual`). The check that
-matters: losses and params stay finite and the training loss goes down. The families
-that run a Krylov solve of up to 100 products per step are marked slow;
-``levenberg_marquardt`` (a dense Jacobian per step for its scale) gets one step.
+residual factor :func:`soo_func.training.cross_entropy_ggn_residual`). The checks:
+losses and params stay finite; every family with a monotone search (Armijo, Wolfe, a trust
+region, Levenberg) never raises the loss of the batch it searched on (the search's own
+guarantee, deterministic); and the loss on all 256 examples goes down after the epoch, except
+for Gauss-Newton + Armijo (see ``FULL_DATA_UNGUARANTEED``). The families that run a Krylov
+solve of up to 100 products per step are marked slow.
 """
 
 from __future__ import annotations
@@ -80,22 +82,20 @@ SLOW = {"newton_krylov+armijo", "newton_krylov+trust_region", "gauss_newton+armi
         "gauss_newton+trust_region", "levenberg"}  # fmt: skip
 
 
-# Known: with its defaults, Gauss-Newton + Armijo on a 16-sample GGN fits each 64-sample batch
-# (every batch loss falls) but raises the loss on all 256 samples after one epoch
-# (2.41 -> 2.61, deterministic). Losses and params stay finite; the finding is kept visible.
-OVERFITS = {"gauss_newton+armijo"}
+# Gauss-Newton + Armijo with its defaults (undamped, a 16-sample GGN) takes the full
+# Gauss-Newton step on each 64-sample batch whenever the batch loss falls enough: it fits each
+# batch (every batch loss falls, asserted below), and whether the loss on all 256 samples is
+# lower after four such steps is not a property of the method. It flips with the rounding of
+# the BLAS: 2.41 -> 2.61 with two threads, lower with one (issue 16). Nothing asserts it.
+FULL_DATA_UNGUARANTEED = {"gauss_newton+armijo"}
 
 
-def _marks(name):
-    marks = [pytest.mark.slow] if name in SLOW else []
-    if name in OVERFITS:
-        marks.append(
-            pytest.mark.xfail(reason="raises the full-data loss in one epoch", strict=True)
-        )
-    return marks
+MONOTONE = {name for name in CONFIGS if name not in ("hessian_free", "multi_batch_lbfgs")}
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=_marks(n)) for n in CONFIGS])
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=[pytest.mark.slow] if n in SLOW else []) for n in CONFIGS]
+)
 def test_family_trains_tiny_resnet_one_epoch(name, data, monkeypatch):
     x, y = data
     monkeypatch.setattr(
@@ -112,10 +112,14 @@ def test_family_trains_tiny_resnet_one_epoch(name, data, monkeypatch):
         extra = _extras(name, apply_fn, loss_fn, params, batch)
         params, state, loss = training.training_step(opt, loss_fn, params, state, batch, **extra)
         losses.append(float(loss))
+        if name in MONOTONE:
+            after = float(loss_fn(params, batch))
+            assert after <= float(loss) * (1 + 1e-12), (name, start, float(loss), after)
     final = float(loss_fn(params, (x, y)))
     assert all(math.isfinite(v) for v in losses), losses
     assert all(torch.isfinite(p).all() for p in params.values())
-    assert final < initial, (name, initial, final, losses)
+    if name not in FULL_DATA_UNGUARANTEED:
+        assert final < initial, (name, initial, final, losses)
 
 
 def _tiny_resnet(seed):
