@@ -218,11 +218,9 @@ def ggn_vp(residual_fn: Callable[..., PyTree], params: PyTree, v: PyTree, *args:
     """The Gauss-Newton product ``J^T J v`` for residuals ``r(params)`` (loss ``0.5 |r|^2``).
 
     One product of :func:`ggn_operator` (``loss_fn=None``: one ``jvp``, one ``vjp``),
-    charged as one product (its residuals serve only the product).
+    counted as it: one evaluation (its linearization) and one product.
     """
-    tree.check_same_structure(params, v, names=("params", "v"))
-    _, product = _ggn_product(_charged(residual_fn, hvp=1), params, None, args)
-    return product(v)
+    return ggn_operator(residual_fn, params, None, *args)[1](v)
 
 
 def functional_loss(
