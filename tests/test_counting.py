@@ -107,8 +107,10 @@ def smooth_problem():
         x = torch.cat([p["w"].reshape(-1), p["b"]])
         return torch.logsumexp(a @ x, 0) + 0.5 * (x * x).sum() + (c * x).sum() + (x**4).sum() / 4
 
-    params = {"w": torch.full((2, 2), 0.3, dtype=torch.float64), "b": torch.tensor([-0.5])}
-    params["b"] = params["b"].double()
+    params = {
+        "w": torch.full((2, 2), 0.3, dtype=torch.float64),
+        "b": torch.tensor([-0.5], dtype=torch.float64),
+    }
     return value_fn, params
 
 
