@@ -66,6 +66,7 @@ import torch.func as tf
 from torch.nn.functional import cross_entropy
 
 import soo_func as sf
+import soo_func.stochastic.training as training
 from benchmarks.data import Dataset, load_dataset
 from benchmarks.deep_methods import Method, available_methods
 from benchmarks.experiment_report import (
@@ -76,7 +77,6 @@ from benchmarks.experiment_report import (
     with_ratios,
 )
 from benchmarks.models import MODELS, make_model
-from soo_func import training
 from soo_func.stochastic import batch_overlap, overlapping_batches
 
 RESULTS = Path(__file__).parent / "results"

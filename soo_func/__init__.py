@@ -7,7 +7,7 @@ composed with :func:`chain` like optax::
     result = sf.minimize(loss_fn, params, opt)
 """
 
-from soo_func import krylov, stochastic, training, tree
+from soo_func import krylov, stochastic, tree
 from soo_func.base import (
     ChainState,
     EmptyState,
@@ -52,8 +52,8 @@ from soo_func.searches import (
     trust_region,
     wolfe,
 )
-from soo_func.stochastic import hessian_free, multi_batch_lbfgs
-from soo_func.training import bind_batch, training_step
+from soo_func.stochastic import hessian_free, multi_batch_lbfgs, training
+from soo_func.stochastic.training import bind_batch, training_step
 
 __version__ = "0.1.0"
 

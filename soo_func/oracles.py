@@ -3,16 +3,14 @@
 * :func:`value_and_grad` -- the loss and its gradient.
 * :func:`hvp` -- Hessian-vector products ``H v`` (forward-over-reverse by default:
   ``jvp`` of ``grad``; reverse-over-reverse, ``vjp`` of ``grad``, selectable).
-* :func:`hvp_operator` -- ``v -> H v`` at fixed params for many products (Krylov solves).
-* :func:`linearize_grad` -- the gradient and an operator ``v -> H v`` that shares the
-  gradient's forward pass across many products (for Krylov solves).
-* :func:`ggn_vp` -- Gauss-Newton products ``J^T J v`` for a residual function.
-* :func:`ggn_operator` -- generalized Gauss-Newton products ``J^T H_L J v`` for a loss
-  on model outputs, sharing one linearization of the model across products.
-* :func:`functional_loss` -- an ``nn.Module`` and a loss turned into a pure
-  ``value_fn(params, batch)`` with ``torch.func.functional_call``.
-* :class:`CountedObjective` -- wraps an objective and counts evaluations; the
-  oracles above charge it (values, gradients, Hessian products) when given one.
+* :func:`hvp_operator` -- the one Hessian operator ``v -> (H + damping I) v`` at fixed
+  params, for many products (Krylov solves, ``newton_krylov``, the batch helpers).
+* :func:`linearize_grad` -- the gradient and ``v -> H v`` sharing its forward pass.
+* :func:`ggn_operator` -- the one Gauss-Newton operator ``v -> (J^T H_L J + damping I) v``
+  (``J^T J`` for residuals), one linearization of the model shared by its products;
+  :func:`ggn_vp` is one product of it.
+* :func:`functional_loss` -- an ``nn.Module`` and a loss as a pure ``value_fn(params, batch)``.
+* :class:`CountedObjective` -- counts what the oracles evaluate through a function.
 """
 
 from __future__ import annotations
@@ -30,23 +28,39 @@ PyTree = Any
 
 __all__ = [
     "CountedObjective",
+    "charge",
     "functional_loss",
     "ggn_operator",
     "ggn_vp",
     "hvp",
     "hvp_operator",
     "linearize_grad",
+    "raw_function",
     "value_and_grad",
 ]
 
 
 class CountedObjective:
-    """An objective that counts its evaluations (the drivers wrap ``value_fn`` in one).
+    """A function that counts the oracle calls made through it (the drivers wrap
+    ``value_fn`` in one, and :func:`~soo_func.least_squares` ``residual_fn`` too).
 
-    Calling it counts a value; :func:`value_and_grad` counts a value and a gradient;
-    :func:`hvp` and :func:`ggn_vp` count Hessian products. Evaluations made inside
-    those oracles are not counted twice. The counters live on this host-side object,
-    never in an optimizer's state.
+    The counting rule, one for every oracle: what an oracle returns is charged as what
+    it is, and work that only serves curvature products is charged as products.
+
+    * ``num_value_evals`` -- evaluations: each call (a value of ``value_fn``; a residual
+      vector of a ``residual_fn``, reported as ``num_residual_evals``), each
+      :func:`value_and_grad` and :func:`linearize_grad` (they return the value), and
+      each :func:`ggn_operator` built (it returns the model's outputs).
+    * ``num_grad_evals`` -- gradients: :func:`value_and_grad`, :func:`linearize_grad`.
+    * ``num_hvp_evals`` -- curvature products, 1 each: a Hessian product ``H v``
+      (:func:`hvp`, :func:`hvp_operator`, the operator of :func:`linearize_grad`), a
+      Gauss-Newton product ``J^T H_L J v`` (:func:`ggn_operator`, :func:`ggn_vp`); the
+      shared gradient pass of ``hvp_operator(mode="linearize")``, made only for its
+      products, is 1 more. Code that forms a dense Jacobian charges ``n`` (one per
+      column, an ``n``-fold ``jvp``) with :func:`charge`.
+
+    Forward passes inside these oracles are not counted again as evaluations. The
+    counters live on this host-side object, never in an optimizer's state.
     """
 
     def __init__(self, fn: Callable[..., torch.Tensor]):
@@ -71,10 +85,16 @@ def charge(fn: Callable, *, value: int = 0, grad: int = 0, hvp: int = 0) -> None
         fn.num_hvp_evals += hvp
 
 
-def _unwrap(fn: Callable, *, value: int = 0, grad: int = 0, hvp: int = 0) -> Callable:
-    """The raw function behind ``fn``, charging ``fn``'s counters when it counts."""
-    charge(fn, value=value, grad=grad, hvp=hvp)
+def raw_function(fn: Callable) -> Callable:
+    """The function behind ``fn``: ``fn.fn`` for a :class:`CountedObjective`, else ``fn``
+    (call it inside an oracle that has charged ``fn`` with :func:`charge`)."""
     return fn.fn if isinstance(fn, CountedObjective) else fn
+
+
+def _charged(fn: Callable, *, value: int = 0, grad: int = 0, hvp: int = 0) -> Callable:
+    """:func:`charge` ``fn``, then return :func:`raw_function` of it."""
+    charge(fn, value=value, grad=grad, hvp=hvp)
+    return raw_function(fn)
 
 
 def _scalar_loss(fn: Callable, has_aux: bool) -> Callable:
@@ -94,9 +114,7 @@ def _scalar_loss(fn: Callable, has_aux: bool) -> Callable:
                 "it with .sum() or .mean() (for residuals use least_squares / residual_fn)"
             )
         if not loss.is_floating_point():
-            raise TypeError(
-                f"value_fn returned dtype {loss.dtype}; the loss must be floating point"
-            )
+            raise TypeError(f"value_fn returned dtype {loss.dtype}; the loss must be floating")
         return out
 
     return checked
@@ -117,13 +135,13 @@ def value_and_grad(
     """
 
     def wrapped(params: PyTree, *args: Any):
-        raw = _scalar_loss(_unwrap(fn, value=1, grad=1), has_aux)
+        raw = _scalar_loss(_charged(fn, value=1, grad=1), has_aux)
         tree.check_tensor_leaves(params, "params")
         if _in_functorch_transform() or not torch.is_grad_enabled():
             with torch.enable_grad():
                 grad, out = tf.grad_and_value(raw, has_aux=has_aux)(params, *args)
             return out, grad
-        leaves, spec = _flatten(params)
+        leaves, spec = optree.tree_flatten(params)
         inputs = [leaf.detach().requires_grad_(True) for leaf in leaves]
         out = raw(spec.unflatten(inputs), *args)
         loss = out[0] if has_aux else out
@@ -135,10 +153,6 @@ def value_and_grad(
         return out, spec.unflatten(grads)
 
     return wrapped
-
-
-def _flatten(params: PyTree):
-    return optree.tree_flatten(params)
 
 
 def _detach(x: PyTree) -> PyTree:
@@ -164,7 +178,7 @@ def hvp(
     Extra positional ``args`` (a batch, say) are passed to ``fn`` unchanged.
     """
     tree.check_same_structure(params, v, names=("params", "v"))
-    grad_fn = _grad_fn(_unwrap(fn, hvp=1), args)
+    grad_fn = _grad_fn(_charged(fn, hvp=1), args)
     if mode == "forward-over-reverse":
         return tf.jvp(grad_fn, (params,), (v,))[1]
     if mode == "reverse-over-reverse":
@@ -185,8 +199,7 @@ def linearize_grad(
     one gradient plus k double-backward passes. Each product is charged as one
     Hessian product when ``fn`` is a :class:`CountedObjective`.
     """
-    counted = fn if isinstance(fn, CountedObjective) else None
-    raw = _scalar_loss(_unwrap(fn, value=1, grad=1), has_aux=False)
+    raw = _scalar_loss(_charged(fn, value=1, grad=1), has_aux=False)
 
     def grad_with_value(p):
         g, value = tf.grad_and_value(lambda q: raw(q, *args))(p)
@@ -195,8 +208,7 @@ def linearize_grad(
     grad, vjp_fn, value = tf.vjp(grad_with_value, params, has_aux=True)
 
     def hvp_fn(v: PyTree) -> PyTree:
-        if counted is not None:
-            counted.num_hvp_evals += 1
+        charge(fn, hvp=1)
         return vjp_fn(v)[0]
 
     return value, grad, hvp_fn
@@ -205,17 +217,10 @@ def linearize_grad(
 def ggn_vp(residual_fn: Callable[..., PyTree], params: PyTree, v: PyTree, *args: Any) -> PyTree:
     """The Gauss-Newton product ``J^T J v`` for residuals ``r(params)`` (loss ``0.5 |r|^2``).
 
-    ``J v`` comes from one ``jvp`` and ``J^T (J v)`` from one ``vjp``.
+    One product of :func:`ggn_operator` (``loss_fn=None``: one ``jvp``, one ``vjp``),
+    counted as it: one evaluation (its linearization) and one product.
     """
-    tree.check_same_structure(params, v, names=("params", "v"))
-    raw = _unwrap(residual_fn, hvp=1)
-
-    def residuals(p):
-        return raw(p, *args)
-
-    _, jv = tf.jvp(residuals, (params,), (v,))
-    _, vjp_fn = tf.vjp(residuals, params)
-    return vjp_fn(jv)[0]
+    return ggn_operator(residual_fn, params, None, *args)[1](v)
 
 
 def functional_loss(
@@ -252,24 +257,39 @@ def ggn_operator(
     params: PyTree,
     loss_fn: Callable[[PyTree], torch.Tensor] | None = None,
     *args: Any,
+    damping: float = 0.0,
 ) -> tuple[PyTree, Callable[[PyTree], PyTree]]:
-    """``(outputs, matvec)`` with ``matvec(v) = J^T H_L J v`` at ``params``.
+    """``(outputs, matvec)`` with ``matvec(v) = J^T H_L J v + damping v`` at ``params``.
 
     ``J`` is the Jacobian of ``outputs = model_fn(params, *args)`` and ``H_L`` the
     Hessian of ``loss_fn(outputs)`` (a 0-d loss) with respect to the outputs: the
     generalized Gauss-Newton matrix of ``loss_fn(model_fn(params))`` (Schraudolph 2002;
     Martens 2010, "Deep learning via Hessian-free optimization"). With ``loss_fn=None``
-    the loss is ``0.5 ||outputs||^2`` (``H_L = I``) and ``matvec`` is ``J^T J v`` (the
-    Gauss-Newton matrix of a residual function, as :func:`ggn_vp`).
+    the loss is ``0.5 ||outputs||^2`` (``H_L = I``) and ``matvec`` is ``J^T J v``, the
+    Gauss-Newton matrix of a residual function (Nocedal & Wright eq. 10.23).
+    ``damping >= 0`` adds ``damping I`` (Levenberg-Marquardt / Tikhonov; Martens 2010).
 
     The model's forward pass and its ``vjp`` are made once here; each product costs
     one ``jvp`` of the model (``J v``), one Hessian product of the loss at the outputs
     (forward-over-reverse; nothing for ``loss_fn=None``) and one reverse pass through
-    the saved graph (``J^T u``). Each product is charged as one Hessian product when
-    ``model_fn`` is a :class:`CountedObjective`.
+    the saved graph (``J^T u``). When ``model_fn`` is a :class:`CountedObjective` it is
+    charged one evaluation here (the returned outputs) and one product per ``matvec``.
     """
-    counted = model_fn if isinstance(model_fn, CountedObjective) else None
-    raw = _unwrap(model_fn)
+    outputs, product = _ggn_product(_charged(model_fn, value=1), params, loss_fn, args)
+
+    def matvec(v: PyTree) -> PyTree:
+        tree.check_same_structure(params, v, names=("params", "v"))
+        charge(model_fn, hvp=1)
+        out = product(v)
+        return out if damping == 0 else tree.axpy(damping, v, out)
+
+    return outputs, matvec
+
+
+def _ggn_product(
+    raw: Callable[..., PyTree], params: PyTree, loss_fn: Callable | None, args: tuple
+) -> tuple[PyTree, Callable[[PyTree], PyTree]]:
+    """``(outputs, v -> J^T H_L J v)`` of the uncounted ``raw`` model (see :func:`ggn_operator`)."""
 
     def model(p):
         return raw(p, *args)
@@ -277,15 +297,15 @@ def ggn_operator(
     outputs, vjp_fn = tf.vjp(model, params)
     loss_grad = None if loss_fn is None else tf.grad(_scalar_loss(loss_fn, has_aux=False))
 
-    def matvec(v: PyTree) -> PyTree:
-        tree.check_same_structure(params, v, names=("params", "v"))
-        if counted is not None:
-            counted.num_hvp_evals += 1
+    def product(v: PyTree) -> PyTree:
         _, jv = tf.jvp(model, (params,), (v,))
         hjv = jv if loss_grad is None else tf.jvp(loss_grad, (outputs,), (jv,))[1]
         return vjp_fn(hjv)[0]
 
-    return outputs, matvec
+    return outputs, product
+
+
+HVP_MODES = ("linearize", "forward-over-reverse", "reverse-over-reverse")
 
 
 def hvp_operator(
@@ -293,42 +313,46 @@ def hvp_operator(
     params: PyTree,
     *args: Any,
     mode: str = "linearize",
+    damping: float = 0.0,
 ) -> Callable[[PyTree], PyTree]:
-    """``v -> H(params) v`` for many products at the same ``params`` (a Krylov solve).
+    """``v -> H(params) v + damping v`` for many products at the same ``params`` (a
+    Krylov solve; ``damping >= 0`` is Levenberg-style regularization, N&W section 7.1).
 
     ``mode="linearize"`` (default) runs the gradient's forward and backward pass once,
     on the first product, and answers every product with one more reverse pass through
     that saved graph (reverse-over-reverse): eager ``torch.autograd`` double backward
-    outside ``torch.func`` transforms, ``torch.func.vjp`` of the gradient inside one. The shared
-    gradient pass serves only the products, so it is charged to a
+    outside ``torch.func`` transforms, ``torch.func.vjp`` of the gradient inside one. The
+    shared gradient pass serves only the products, so it is charged to a
     :class:`CountedObjective` as one Hessian product (not as a value and gradient), and
     each product as one more. The other modes are :func:`hvp`'s
     (``"forward-over-reverse"``, ``"reverse-over-reverse"``), one full product per call.
-    On small CPU problems ``torch.func``'s forward-over-reverse carries a large fixed
-    overhead per call, which the shared linearization avoids (``benchmarks/bench_krylov.py``).
+    Extra positional ``args`` (a batch, say) are passed to ``fn`` unchanged.
     """
-    if mode != "linearize":
-        if mode not in ("forward-over-reverse", "reverse-over-reverse"):
-            raise ValueError(
-                "hvp_operator mode must be 'linearize', 'forward-over-reverse' or "
-                f"'reverse-over-reverse', got {mode!r}"
-            )
-        return lambda v: hvp(fn, params, v, *args, mode=mode)
-    counted = fn if isinstance(fn, CountedObjective) else None
-    raw = fn.fn if counted is not None else fn
+    if mode not in HVP_MODES:
+        raise ValueError(f"hvp_operator mode must be one of {HVP_MODES}, got {mode!r}")
+    if mode == "linearize":
+        product = _shared_linearization(fn, params, args)
+    else:
+        product = lambda v: hvp(fn, params, v, *args, mode=mode)  # noqa: E731
+    if damping == 0:
+        return product
+    return lambda v: tree.axpy(damping, v, product(v))
+
+
+def _shared_linearization(fn: Callable, params: PyTree, args: tuple) -> Callable:
+    """``hvp_operator``'s ``"linearize"`` mode: the gradient graph built on the first
+    product (charged as one product) and reused by every product (one each)."""
     saved: list = []
 
     def product(v: PyTree) -> PyTree:
         tree.check_same_structure(params, v, names=("params", "v"))
         if not saved:
-            if counted is not None:
-                counted.num_hvp_evals += 1
-            if _in_functorch_transform():
-                saved.append(_functorch_linearization(raw, params, args))
-            else:
-                saved.append(_eager_linearization(raw, params, args))
-        if counted is not None:
-            counted.num_hvp_evals += 1
+            raw = _charged(fn, hvp=1)
+            linearize = (
+                _functorch_linearization if _in_functorch_transform() else _eager_linearization
+            )
+            saved.append(linearize(raw, params, args))
+        charge(fn, hvp=1)
         return saved[0](v)
 
     return product
@@ -342,11 +366,11 @@ def _functorch_linearization(raw: Callable, params: PyTree, args: tuple) -> Call
 def _eager_linearization(raw: Callable, params: PyTree, args: tuple) -> Callable:
     """Eager ``torch.autograd``: one ``create_graph`` gradient, then double-backward products.
 
-    Outside ``torch.func`` transforms this skips functorch's per-call overhead (about
-    2.6x faster per product on an MLP, ``benchmarks/bench_krylov.py``). The params are
-    detached aliases (nothing is modified) and the products carry no graph.
+    Outside ``torch.func`` transforms this skips functorch's per-call overhead (see
+    ``docs/design.md``, "Measured choices"). The params are detached aliases (nothing is
+    modified) and the products carry no graph.
     """
-    leaves, spec = _flatten(params)
+    leaves, spec = optree.tree_flatten(params)
     with torch.enable_grad():
         inputs = [leaf.detach().requires_grad_(True) for leaf in leaves]
         loss = _scalar_loss(raw, has_aux=False)(spec.unflatten(inputs), *args)
@@ -354,7 +378,7 @@ def _eager_linearization(raw: Callable, params: PyTree, args: tuple) -> Callable
     live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
 
     def product(v: PyTree) -> PyTree:
-        v_leaves = _flatten(v)[0]
+        v_leaves = optree.tree_flatten(v)[0]
         out = [torch.zeros_like(x) for x in inputs]
         if live:
             with torch.enable_grad():

@@ -2,9 +2,9 @@
 
 Small data (256 examples of the digits, batch 64, 4 steps), each family with its
 defaults, chained with a search where it needs one, in the mini-batch setting of
-:mod:`soo_func.training`: the loss bound to the batch as ``value_fn``, the
+:mod:`soo_func.stochastic.training`: the loss bound to the batch as ``value_fn``, the
 Gauss-Newton curvature on a 16-example subsample (for ``gauss_newton`` through the
-residual factor :func:`soo_func.training.cross_entropy_ggn_residual`). The checks:
+residual factor :func:`soo_func.stochastic.training.cross_entropy_ggn_residual`). The checks:
 losses and params stay finite; every family with a monotone search (Armijo, Wolfe, a trust
 region, Levenberg) never raises the loss of the batch it searched on (the search's own
 guarantee, deterministic); and the loss on all 256 examples goes down after the epoch, except
@@ -23,10 +23,10 @@ from torch.nn.functional import cross_entropy
 import soo_func as sf
 import soo_func.directions as directions
 import soo_func.searches as searches
+import soo_func.stochastic.training as training
 from benchmarks.data import load_dataset
 from benchmarks.experiment import functional_model
 from benchmarks.models import SmallResNet
-from soo_func import training
 from soo_func.stochastic import batch_overlap, hessian_free, multi_batch_lbfgs
 
 BATCH, CURVATURE, OVERLAP = 64, 16, 16

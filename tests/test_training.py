@@ -10,7 +10,7 @@ from helpers import assert_update_is_pure
 from torch.nn.functional import cross_entropy
 
 import soo_func as sf
-from soo_func import training
+import soo_func.stochastic.training as training
 from soo_func.stochastic import (
     batch_overlap,
     hessian_free,

@@ -11,7 +11,10 @@ The direction solves ``(G + damping I) d = -g`` by conjugate gradients, where ``
 
 Products come from :func:`soo_func.oracles.ggn_operator`: one linearization of the
 model per update, then one ``jvp``, one loss Hessian product and one ``vjp`` per CG
-iteration. No host sync in ``update`` unless ``check_every`` asks for it.
+iteration. Counting follows :class:`soo_func.oracles.CountedObjective`: a counted
+``residual_fn`` (as :func:`soo_func.least_squares` passes it) or a counted ``model_fn``
+is charged one evaluation per linearization and one product per CG iteration. No host
+sync in ``update`` unless ``check_every`` asks for it.
 """
 
 from __future__ import annotations
@@ -84,12 +87,8 @@ def gauss_newton(
     def operator(params: PyTree, extra: dict) -> Callable[[PyTree], PyTree]:
         if model_fn is None:
             require_extras("gauss_newton (without model_fn)", extra, "residual_fn")
-            _, matvec = oracles.ggn_operator(extra["residual_fn"], params)
-        else:
-            _, matvec = oracles.ggn_operator(model_fn, params, loss_fn)
-        if damping == 0:
-            return matvec
-        return lambda v: tree.axpy(damping, v, matvec(v))
+            return oracles.ggn_operator(extra["residual_fn"], params, damping=damping)[1]
+        return oracles.ggn_operator(model_fn, params, loss_fn, damping=damping)[1]
 
     def init(params: PyTree) -> GaussNewtonState:
         ref = tree.leaves(params)[0]

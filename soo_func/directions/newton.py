@@ -29,7 +29,6 @@ made whether or not it is needed so that no host sync decides it). All of this i
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -43,7 +42,6 @@ __all__ = ["NewtonKrylovState", "newton_krylov"]
 
 SOLVERS = ("cg", "cr", "minres")
 FORCING = ("eisenstat_walker_1", "eisenstat_walker_2", "nocedal_wright")
-HVP_MODES = ("linearize", "forward-over-reverse", "reverse-over-reverse")
 GOLDEN = (1 + math.sqrt(5)) / 2
 
 
@@ -66,20 +64,6 @@ class NewtonKrylovState(NamedTuple):
     negative_curvature: torch.Tensor
     fallback: torch.Tensor
     count: torch.Tensor
-
-
-def hessian_operator(
-    value_fn: Callable, params: PyTree, mode: str = "forward-over-reverse", damping: float = 0.0
-) -> Callable[[PyTree], PyTree]:
-    """``v -> (H + damping I) v`` at ``params`` through :mod:`soo_func.oracles`.
-
-    See :func:`soo_func.oracles.hvp_operator` for the modes (``"linearize"`` shares one
-    gradient pass across all products).
-    """
-    hvp_fn = oracles.hvp_operator(value_fn, params, mode=mode)
-    if damping == 0:
-        return hvp_fn
-    return lambda v: tree.axpy(damping, v, hvp_fn(v))
 
 
 def _steepest_scale(matvec, grad: PyTree, grad_norm: torch.Tensor) -> torch.Tensor:
@@ -142,15 +126,13 @@ def newton_krylov(
       hvp_mode: how ``H v`` is computed (:func:`~soo_func.oracles.hvp_operator`):
         ``"linearize"`` (default: one gradient pass per update whose graph every
         product reuses, charged as one extra Hessian product), ``"forward-over-reverse"``
-        (``jvp`` of the gradient) or ``"reverse-over-reverse"``. On the MGH problems
-        (CPU, float64) linearize costs about 1 ms per product against 16 ms for
-        forward-over-reverse (``benchmarks/bench_krylov.py``, suite ``hvp_timing``).
+        (``jvp`` of the gradient) or ``"reverse-over-reverse"``.
 
     Needs the extra ``value_fn`` (and ``grad``, which :func:`~soo_func.chain` supplies).
-    Publishes ``curvature`` (``v -> (H + damping I) v`` at ``params``, one
-    ``oracles.hvp`` per call) for a trust region, and the diagnostics
-    ``newton_forcing_term``, ``newton_krylov_iters``, ``newton_negative_curvature`` and
-    ``newton_fallback``.
+    Publishes ``curvature`` (``v -> (H + damping I) v`` at ``params``, a fresh
+    :func:`~soo_func.oracles.hvp_operator` in ``hvp_mode``) for a trust region, and the
+    diagnostics ``newton_forcing_term``, ``newton_krylov_iters``,
+    ``newton_negative_curvature`` and ``newton_fallback``.
     """
     if solver not in SOLVERS:
         raise ValueError(f"newton_krylov: solver must be one of {SOLVERS}, got {solver!r}")
@@ -171,8 +153,10 @@ def newton_krylov(
         raise ValueError(f"newton_krylov: damping must be >= 0, got {damping}")
     if max_iters is not None and (not isinstance(max_iters, int) or max_iters < 1):
         raise ValueError(f"newton_krylov: max_iters must be a positive int, got {max_iters!r}")
-    if hvp_mode not in HVP_MODES:
-        raise ValueError(f"newton_krylov: hvp_mode must be one of {HVP_MODES}, got {hvp_mode!r}")
+    if hvp_mode not in oracles.HVP_MODES:
+        raise ValueError(
+            f"newton_krylov: hvp_mode must be one of {oracles.HVP_MODES}, got {hvp_mode!r}"
+        )
     solve = getattr(krylov, solver)
     setup_cost = int(hvp_mode == "linearize")  # the shared gradient pass, charged as a product
     options = {} if solver == "minres" else {"stop_on_negative_curvature": True}
@@ -192,7 +176,7 @@ def newton_krylov(
         grad = updates if grad is None else grad
         n = sum(leaf.numel() for leaf in tree.leaves(grad))
         iters = min(2 * n, 100) if max_iters is None else max_iters
-        matvec = hessian_operator(extra["value_fn"], params, hvp_mode, damping)
+        matvec = oracles.hvp_operator(extra["value_fn"], params, mode=hvp_mode, damping=damping)
         grad_norm = tree.norm(grad)
         eta = _forcing(forcing, state, grad_norm, eta_initial, eta_max)
         result = solve(
@@ -223,7 +207,9 @@ def newton_krylov(
             "newton_fallback": state.fallback,
         }
         if params is not None and extra.get("value_fn") is not None:
-            out["curvature"] = hessian_operator(extra["value_fn"], params, hvp_mode, damping)
+            out["curvature"] = oracles.hvp_operator(
+                extra["value_fn"], params, mode=hvp_mode, damping=damping
+            )
         return out
 
     return Transform(init, update, publish)

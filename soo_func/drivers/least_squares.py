@@ -1,8 +1,10 @@
 """The driver :func:`least_squares`: :func:`~soo_func.drivers.minimize.minimize` on
-``0.5 * ||r(params)||^2`` with ``residual_fn`` passed to the optimizer as an extra."""
+``0.5 * ||r(params)||^2`` with a counted ``residual_fn`` passed to the optimizer as an
+extra."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -11,6 +13,7 @@ import torch
 from soo_func import tree
 from soo_func.base import Transform
 from soo_func.drivers.minimize import MinimizeResult, minimize
+from soo_func.oracles import CountedObjective, raw_function
 from soo_func.searches.levenberg import levenberg_marquardt
 
 PyTree = Any
@@ -27,15 +30,28 @@ def least_squares(
     """Minimize ``0.5 * ||residual_fn(params)||^2``.
 
     The optimizer receives ``residual_fn`` as an extra (Gauss-Newton and
-    Levenberg-Marquardt use it). When ``optimizer`` is ``None`` it is
-    ``levenberg_marquardt()``. Other keyword arguments go to :func:`minimize`.
+    Levenberg-Marquardt use it), wrapped in a :class:`~soo_func.oracles.CountedObjective`
+    so that what the optimizer evaluates through it is counted by the same rule as the
+    objective: its residual evaluations (direct calls, the outputs of a Gauss-Newton
+    operator it builds, the residuals returned with a dense Jacobian) are the result's
+    ``num_residual_evals``, and its Gauss-Newton / Jacobian products are added to
+    ``num_hvp_evals``. The objective's own values (``0.5 |r|^2``, from the raw
+    ``residual_fn``) are ``num_value_evals`` as in :func:`minimize`. When ``optimizer``
+    is ``None`` it is ``levenberg_marquardt()``. Other keyword arguments go to
+    :func:`minimize`.
     """
     if optimizer is None:
         optimizer = levenberg_marquardt()
+    raw = raw_function(residual_fn)
+    counted = CountedObjective(raw)
 
     def value_fn(p: PyTree) -> torch.Tensor:
-        r = residual_fn(p)
-        return 0.5 * tree.sum_of_squares(r)
+        return 0.5 * tree.sum_of_squares(raw(p))
 
-    extra = dict(kwargs.pop("extra", None) or {}, residual_fn=residual_fn)
-    return minimize(value_fn, params, optimizer, extra=extra, **kwargs)
+    extra = dict(kwargs.pop("extra", None) or {}, residual_fn=counted)
+    result = minimize(value_fn, params, optimizer, extra=extra, **kwargs)
+    return dataclasses.replace(
+        result,
+        num_hvp_evals=result.num_hvp_evals + counted.num_hvp_evals,
+        num_residual_evals=counted.num_value_evals,
+    )

@@ -60,6 +60,7 @@ class MinimizeResult:
     reason: str
     state: Any = None
     history: list[dict[str, float]] = field(default_factory=list)
+    num_residual_evals: int = 0  # least_squares: residual_fn evaluations by the optimizer
 
 
 def _read_scalars(scalars: list[torch.Tensor], device: torch.device) -> list[float]:

@@ -227,9 +227,7 @@ def armijo_sync_free(
         f0 = extra["value"].detach().reshape(())
         slope = tree.vdot(grad, updates).to(f0.dtype)
         ok_start = torch.isfinite(f0) & torch.isfinite(slope) & (slope < 0)
-        alpha = _initial_step_tensor(
-            initial_step, f0, slope, grad, state, extra.get("step_hint")
-        )
+        alpha = _initial_step_tensor(initial_step, f0, slope, grad, state, extra.get("step_hint"))
         accepted = torch.zeros_like(alpha)
         found = torch.zeros((), dtype=torch.bool, device=f0.device)
         for _ in range(max_steps):

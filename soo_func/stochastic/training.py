@@ -14,7 +14,9 @@ noise hurts the step far less. :func:`hessian_operator` gives ``v -> H_H v`` and
 :func:`ggn_operator` the generalized Gauss-Newton product ``v -> J^T H_L J v``
 (Schraudolph 2002; Martens 2010, sec. 4.2), both on the subsample, as
 ``curvature`` extra for :func:`soo_func.stochastic.hessian_free`, ``levenberg`` and
-``trust_region``.
+``trust_region``. Both are the batch form of the one Hessian and the one Gauss-Newton
+operator of :mod:`soo_func.oracles` (:func:`~soo_func.oracles.hvp_operator`,
+:func:`~soo_func.oracles.ggn_operator`), counted by the same rule.
 
 :func:`training_step` runs one functional step of any transform on one batch.
 """
@@ -26,11 +28,10 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.func as tf
 
 from soo_func import oracles, tree
 from soo_func.base import Transform, apply_updates
-from soo_func.oracles import _unwrap, value_and_grad
+from soo_func.oracles import value_and_grad
 
 PyTree = Any
 Batch = Any
@@ -88,16 +89,10 @@ def hessian_operator(
 ) -> Operator:
     """``v -> H v`` with ``H`` the Hessian of ``loss_fn(., batch)`` at ``params``.
 
-    Forward-over-reverse (``jvp`` of ``grad``), one product per call.
+    :func:`soo_func.oracles.hvp_operator` with the batch bound, forward-over-reverse
+    (``jvp`` of ``grad``): one product per call.
     """
-    raw = _unwrap(loss_fn)
-    grad_fn = tf.grad(lambda p: raw(p, batch))
-
-    def product(v: PyTree) -> PyTree:
-        tree.check_same_structure(params, v, names=("params", "v"))
-        return tf.jvp(grad_fn, (params,), (v,))[1]
-
-    return product
+    return oracles.hvp_operator(loss_fn, params, batch, mode="forward-over-reverse")
 
 
 def ggn_operator(
@@ -113,8 +108,9 @@ def ggn_operator(
     outputs in the params and ``H_L`` the Hessian of the loss in the outputs
     (Schraudolph 2002, eq. 7; Martens 2010, sec. 4.2). For the mean cross-entropy,
     ``H_L = (diag(p) - p p^T) / batch_size`` per example, so ``G`` is positive
-    semidefinite, unlike the Hessian. ``J v`` is one ``jvp``, ``H_L u`` a product on
-    the small output space and ``J^T w`` one ``vjp`` through a graph kept for all calls.
+    semidefinite, unlike the Hessian. It is :func:`soo_func.oracles.ggn_operator` on
+    ``apply_fn(., inputs)``: ``J v`` is one ``jvp``, ``H_L u`` a product on the small
+    output space and ``J^T w`` one ``vjp`` through a graph kept for all calls.
     """
     inputs, targets = batch
     _, product = oracles.ggn_operator(
