@@ -9,7 +9,9 @@ import torch
 from helpers import assert_update_is_pure
 
 import soo_func as sf
-from soo_func.searches.damping import gain_ratio, multiply_update, nielsen_update
+from soo_func.searches.acceptance import gain_ratio
+from soo_func.searches.damping import multiply_update, nielsen_update
+from soo_func.searches.jacobian_cache import function_token
 from soo_func.searches.levenberg import levenberg, levenberg_marquardt
 
 T = torch.tensor
@@ -308,3 +310,53 @@ def test_levenberg_after_newton_krylov_solves_rosenbrock_through_indefinite_hess
     assert result.num_value_evals == result.num_steps + 1  # one trial point per step
     accepted = [row["step_accepted"] for row in result.history[1:]]
     assert 0 < sum(accepted) < len(accepted)
+
+
+def test_dense_jacobian_follows_the_residual_fn_at_the_same_point():
+    """Alternating residual functions (training batches) at one point: each update must
+    take its own function's step, (J^T J + lam I) d = -J^T r with that function's J and
+    r, and the gain ratio of that step (issue 16: the dense Jacobian cache was keyed on
+    the params alone, so the second function reused the first one's Jacobian)."""
+    gen = torch.Generator().manual_seed(3)
+    a, b = (torch.randn(6, 3, generator=gen, dtype=torch.float64) for _ in range(2))
+    ya, yb = (torch.randn(6, generator=gen, dtype=torch.float64) for _ in range(2))
+
+    def residual_a(x):
+        return a @ x - ya
+
+    def residual_b(x):
+        return torch.tanh(b @ x) - yb
+
+    opt = levenberg(solver="dense", initial_damping=0.5, damping_rule="multiply")
+    x = torch.zeros(3, dtype=torch.float64)
+    state = opt.init(x)
+    accepted = []
+    for residual_fn in (residual_a, residual_b, residual_a, residual_b, residual_a):
+        extra = _extras(residual_fn, x)
+        J = torch.func.jacfwd(residual_fn)(x).numpy()
+        r = residual_fn(x).numpy()
+        lam = 0.5 if float(state.damping) < 0 else float(state.damping)
+        d = np.linalg.solve(J.T @ J + lam * np.eye(3), -J.T @ r)
+        predicted = -(r @ J @ d) - 0.5 * (J @ d) @ (J @ d)
+        actual = float(extra["value"]) - float(extra["value_fn"](x + torch.from_numpy(d)))
+        updates, state = opt.update(extra["grad"], state, x, **extra)
+        np.testing.assert_allclose(float(state.ratio), actual / predicted, rtol=1e-8)
+        accepted.append(actual / predicted > 1e-4)
+        expected = d if accepted[-1] else np.zeros(3)
+        np.testing.assert_allclose(updates.numpy(), expected, rtol=1e-10, atol=1e-14)
+        x = x + updates
+    assert sum(accepted) >= 3, accepted
+
+
+def test_function_tokens_are_not_reused_after_the_function_is_freed():
+    """A closure made per batch often gets the freed one's id(); its token is new."""
+    tokens = []
+    for k in range(3):
+
+        def residual_fn(x, k=k):
+            return x + k
+
+        tokens.append(function_token(residual_fn))
+        assert function_token(residual_fn) == tokens[-1]
+        del residual_fn
+    assert len(set(tokens)) == 3

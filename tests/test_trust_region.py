@@ -17,6 +17,7 @@ import torch
 from helpers import assert_update_is_pure
 
 import soo_func as sf
+from soo_func.searches.acceptance import rounding_safe_ratio
 from soo_func.searches.trust_region import dogleg_step, trust_region
 
 A = torch.tensor([[3.0, 1.0], [1.0, 2.0]], dtype=torch.float64)
@@ -253,15 +254,13 @@ def test_errors():
 def test_radius_does_not_collapse_at_the_rounding_floor():
     """f = 1.35 + 0.5 |x|^2 at |x| ~ 1e-9: the predicted decrease (~1e-18) is below the
     rounding of f (~3e-16), so rho is noise; the radius must not shrink to nothing."""
-    from soo_func.searches.trust_region import _rounding_safe_ratio
-
     value = torch.tensor(1.35, dtype=torch.float64)
-    ratio = _rounding_safe_ratio(value, value, torch.tensor(1e-18, dtype=torch.float64))
+    ratio = rounding_safe_ratio(value, value, torch.tensor(1e-18, dtype=torch.float64))
     assert float(ratio) == 1.0
     # far from the floor the ratio is the plain one (and a rise is still rejected)
-    plain = _rounding_safe_ratio(value, value - 0.5, torch.tensor(1.0, dtype=torch.float64))
+    plain = rounding_safe_ratio(value, value - 0.5, torch.tensor(1.0, dtype=torch.float64))
     assert float(plain) == 0.5
-    rise = _rounding_safe_ratio(value, value + 1e-15, torch.tensor(1e-18, dtype=torch.float64))
+    rise = rounding_safe_ratio(value, value + 1e-15, torch.tensor(1e-18, dtype=torch.float64))
     assert float(rise) < 0
 
     def fn(p):

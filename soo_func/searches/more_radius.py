@@ -14,18 +14,12 @@ radius follows Moré's rules: ``rho <= 1/4`` shrinks it to ``mu min(radius, 10 |
 :func:`lm_parameter` finds ``lam`` from the SVD of ``J D^{-1} = U S V^T``: with
 ``c = U^T r``, ``|D p(lam)| = |s c / (s^2 + lam)|``, and ``lam`` solves the secular
 equation ``1/radius - 1/|D p(lam)| = 0`` by Newton's method safeguarded by a bisection
-bracket (Moré's Algorithm 5.5, Hebden's iteration), for a fixed number of iterations with
+bracket (Moré's Algorithm 5.5, Hebden's iteration; Nocedal & Wright, *Numerical
+Optimization*, 2nd ed., Algorithm 4.3 and section 10.3), for a fixed number of iterations with
 ``torch.where`` (no host synchronisation).
 
-Measured against scipy's MINPACK ``lm`` (same exact Jacobian; evaluations counted as
-residual evaluations plus Jacobian products, scipy's as ``nfev + n njev``), through
-``levenberg_marquardt(damping_rule=...)``: Nielsen's damping reached the certified NIST
-parameters in the 16 (problem, start) pairs where ``lm`` does except MGH10 from start 1
-(its damped first steps drive b1 to ~1e-17, a valley far from the solution, while
-MINPACK's first trials are much longer radius-bounded Gauss-Newton steps that reach the
-right basin), at a median 1.52x ``lm``'s evaluations; Moré's rule reached all 16 (and
-MGH09 from start 1, which ``lm`` misses) at 1.40x, and on the 31 Moré-Garbow-Hillstrom
-least-squares problems ``lm`` solves it solves all 31 at a median 1.11x (Nielsen: 1.31x).
+Used by :func:`~soo_func.searches.levenberg_marquardt` with the dense solver (its default
+there); the model pieces are in :mod:`soo_func.searches.damped_gauss_newton`.
 """
 
 from __future__ import annotations
@@ -35,16 +29,17 @@ from typing import Any, NamedTuple
 import torch
 
 from soo_func import tree
+from soo_func.searches.damped_gauss_newton import DampedModel, least_squares_reduction
 
 PyTree = Any
 
 __all__ = [
     "RADIUS_FACTOR",
-    "DampedModel",
     "LMStep",
+    "MoreStep",
     "lm_parameter",
-    "more_model",
     "more_radius_update",
+    "more_step",
 ]
 
 RADIUS_FACTOR = 100.0
@@ -130,25 +125,20 @@ def more_radius_update(
     return torch.where(ratio <= 0.25, shrunk, new)
 
 
-class DampedModel(NamedTuple):
-    """A damped Levenberg-Marquardt step (a pytree), its predicted reduction ``m(0) - m(d)``
-    and what the damping rules need (Moré's: the radius, ``|D p|``, MINPACK's ``-dirder``)."""
+class MoreStep(NamedTuple):
+    """A step of Moré's rule: the damped model (``damping`` is the ``lam`` found for the
+    radius) and what the radius rule needs: the radius the step was bounded by, ``|D p|``
+    and MINPACK's ``-dirder`` (``model_decrease``)."""
 
-    step: PyTree
-    predicted: torch.Tensor
-    initial_damping: torch.Tensor
-    scale: PyTree
-    valid: torch.Tensor
-    jacobian: torch.Tensor | None = None
-    residuals: torch.Tensor | None = None
-    radius: torch.Tensor | None = None
-    scaled_norm: torch.Tensor | None = None
-    model_decrease: torch.Tensor | None = None
+    model: DampedModel
+    radius: torch.Tensor
+    scaled_norm: torch.Tensor
+    model_decrease: torch.Tensor
 
 
-def more_model(
+def more_step(
     radius: torch.Tensor, params: PyTree, jac: torch.Tensor, r: torch.Tensor, scale: torch.Tensor
-) -> DampedModel:
+) -> MoreStep:
     """The step of radius ``radius`` (negative: the first step, radius ``RADIUS_FACTOR |D x|``
     cut to the Gauss-Newton step's ``|D p|``) with ``D = sqrt(scale)`` (flat ``scale``)."""
     diag = torch.sqrt(scale)
@@ -158,12 +148,14 @@ def more_model(
     radius = torch.where(first, start, radius)
     lm = lm_parameter(jac, r, diag, radius)
     radius = torch.where(first, torch.minimum(radius, lm.scaled_norm), radius)
-    jd = jac @ lm.step
-    predicted = -torch.dot(r, jd) - 0.5 * torch.dot(jd, jd)
+    jp = jac @ lm.step
     twice_value = torch.clamp(torch.dot(r, r), min=torch.finfo(r.dtype).tiny)
-    decrease = (torch.dot(jd, jd) + lm.damping * lm.scaled_norm**2) / twice_value
-    valid = torch.isfinite(lm.step).all()
-    return DampedModel(
-        tree.unravel(lm.step, params), predicted, lm.damping, tree.unravel(scale, params),
-        valid, jac, r, radius, lm.scaled_norm, decrease,
-    )  # fmt: skip
+    decrease = (torch.dot(jp, jp) + lm.damping * lm.scaled_norm**2) / twice_value
+    model = DampedModel(
+        step=tree.unravel(lm.step, params),
+        predicted=least_squares_reduction(jac, r, lm.step),
+        damping=lm.damping,
+        scale=tree.unravel(scale, params),
+        valid=torch.isfinite(lm.step).all(),
+    )
+    return MoreStep(model, radius, lm.scaled_norm, decrease)

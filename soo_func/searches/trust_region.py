@@ -8,7 +8,9 @@ direction before it (``curvature``: ``v -> B v``), each update solves the subpro
 approximately, evaluates ``f(x + p)`` once, and compares the actual reduction with the
 predicted one, ``rho = (f(x) - f(x + p)) / (m(0) - m(p))`` (Nocedal & Wright, *Numerical
 Optimization*, 2nd ed., eq. (4.4)). The step is accepted when ``rho > accept_ratio``
-(``eta``); the radius follows Algorithm 4.1 (:func:`~soo_func.searches.damping.radius_update`).
+(``eta``); the radius follows Algorithm 4.1. The ratio, the radius rule and the
+accept/reject selection are shared with Levenberg-Marquardt
+(:mod:`soo_func.searches.acceptance`).
 A rejected step returns a zero update and the current value and gradient, with the
 radius shrunk: nothing else changes, so the next update retries from the same point.
 
@@ -39,8 +41,9 @@ import torch
 
 from soo_func import tree
 from soo_func.base import Transform, require_extras
+from soo_func.krylov import steihaug
 from soo_func.oracles import value_and_grad
-from soo_func.searches.damping import gain_ratio, radius_update
+from soo_func.searches.acceptance import accept_or_stay, radius_update, rounding_safe_ratio
 
 PyTree = Any
 
@@ -63,21 +66,6 @@ class TrustRegionState(NamedTuple):
     search_failed: torch.Tensor
     next_value: torch.Tensor
     next_grad: PyTree
-
-
-def _rounding_safe_ratio(
-    value: torch.Tensor, trial_value: torch.Tensor, predicted: torch.Tensor
-) -> torch.Tensor:
-    """``rho``, taken as 1 when the predicted decrease is below the rounding of ``f``.
-
-    Near a minimizer ``m(0) - m(p)`` can fall under ``10 eps |f|``; ``rho`` is then
-    rounding noise and would shrink the radius to nothing. A trial that does not raise
-    ``f`` is accepted as an exact model (``rho = 1``) instead.
-    """
-    eps = torch.finfo(value.dtype).eps
-    at_rounding = predicted.abs() <= 10 * eps * value.abs().clamp(min=torch.finfo(value.dtype).tiny)
-    ratio = gain_ratio(value - trial_value, predicted)
-    return torch.where(at_rounding & (trial_value <= value), torch.ones_like(ratio), ratio)
 
 
 def _missing_curvature_error() -> TypeError:
@@ -206,8 +194,6 @@ def trust_region(
     def subproblem(updates, grad, curvature, radius) -> PyTree:
         if solver == "dogleg":
             return dogleg_step(grad, updates, curvature, radius)[0]
-        from soo_func.krylov import steihaug
-
         return steihaug(curvature, grad, radius, max_iters=max_iters, rtol=rtol).x
 
     def update(updates, state: TrustRegionState, params=None, **extra):
@@ -224,7 +210,7 @@ def trust_region(
         step = subproblem(updates, grad, curvature, state.radius)
         predicted = -(tree.vdot(grad, step) + 0.5 * tree.vdot(step, curvature(step)))
         trial_value, trial_grad = value_and_grad(value_fn)(tree.add(params, step))
-        ratio = _rounding_safe_ratio(value, trial_value, predicted)
+        ratio = rounding_safe_ratio(value, trial_value, predicted)
         accepted = ratio > accept_ratio
         radius = radius_update(
             state.radius,
@@ -236,15 +222,16 @@ def trust_region(
             grow_factor=grow_factor,
             max_radius=max_radius,
         )
+        decision = accept_or_stay(accepted, step, trial_value, trial_grad, value, grad)
         new_state = TrustRegionState(
             radius=radius,
             ratio=ratio,
             step_accepted=accepted,
             search_failed=~accepted & (radius < min_radius),
-            next_value=torch.where(accepted, trial_value, value),
-            next_grad=tree.where(accepted, trial_grad, grad),
+            next_value=decision.next_value,
+            next_grad=decision.next_grad,
         )
-        return tree.where(accepted, step, tree.zeros_like(step)), new_state
+        return decision.step, new_state
 
     def publish(state: TrustRegionState, params=None, **extra) -> dict[str, Any]:
         return {

@@ -1,0 +1,196 @@
+"""The damped Gauss-Newton (or Newton) model of Levenberg-Marquardt and its two solvers.
+
+At ``x`` with gradient ``g``, model curvature ``B`` and damping scale ``D``, the step
+solves
+
+    (B + lam D) p = -g,
+
+the minimiser of the model ``m(p) = f + <g, p> + 0.5 <p, B p>`` on the ball
+``<p, D p> <= Delta^2`` whose multiplier is ``lam`` (Nocedal & Wright, *Numerical
+Optimization*, 2nd ed., Theorem 4.1 and section 10.3, eq. (10.32); Levenberg 1944,
+Marquardt 1963, Moré 1978). For least squares ``f = 0.5 |r|^2``, ``g = J^T r`` and
+``B = J^T J``.
+
+* :func:`dense_damped_step` -- ``min |[J; sqrt(lam D)] p + [r; 0]|`` by a QR factorisation
+  of the augmented matrix (N&W eq. (10.34)), never forming ``J^T J``; ``J`` from
+  :func:`dense_jacobian` (``vmap`` over ``n`` ``jvp``s).
+* :func:`krylov_damped_step` -- matrix-free CG (:func:`soo_func.krylov.cg`, N&W Algorithm
+  5.2) on ``(B + lam D) p = -g`` with ``B`` an operator ``v -> B v``:
+  :func:`gauss_newton_operator` (``J^T J v``, one GGN product each), a published
+  ``curvature`` or Hessian products (:func:`model_operator`).
+* :func:`marquardt_scale` -- ``D = diag(J^T J)`` as the running maximum over the
+  iterations (Moré 1978, eq. (6.3)), floored by :func:`floor_scale`.
+
+The predicted reduction ``m(0) - m(p) = -<g, p> - 0.5 <p, B p>`` uses ``|J p|^2`` for the
+dense step and ``<p, B p> = -<g, p> - lam <p, D p>`` (the damped system, no extra product)
+for the CG step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+import torch.func as tf
+
+from soo_func import tree
+from soo_func.krylov import cg
+from soo_func.oracles import CountedObjective, charge, ggn_operator, linearize_grad
+
+PyTree = Any
+Operator = Callable[[PyTree], PyTree]
+
+__all__ = [
+    "DampedModel",
+    "dense_damped_step",
+    "dense_jacobian",
+    "floor_scale",
+    "gauss_newton_operator",
+    "krylov_damped_step",
+    "least_squares_reduction",
+    "marquardt_scale",
+    "model_operator",
+    "rayleigh_quotient",
+    "solve_damped_dense",
+]
+
+
+class DampedModel(NamedTuple):
+    """A damped step ``p`` (a pytree like the params), its predicted reduction
+    ``m(0) - m(p)``, the damping ``lam`` and scale ``D`` (a pytree) it was solved with, and
+    whether the solve is usable (finite; no negative curvature met by CG)."""
+
+    step: PyTree
+    predicted: torch.Tensor
+    damping: torch.Tensor
+    scale: PyTree
+    valid: torch.Tensor
+
+
+def _flat_residuals(residual_fn: Callable, like: tree.Raveled) -> Callable:
+    def flat_fn(flat: torch.Tensor) -> torch.Tensor:
+        out = residual_fn(tree.unravel(flat, like))
+        return torch.cat([leaf.reshape(-1) for leaf in tree.leaves(out)])
+
+    return flat_fn
+
+
+def dense_jacobian(residual_fn: Callable, params: PyTree) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(J, r)``: the m x n Jacobian of the flattened residuals and the residuals, from
+    one ``jacfwd`` (``vmap`` over ``n`` ``jvp``s). Charges nothing (the caller does)."""
+    raveled = tree.ravel(params)
+    flat_fn = _flat_residuals(residual_fn, raveled)
+
+    def with_aux(x):
+        r = flat_fn(x)
+        return r, r
+
+    jac, r = tf.jacfwd(with_aux, has_aux=True)(raveled.flat)
+    return jac, r
+
+
+def floor_scale(scale: torch.Tensor) -> torch.Tensor:
+    """``max(scale, eps * max(scale) + tiny)``: a zero column never makes the system singular."""
+    eps = torch.finfo(scale.dtype).eps
+    tiny = torch.finfo(scale.dtype).tiny
+    return torch.clamp(scale, min=eps * scale.max() + tiny)
+
+
+def marquardt_scale(previous: torch.Tensor, column_sq: torch.Tensor) -> torch.Tensor:
+    """Marquardt's ``D``: the running maximum of ``diag(J^T J)`` (the squared column norms
+    ``column_sq``), floored (Moré 1978, eq. (6.3))."""
+    return floor_scale(torch.maximum(previous, column_sq))
+
+
+def solve_damped_dense(
+    jac: torch.Tensor, r: torch.Tensor, damping: torch.Tensor, scale: torch.Tensor
+) -> torch.Tensor:
+    """``p`` minimising ``|J p + r|^2 + lam <p, D p>`` by QR of ``[J; sqrt(lam D)]``
+    (N&W eq. (10.34))."""
+    n = jac.shape[1]
+    augmented = torch.cat([jac, torch.diag(torch.sqrt(damping * scale))])
+    rhs = torch.cat([-r, torch.zeros(n, dtype=r.dtype, device=r.device)])
+    q, upper = torch.linalg.qr(augmented)
+    return torch.linalg.solve_triangular(upper, (q.T @ rhs)[:, None], upper=True)[:, 0]
+
+
+def least_squares_reduction(jac: torch.Tensor, r: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """``m(0) - m(p) = -<r, J p> - 0.5 |J p|^2`` for ``f = 0.5 |r|^2`` (flat ``p``)."""
+    jp = jac @ p
+    return -torch.dot(r, jp) - 0.5 * torch.dot(jp, jp)
+
+
+def dense_damped_step(
+    jac: torch.Tensor, r: torch.Tensor, damping: torch.Tensor, scale: torch.Tensor, like: PyTree
+) -> DampedModel:
+    """The damped Gauss-Newton step by QR (flat ``scale``), as a pytree like ``like``."""
+    p = solve_damped_dense(jac, r, damping, scale)
+    return DampedModel(
+        step=tree.unravel(p, like),
+        predicted=least_squares_reduction(jac, r, p),
+        damping=damping,
+        scale=tree.unravel(scale, like),
+        valid=torch.isfinite(p).all(),
+    )
+
+
+def rayleigh_quotient(grad: PyTree, operator: Operator) -> torch.Tensor:
+    """``|<g, B g>| / |g|^2`` (one product), floored at the smallest normal number: the
+    scale of ``B`` along ``g``, for the first damping of matrix-free Levenberg."""
+    grad_curv = tree.vdot(grad, operator(grad))
+    ratio = grad_curv.abs() / torch.clamp(tree.sum_of_squares(grad), min=1e-300)
+    return torch.clamp(ratio, min=torch.finfo(ratio.dtype).tiny)
+
+
+def krylov_damped_step(
+    grad: PyTree, operator: Operator, damping: torch.Tensor, scale: PyTree, rtol: float
+) -> DampedModel:
+    """CG on ``(B + lam D) p = -g`` to relative residual ``rtol``.
+
+    ``<p, B p> = -<g, p> - lam <p, D p>`` up to CG's residual (the error is at most
+    ``|p| rtol |g|``), so the predicted reduction costs no product.
+    """
+
+    def damped(v: PyTree) -> PyTree:
+        return tree.add(operator(v), tree.map(lambda s, x: damping * s * x, scale, v))
+
+    result = cg(damped, tree.neg(grad), rtol=rtol)
+    p = result.x
+    g_p = tree.vdot(grad, p)
+    p_scaled_p = tree.vdot(tree.map(lambda s, x: s * x, scale, p), p)
+    curvature = -g_p - damping * p_scaled_p
+    return DampedModel(
+        step=p,
+        predicted=-g_p - 0.5 * curvature,
+        damping=damping,
+        scale=scale,
+        valid=~torch.as_tensor(result.negative_curvature, device=damping.device),
+    )
+
+
+def gauss_newton_operator(residual_fn: Callable, params: PyTree, value_fn: Callable) -> Operator:
+    """``v -> J^T J v`` at ``params`` (:func:`soo_func.oracles.ggn_operator`), each product
+    charged as one Hessian product: to ``residual_fn`` when it counts itself, else to
+    ``value_fn`` (the driver's counter)."""
+    _, matvec = ggn_operator(residual_fn, params)
+    if isinstance(residual_fn, CountedObjective):
+        return matvec
+
+    def product(v: PyTree) -> PyTree:
+        charge(value_fn, hvp=1)
+        return matvec(v)
+
+    return product
+
+
+def model_operator(
+    params: PyTree, value_fn: Callable, residual_fn: Callable | None, curvature: Operator | None
+) -> Operator:
+    """The model curvature ``B``: a published ``curvature``, else ``J^T J`` from
+    ``residual_fn``, else the Hessian of ``value_fn`` (one product each)."""
+    if curvature is not None:
+        return curvature
+    if residual_fn is not None:
+        return gauss_newton_operator(residual_fn, params, value_fn)
+    return linearize_grad(value_fn, params)[2]
