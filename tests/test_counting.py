@@ -164,15 +164,14 @@ LEAST_SQUARES_FAMILIES = {
     "levenberg_marquardt(dense)": lambda: sf.levenberg_marquardt(solver="dense"),
     "levenberg_marquardt(cg)": lambda: sf.levenberg_marquardt(solver="cg"),
 }
-UNTIL_LEVENBERG_SPLIT = pytest.mark.xfail(strict=False, reason="until the Levenberg split lands")
 
 
 @pytest.mark.parametrize(
     "family",
     [
         "gauss_newton+armijo",
-        pytest.param("levenberg_marquardt(dense)", marks=UNTIL_LEVENBERG_SPLIT),
-        pytest.param("levenberg_marquardt(cg)", marks=UNTIL_LEVENBERG_SPLIT),
+        "levenberg_marquardt(dense)",
+        "levenberg_marquardt(cg)",
     ],
 )
 def test_least_squares_counts_equal_the_hand_count(family):

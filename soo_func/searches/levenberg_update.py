@@ -22,7 +22,7 @@ import torch
 
 from soo_func import tree
 from soo_func.base import require_extras
-from soo_func.oracles import charge, value_and_grad
+from soo_func.oracles import CountedObjective, charge, value_and_grad
 from soo_func.searches.damped_gauss_newton import (
     DampedModel,
     dense_damped_step,
@@ -129,6 +129,16 @@ def make_plan(who: str, options: LevenbergOptions, point: Point, params: PyTree)
     return Plan(dense, "multiply" if options.damping_rule == "multiply" else "nielsen")
 
 
+def charge_jacobian(point: Point, columns: int, value: int = 0) -> None:
+    """Charge a dense Jacobian: ``columns`` products (one ``jvp`` each). To ``residual_fn``
+    when it counts itself (``least_squares``; its call already counted the residuals), else
+    to ``value_fn`` (``value`` more when the residuals stand in for a value)."""
+    if isinstance(point.residual_fn, CountedObjective):
+        charge(point.residual_fn, hvp=columns)
+    else:
+        charge(point.value_fn, hvp=columns, value=value)
+
+
 def dense_trial(
     options: LevenbergOptions, marquardt: bool, params: PyTree, point: Point, more: bool, *,
     damping: torch.Tensor, scale: PyTree, radius: torch.Tensor, cache: JacobianCache,
@@ -138,12 +148,12 @@ def dense_trial(
 
     ``damping`` (negative: not set yet), ``scale`` (Marquardt's running ``D``), ``radius``
     (Moré's) and ``cache`` are what the previous update left."""
-    residual_fn, value_fn = point.residual_fn, point.value_fn
+    residual_fn = point.residual_fn
     token = function_token(residual_fn)
     cached = lookup(cache, params, token)
     if cached is None:
         jac, r = dense_jacobian(residual_fn, params)
-        charge(value_fn, hvp=jac.shape[1], value=1)
+        charge_jacobian(point, jac.shape[1], value=1)
     else:
         jac, r = cached
     column_sq = (jac * jac).sum(0)
@@ -161,7 +171,7 @@ def dense_trial(
         model = more_model.model
     trial = tree.add(params, model.step)
     trial_jac, trial_r = dense_jacobian(residual_fn, trial)
-    charge(value_fn, hvp=trial_jac.shape[1], value=1)
+    charge_jacobian(point, trial_jac.shape[1], value=1)
     return Trial(
         model=model,
         value=0.5 * torch.dot(trial_r, trial_r),
@@ -179,7 +189,7 @@ def matrix_free_trial(
     (``damping`` and ``scale`` as in :func:`dense_trial`)."""
     if marquardt:  # diag(J^T J) needs the dense Jacobian: n products
         jac, _ = dense_jacobian(point.residual_fn, params)
-        charge(point.value_fn, hvp=jac.shape[1])
+        charge_jacobian(point, jac.shape[1])
         column_sq = tree.unravel((jac * jac).sum(0), params)
         scale = tree.map(marquardt_scale, scale, column_sq)
     operator = model_operator(params, point.value_fn, point.residual_fn, point.curvature)
