@@ -348,22 +348,22 @@ def test_ascent_gives_minus_g_and_keeps_the_matrix_unless_reset(method, form, me
 )
 def test_stacked_and_per_slot_memories_agree(make, monkeypatch):
     """Small memories are one stacked tensor, large ones a tuple of slots (a size rule in
-    _pair_memory): both layouts give the same directions, Gram matrices and curvature
+    pair_memory): both layouts give the same directions, Gram matrices and curvature
     products, through wrap-around of the memory."""
-    from soo_func.directions import _pair_memory
+    from soo_func.directions import pair_memory
 
     seq = near_identity_sequence(6, 9, torch.float64, seed=4)
     v = torch.linspace(-1.0, 1.0, 6, dtype=torch.float64)
     outputs = {}
-    for layout, limit in (("stacked", _pair_memory.STACK_MAX_ELEMENTS), ("tuple", 0)):
-        monkeypatch.setattr(_pair_memory, "STACK_MAX_ELEMENTS", limit)
+    for layout, limit in (("stacked", pair_memory.STACK_MAX_ELEMENTS), ("tuple", 0)):
+        monkeypatch.setattr(pair_memory, "STACK_MAX_ELEMENTS", limit)
         transform = make()
         state = transform.init(seq[0][0])
         directions = []
         for x, g in seq:
             d, state = transform.update(g, state, x)
             directions.append(d)
-        memory = next(s for s in state if isinstance(s, _pair_memory.PairMemory))
+        memory = next(s for s in state if isinstance(s, pair_memory.PairMemory))
         assert isinstance(memory.pairs, torch.Tensor) == (layout == "stacked")
         curvature = transform.publish(state, seq[-1][0])["curvature"](v)
         outputs[layout] = (torch.stack(directions), memory.gram, curvature)

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from soo_func import tree
-from soo_func.directions import _pair_memory as pm
+from soo_func.directions import pair_memory as pm
 
 __all__ = [
     "KERNELS",

@@ -6,7 +6,7 @@ Nocedal & Wright (2006), Algorithm 7.4 (two-loop recursion) with the initial mat
 The recursion is evaluated in its *vector-free* arrangement (Chen, Wang & Zhou,
 "Large-scale L-BFGS using MapReduce", NeurIPS 2014): every inner product it takes is
 a combination of ``S^T g``, ``Y^T g`` and the Gram matrix of the pairs, which
-:mod:`~soo_func.directions._pair_memory` keeps up to date from one pass over the
+:mod:`~soo_func.directions.pair_memory` keeps up to date from one pass over the
 memory. With ``rho_i = 1 / s_i^T y_i`` the first loop
 ``alpha_i = rho_i s_i^T (g - sum_{j>i} alpha_j y_j)`` is the unit upper-triangular
 system ``(I + diag(rho) triu(S^T Y, 1)) alpha = rho * S^T g``; the second loop
@@ -31,7 +31,7 @@ import torch
 
 from soo_func import tree
 from soo_func.base import Transform
-from soo_func.directions import _pair_memory as pm
+from soo_func.directions import pair_memory as pm
 from soo_func.directions.compact import bfgs_direct_kernel, kernel_operator
 
 __all__ = ["LbfgsState", "lbfgs", "two_loop_coefficients"]
@@ -43,7 +43,7 @@ class LbfgsState(NamedTuple):
 
     The memory's Gram matrix holds what the two-loop recursion reads (``triu(S^T Y)``,
     ``Y^T Y``); the inner products of older pairs with each new ``s`` are not computed
-    (zeros; see :func:`~soo_func.directions._pair_memory.push`)."""
+    (zeros; see :func:`~soo_func.directions.pair_memory.push`)."""
 
     memory: pm.PairMemory
     gamma: torch.Tensor

@@ -2,7 +2,7 @@
 
 The transform behind ``bfgs(memory_size=m)``, ``dfp(...)``, ``sr1(...)`` and
 ``broyden(...)``. The ``m`` newest pairs live in a
-:class:`~soo_func.directions._pair_memory.PairMemory`; the matrices are the compact
+:class:`~soo_func.directions.pair_memory.PairMemory`; the matrices are the compact
 formulas of Byrd, Nocedal & Schnabel (1994) in :mod:`soo_func.directions.compact`,
 with ``H0 = gamma I``, ``gamma = s^T y / y^T y`` of the newest pair with positive
 curvature (N&W eq. 7.20), or a fixed ``initial_scaling``.
@@ -21,7 +21,7 @@ import torch
 
 from soo_func import tree
 from soo_func.base import Transform
-from soo_func.directions import _pair_memory as pm
+from soo_func.directions import pair_memory as pm
 from soo_func.directions.compact import KERNELS, kernel_operator
 
 __all__ = ["LimitedMemoryState", "limited_memory"]

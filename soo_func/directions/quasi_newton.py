@@ -38,7 +38,7 @@ import torch
 
 from soo_func import tree
 from soo_func.base import Transform
-from soo_func.directions import _pair_memory as pm
+from soo_func.directions import pair_memory as pm
 
 __all__ = ["METHODS", "DenseQuasiNewtonState", "bfgs", "broyden", "dense_update", "dfp", "sr1"]
 
