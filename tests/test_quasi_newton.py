@@ -369,3 +369,11 @@ def test_stacked_and_per_slot_memories_agree(make, monkeypatch):
         outputs[layout] = (torch.stack(directions), memory.gram, curvature)
     for stacked, per_slot in zip(outputs["stacked"], outputs["tuple"], strict=True):
         torch.testing.assert_close(stacked, per_slot, rtol=1e-12, atol=1e-12)
+
+
+def test_bfgs_memory_is_lbfgs_with_the_two_norm_first_step(dtype):
+    """One L-BFGS kernel: bfgs(memory_size=m) is lbfgs(m, first_step_norm=2), to the bit."""
+    seq = quadratic_sequence(7, 9, dtype, seed=6)
+    ours, _ = run(bfgs(memory_size=3), seq)
+    reference, _ = run(sf.lbfgs(3, first_step_norm=2), seq)
+    torch.testing.assert_close(torch.stack(ours), torch.stack(reference), rtol=0, atol=0)
