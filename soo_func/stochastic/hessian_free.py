@@ -5,7 +5,7 @@ Each step approximately minimizes the damped quadratic model of the batch loss
     q(p) = f + g^T p + 0.5 p^T (B + lambda I) p
 
 with conjugate gradients, where ``B`` is a curvature matrix given by its products
-(the Gauss-Newton matrix on a subsample, :func:`soo_func.training.ggn_operator`, as
+(the Gauss-Newton matrix on a subsample, :func:`soo_func.stochastic.training.ggn_operator`, as
 Martens recommends; the Hessian of ``value_fn`` by default). The pieces of the paper:
 
 CG is :func:`soo_func.krylov.cg` (a fixed iteration count, stopping at nonpositive curvature),
