@@ -93,6 +93,42 @@ def test_cg_reports_and_stops_on_negative_curvature():
     torch.testing.assert_close(flat(first.x), torch.zeros(6, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("check_every", [1, None])
+def test_cg_on_iteration_sees_every_iterate_and_can_stop(check_every):
+    """``on_iteration(k, x, r)`` after each iteration: ``r = b - A x`` there; a true result
+    stops CG at that iterate (frozen), with the product count of the chosen mode."""
+    n = 12
+    a = spd_matrix(n, seed=3, cond=1e3)
+    b = torch.randn(n, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    seen = []
+
+    def watch(k, x, r):
+        seen.append((k, flat(x), flat(r)))
+        return torch.tensor(k >= 3)
+
+    calls: list = []
+    res = krylov.cg(operator(a, calls), as_tree(b), rtol=0.0, max_iters=8,
+                    check_every=check_every, on_iteration=watch)  # fmt: skip
+    full = krylov.cg(operator(a), as_tree(b), rtol=0.0, max_iters=3)
+    assert int(res.num_iters) == 3
+    torch.testing.assert_close(flat(res.x), flat(full.x), rtol=0, atol=0)
+    for _, x, r in seen:
+        torch.testing.assert_close(r, b - a @ x)
+    if check_every is None:  # every iteration runs (frozen after the stop), as its products
+        assert [k for k, _, _ in seen] == list(range(1, 9)) and len(calls) == 8
+        torch.testing.assert_close(seen[-1][1], flat(res.x), rtol=0, atol=0)
+    else:
+        assert [k for k, _, _ in seen] == [1, 2, 3] and len(calls) == 3
+
+
+def test_cg_stops_on_nan_curvature_when_asked():
+    b = torch.ones(4, dtype=torch.float64)
+    res = krylov.cg(lambda v: sf.tree.scale(float("nan"), v), as_tree(b),
+                    stop_on_negative_curvature=True, check_every=None, max_iters=3)  # fmt: skip
+    assert bool(res.negative_curvature) and int(res.num_iters) == 0
+    torch.testing.assert_close(flat(res.x), torch.zeros(4, dtype=torch.float64))
+
+
 def test_cr_uses_one_operator_application_per_iteration():
     n = 20
     a = spd_matrix(n, seed=5, cond=1e3)

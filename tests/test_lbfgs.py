@@ -233,13 +233,13 @@ def test_first_step_hint_is_inverse_gradient_norm_until_a_pair_is_stored(order, 
     state = transform.init(params)
     direction, state = transform.update(grad, state, params)
     assert torch.equal(direction, -grad)
-    assert float(state.initial_step) == pytest.approx(expected, rel=1e-15)
+    assert float(state.step_hint) == pytest.approx(expected, rel=1e-15)
     assert float(transform.publish(state, params)["step_hint"]) == pytest.approx(expected)
     # With a stored pair the hint is the quasi-Newton unit step.
     params2 = params + 0.1 * direction
     _, state = transform.update(grad * 0.5, state, params2)
-    assert float(state.initial_step) == 1.0
+    assert float(state.step_hint) == 1.0
     # A tiny gradient never asks for more than a unit step.
     state = transform.init(params)
     _, state = transform.update(torch.full((2,), 1e-3, dtype=torch.float64), state, params)
-    assert float(state.initial_step) == 1.0
+    assert float(state.step_hint) == 1.0

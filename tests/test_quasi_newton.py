@@ -348,24 +348,32 @@ def test_ascent_gives_minus_g_and_keeps_the_matrix_unless_reset(method, form, me
 )
 def test_stacked_and_per_slot_memories_agree(make, monkeypatch):
     """Small memories are one stacked tensor, large ones a tuple of slots (a size rule in
-    _pair_memory): both layouts give the same directions, Gram matrices and curvature
+    pair_memory): both layouts give the same directions, Gram matrices and curvature
     products, through wrap-around of the memory."""
-    from soo_func.directions import _pair_memory
+    from soo_func.directions import pair_memory
 
     seq = near_identity_sequence(6, 9, torch.float64, seed=4)
     v = torch.linspace(-1.0, 1.0, 6, dtype=torch.float64)
     outputs = {}
-    for layout, limit in (("stacked", _pair_memory.STACK_MAX_ELEMENTS), ("tuple", 0)):
-        monkeypatch.setattr(_pair_memory, "STACK_MAX_ELEMENTS", limit)
+    for layout, limit in (("stacked", pair_memory.STACK_MAX_ELEMENTS), ("tuple", 0)):
+        monkeypatch.setattr(pair_memory, "STACK_MAX_ELEMENTS", limit)
         transform = make()
         state = transform.init(seq[0][0])
         directions = []
         for x, g in seq:
             d, state = transform.update(g, state, x)
             directions.append(d)
-        memory = next(s for s in state if isinstance(s, _pair_memory.PairMemory))
+        memory = next(s for s in state if isinstance(s, pair_memory.PairMemory))
         assert isinstance(memory.pairs, torch.Tensor) == (layout == "stacked")
         curvature = transform.publish(state, seq[-1][0])["curvature"](v)
         outputs[layout] = (torch.stack(directions), memory.gram, curvature)
     for stacked, per_slot in zip(outputs["stacked"], outputs["tuple"], strict=True):
         torch.testing.assert_close(stacked, per_slot, rtol=1e-12, atol=1e-12)
+
+
+def test_bfgs_memory_is_lbfgs_with_the_two_norm_first_step(dtype):
+    """One L-BFGS kernel: bfgs(memory_size=m) is lbfgs(m, first_step_norm=2), to the bit."""
+    seq = quadratic_sequence(7, 9, dtype, seed=6)
+    ours, _ = run(bfgs(memory_size=3), seq)
+    reference, _ = run(sf.lbfgs(3, first_step_norm=2), seq)
+    torch.testing.assert_close(torch.stack(ours), torch.stack(reference), rtol=0, atol=0)

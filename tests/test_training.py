@@ -142,15 +142,15 @@ def test_multi_batch_pairs_use_the_overlap_only(device):
     _, g0 = sf.value_and_grad(overlap_fn)(params)
     _, g1 = sf.value_and_grad(overlap_fn)(sf.apply_updates(params, step))
     y = sf.tree.ravel(g1).flat - sf.tree.ravel(g0).flat
-    torch.testing.assert_close(new_state.y[0], y)
-    torch.testing.assert_close(new_state.s[0], sf.tree.ravel(step).flat)
+    torch.testing.assert_close(new_state.memory.pairs[-1][1], y)  # the newest (s, y)
+    torch.testing.assert_close(new_state.memory.pairs[-1][0], sf.tree.ravel(step).flat)
     # Changing the examples outside the overlap changes the step's gradient, not the pair.
     other = (torch.cat([batch[0][:8] * 3, batch[0][8:]]), batch[1])
     assert torch.equal(batch_overlap(other, 4)[0], overlap[0])
     _, s2 = opt.update(
         grad, state, params, overlap_value_fn=training.bind_batch(loss_fn, batch_overlap(other, 4))
     )
-    torch.testing.assert_close(s2.y[0], y)
+    torch.testing.assert_close(s2.memory.pairs[-1][1], y)
     # The full-batch pair differs: the pair really is the overlap's.
     _, gb0 = sf.value_and_grad(value_fn)(params)
     _, gb1 = sf.value_and_grad(value_fn)(sf.apply_updates(params, step))
@@ -199,7 +199,7 @@ def test_multi_batch_skips_negative_curvature_pairs():
     state = opt.init(p)
     _, g = sf.value_and_grad(concave)(p)
     _, state = opt.update(g, state, p, overlap_value_fn=concave)
-    assert int(state.num_skipped) == 1 and torch.all(state.rho == 0)
+    assert int(state.num_skipped) == 1 and not state.memory.valid.any()
 
 
 def test_multi_batch_lbfgs_is_pure_and_validates(dtype):

@@ -23,6 +23,13 @@ Each formula is stored as a *kernel* ``F`` (``2m x 2m``) with
 ``(scale I + F G) c = -F [S^T v; Y^T v] / scale``), which is how the *direct* forms
 produce their direction ``-B^{-1} g`` matrix-free. Invalid (skipped or empty) slots
 get identity rows in the middle matrices and zero rows in ``F``.
+
+The inverse BFGS product ``H g`` is taken by the two-loop recursion instead (N&W Alg. 7.4,
+:func:`two_loop_coefficients`, the one L-BFGS kernel), with ``H0 = gamma I`` of eq. 7.20
+(:func:`newest_gamma`). It is evaluated in its *vector-free* arrangement (Chen, Wang & Zhou,
+"Large-scale L-BFGS using MapReduce", NeurIPS 2014): every inner product it takes is a
+combination of ``S^T g``, ``Y^T g`` and the Gram matrix, so it reads the long vectors only
+for those products and for the final combination ``gamma g + S c_s + Y c_y``.
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ from typing import Any
 import torch
 
 from soo_func import tree
-from soo_func.directions import _pair_memory as pm
+from soo_func.directions import pair_memory as pm
 
 __all__ = [
     "KERNELS",
@@ -46,8 +53,10 @@ __all__ = [
     "kernel_apply",
     "kernel_operator",
     "kernel_solve",
+    "newest_gamma",
     "sr1_direct_kernel",
     "sr1_inverse_kernel",
+    "two_loop_coefficients",
 ]
 
 Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -183,6 +192,56 @@ def broyden_inverse_kernel(gram: torch.Tensor, valid: torch.Tensor, gamma: torch
     left = torch.cat([eye, -gamma * eye])
     right = torch.cat([gamma * eye, torch.zeros_like(eye)])
     return _rank_kernel(left, inv, right, valid)
+
+
+def newest_gamma(gram: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``gamma = s^T y / y^T y`` of the newest valid pair with ``s^T y > 0`` (N&W eq. 7.20),
+    else 1. (Pairs kept by the BFGS skip rule always have ``s^T y > 0``.)"""
+    m = valid.shape[0]
+    sy, yy = torch.diagonal(gram[:m, m:]), torch.diagonal(gram[m:, m:])
+    usable = valid & (sy > 0) & (yy > 0)
+    ratio = sy / torch.where(usable, yy, torch.ones_like(yy))
+    order = torch.arange(1, m + 1, device=valid.device) * usable
+    newest = torch.argmax(order)
+    return torch.where(usable.any(), ratio[newest], torch.ones_like(ratio[0]))
+
+
+def two_loop_coefficients(
+    gram: torch.Tensor,
+    valid: torch.Tensor,
+    sg: torch.Tensor,
+    yg: torch.Tensor,
+    gamma: torch.Tensor,
+) -> torch.Tensor:
+    """Coefficients ``[c_s; c_y]`` with ``H g = gamma g + S c_s + Y c_y`` (N&W Alg. 7.4).
+
+    ``gram`` is the Gram matrix of ``[S, Y]`` (``2m x 2m``; only ``triu(S^T Y)`` and
+    ``Y^T Y`` are read), ``sg = S^T g``, ``yg = Y^T g``; ``H0 = gamma I``. Invalid slots get
+    ``rho = 0`` and drop out of both loops. With ``rho_i = 1 / s_i^T y_i`` the first loop
+    ``alpha_i = rho_i s_i^T (g - sum_{j>i} alpha_j y_j)`` is the unit upper-triangular
+    system ``(I + diag(rho) triu(S^T Y, 1)) alpha = rho * S^T g``; the second loop
+    ``beta_i = rho_i y_i^T r_i``, ``r_i = gamma q + sum_{j<i} (alpha_j - beta_j) s_j``,
+    ``q = g - Y alpha``, is the unit lower-triangular system
+    ``(I + diag(rho) L) beta = rho * (gamma (Y^T g - Y^T Y alpha) + L alpha)``,
+    ``L = tril(Y^T S, -1)``. Forward substitution performs the loops' arithmetic, and
+    ``H g = gamma g - gamma Y alpha + S (alpha - beta)``.
+    """
+    m = valid.shape[0]
+    sy = gram[:m, m:]
+    yy = gram[m:, m:]
+    diag = torch.diagonal(sy)
+    safe = torch.where(valid, diag, torch.ones_like(diag))
+    rho = torch.where(valid, 1.0 / safe, torch.zeros_like(diag))
+    eye = _eye(m, gram)
+    upper = eye + rho[:, None] * torch.triu(sy, 1)
+    alpha = torch.linalg.solve_triangular(
+        upper, (rho * sg)[:, None], upper=True, unitriangular=True
+    )[:, 0]
+    lower_sy = torch.tril(sy.T, -1)  # [i, j] = y_i . s_j for j < i
+    rhs = rho * (gamma * (yg - yy @ alpha) + lower_sy @ alpha)
+    lower = eye + rho[:, None] * lower_sy
+    beta = torch.linalg.solve_triangular(lower, rhs[:, None], upper=False, unitriangular=True)[:, 0]
+    return torch.cat([alpha - beta, -gamma * alpha])
 
 
 KERNELS: dict[str, tuple[Kernel, Kernel]] = {

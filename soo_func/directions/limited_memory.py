@@ -1,51 +1,67 @@
-"""Limited-memory BFGS, DFP, SR1 and Broyden by compact representations.
+"""The limited-memory quasi-Newton transform: L-BFGS, and BFGS, DFP, SR1, Broyden in
+compact form.
 
-The transform behind ``bfgs(memory_size=m)``, ``dfp(...)``, ``sr1(...)`` and
+The transform behind ``lbfgs(m)``, ``bfgs(memory_size=m)``, ``dfp(...)``, ``sr1(...)`` and
 ``broyden(...)``. The ``m`` newest pairs live in a
-:class:`~soo_func.directions._pair_memory.PairMemory`; the matrices are the compact
-formulas of Byrd, Nocedal & Schnabel (1994) in :mod:`soo_func.directions.compact`,
-with ``H0 = gamma I``, ``gamma = s^T y / y^T y`` of the newest pair with positive
-curvature (N&W eq. 7.20), or a fixed ``initial_scaling``.
+:class:`~soo_func.directions.pair_memory.PairMemory`; the matrices are those of
+:mod:`soo_func.directions.compact`, with ``H0 = gamma I``, ``gamma = s^T y / y^T y`` of the
+newest pair with positive curvature (N&W eq. 7.20), or a fixed ``initial_scaling``.
 
-``form="inverse"`` applies the compact ``H``: ``d = -(gamma g + [S Y] F_H [S^T g; Y^T g])``.
-``form="direct"`` keeps the compact ``B`` and solves ``B d = -g`` matrix-free with one
-``2m x 2m`` dense solve (:func:`~soo_func.directions.compact.kernel_solve`). Both
-publish ``curvature``: ``v -> B v`` by the compact direct formula.
+``form="inverse"`` applies ``H``: ``d = -(gamma g + [S Y] c)``, with the coefficients ``c``
+from the two-loop recursion for BFGS (N&W Alg. 7.4, the L-BFGS kernel) and from the compact
+inverse formula (Byrd, Nocedal & Schnabel 1994) for the others. ``form="direct"`` keeps the
+compact ``B`` and solves ``B d = -g`` matrix-free with one ``2m x 2m`` dense solve
+(:func:`~soo_func.directions.compact.kernel_solve`). All publish ``curvature``: ``v -> B v``
+by the compact direct formula, and ``step_hint``.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import torch
 
 from soo_func import tree
 from soo_func.base import Transform
-from soo_func.directions import _pair_memory as pm
-from soo_func.directions.compact import KERNELS, kernel_operator
+from soo_func.directions import pair_memory as pm
+from soo_func.directions.compact import (
+    KERNELS,
+    kernel_operator,
+    newest_gamma,
+    two_loop_coefficients,
+)
 
-__all__ = ["LimitedMemoryState", "limited_memory"]
+__all__ = ["LimitedMemoryState", "first_step_hint", "limited_memory"]
 
 
 class LimitedMemoryState(NamedTuple):
-    """The pair memory, ``gamma`` (``H0 = gamma I``) of the last update, a step hint, and
-    (SR1, Broyden) whether ``gamma`` has been fixed by a first usable pair."""
+    """The pair memory, the last point (to form the next pair), ``gamma`` (``H0 = gamma I``)
+    of the last update, the step-length hint for the search, and (SR1, Broyden) whether
+    ``gamma`` has been fixed by a first usable pair.
+
+    For L-BFGS (BFGS, inverse form) the memory's Gram matrix holds only what the two-loop
+    recursion reads (``triu(S^T Y)``, ``Y^T Y``); the inner products of older pairs with
+    each new ``s`` are not computed (zeros; see :func:`~soo_func.directions.pair_memory.push`).
+    """
 
     memory: pm.PairMemory
+    last: pm.LastPoint
     gamma: torch.Tensor
-    initial_step: torch.Tensor
+    step_hint: torch.Tensor
     scaled: torch.Tensor
 
 
-def _newest_positive_gamma(gram: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """``s^T y / y^T y`` of the newest valid pair with ``s^T y > 0``, else 1."""
-    m = valid.shape[0]
-    sy, yy = torch.diagonal(gram[:m, m:]), torch.diagonal(gram[m:, m:])
-    usable = valid & (sy > 0) & (yy > 0)
-    ratio = sy / torch.where(usable, yy, torch.ones_like(yy))
-    order = torch.arange(1, m + 1, device=valid.device) * usable
-    newest = torch.argmax(order)
-    return torch.where(usable.any(), ratio[newest], torch.ones_like(ratio[0]))
+def first_step_hint(
+    grad: torch.Tensor, gg: torch.Tensor, empty: torch.Tensor, order: float
+) -> torch.Tensor:
+    """``min(1, 1 / |g|_order)`` while the memory is ``empty`` (and ``g != 0``), else 1."""
+    if order == 2:
+        inverse = torch.rsqrt(gg)
+    else:
+        inverse = 1.0 / torch.linalg.vector_norm(grad, ord=order).to(gg.dtype)
+    first = torch.clamp(inverse, max=1.0)
+    return torch.where(empty & (gg > 0), first, torch.ones_like(first))
 
 
 def _sr1_rule(gram, valid, kernel_fn, scale, rtol, a_col, b_col):
@@ -69,6 +85,32 @@ def _sr1_rule(gram, valid, kernel_fn, scale, rtol, a_col, b_col):
     return torch.abs(ab - a_ma) >= rtol * torch.sqrt(aa * residual_sq)
 
 
+def _curvature_rule(curvature_eps: float | None):
+    """The BFGS/DFP skip rule: keep the new pair when ``s^T y > eps |s| |y|``."""
+
+    def accept_rule(gram: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        del valid
+        m = gram.shape[0] // 2
+        ss, sy, yy = gram[m - 1, m - 1], gram[m - 1, -1], gram[-1, -1]
+        eps = torch.finfo(gram.dtype).eps if curvature_eps is None else curvature_eps
+        return sy > eps * torch.sqrt(ss * yy)
+
+    return accept_rule
+
+
+class _Options(NamedTuple):
+    """The choices of :func:`limited_memory` (validated by the public constructors)."""
+
+    method: str
+    memory_size: int
+    form: str = "inverse"
+    curvature_eps: float | None = None
+    initial_scaling: float | None = None
+    sr1_rtol: float | None = None
+    reset_on_ascent: bool = True
+    first_step_norm: float = 2
+
+
 def limited_memory(
     method: str,
     memory_size: int,
@@ -77,57 +119,98 @@ def limited_memory(
     initial_scaling: float | None = None,
     sr1_rtol: float | None = None,
     reset_on_ascent: bool = True,
+    first_step_norm: float = 2,
+    who: str | None = None,
 ) -> Transform:
     """The limited-memory ``method`` direction (``"bfgs"``, ``"dfp"``, ``"sr1"``, ``"broyden"``).
 
-    Use the public constructors (``bfgs(memory_size=m, form=...)``, ...); see
-    :mod:`soo_func.directions.quasi_newton` for the arguments.
+    Use the public constructors (``lbfgs(m)``, ``bfgs(memory_size=m, form=...)``, ...); see
+    :mod:`soo_func.directions.quasi_newton` and :func:`~soo_func.directions.lbfgs.lbfgs`
+    for the arguments. ``bfgs(memory_size=m)`` is ``lbfgs(m, first_step_norm=2)``.
     """
-    who = f"{method}(memory_size={memory_size})"
+    who = who or f"{method}(memory_size={memory_size})"
     pm.check_memory_size(who, memory_size)
     if method not in KERNELS:
         raise ValueError(f"unknown quasi-Newton method {method!r}; use one of {sorted(KERNELS)}")
     if form not in ("inverse", "direct"):
         raise ValueError(f"{who}: form must be 'inverse' or 'direct', got {form!r}")
-    direct_kernel, inverse_kernel = KERNELS[method]
-    m = memory_size
-    sticky = method in ("sr1", "broyden")
+    if first_step_norm not in (1, 2, math.inf):
+        raise ValueError(
+            f"{who}: first_step_norm must be 1, 2 or math.inf, got {first_step_norm!r}"
+        )
+    options = _Options(
+        method,
+        memory_size,
+        form,
+        curvature_eps,
+        initial_scaling,
+        sr1_rtol,
+        reset_on_ascent,
+        first_step_norm,
+    )
+    return _transform(options, who)
+
+
+def _transform(o: _Options, who: str) -> Transform:
+    direct_kernel, inverse_kernel = KERNELS[o.method]
+    m = o.memory_size
+    sticky = o.method in ("sr1", "broyden")
+    two_loop = o.method == "bfgs" and o.form == "inverse"
+    full_gram = not two_loop  # the two-loop recursion does not read S^T s (see pm.push)
+    fixed = o.initial_scaling is not None
 
     def sticky_gamma(state: LimitedMemoryState, point: torch.Tensor):
         """SR1/Broyden: ``gamma`` of the first usable pair, then kept (as N&W eq. 6.20).
 
         Rescaling by the newest pair, as L-BFGS does, makes the newest SR1 pair's
         denominator ``y^T (s - gamma y)`` vanish and the compact middle matrix singular."""
-        s, y = point - state.memory.prev_point
+        s, y = point - state.last.point
         sy, yy = (s @ y).to(state.gamma.dtype), (y @ y).to(state.gamma.dtype)
-        usable = state.memory.has_prev & (sy > 0) & (yy > 0) & torch.isfinite(sy)
+        usable = state.last.has_prev & (sy > 0) & (yy > 0) & torch.isfinite(sy)
         fresh = torch.where(usable, sy / torch.where(usable, yy, torch.ones_like(yy)), 1.0)
         return torch.where(state.scaled, state.gamma, fresh), state.scaled | usable
 
-    def make_rule(gamma_sr1: torch.Tensor):
+    def make_rule(gamma_sr1: torch.Tensor | None) -> pm.AcceptRule:
+        if o.method in ("bfgs", "dfp"):
+            return _curvature_rule(o.curvature_eps)
+
         def accept_rule(gram: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-            ss, sy, yy = gram[m - 1, m - 1], gram[m - 1, -1], gram[-1, -1]
-            eps = torch.finfo(gram.dtype).eps if curvature_eps is None else curvature_eps
-            if method in ("bfgs", "dfp"):
-                return sy > eps * torch.sqrt(ss * yy)
-            if method == "broyden":
+            ss = gram[m - 1, m - 1]
+            if o.method == "broyden":
                 return ss > 0
             s_col, y_col = m - 1, 2 * m - 1
-            sigma = 1.0 / gamma_sr1
-            rtol = torch.finfo(gram.dtype).eps ** 0.5 if sr1_rtol is None else sr1_rtol
-            direct = _sr1_rule(gram, valid, direct_kernel, sigma, rtol, s_col, y_col)
+            rtol = torch.finfo(gram.dtype).eps ** 0.5 if o.sr1_rtol is None else o.sr1_rtol
+            direct = _sr1_rule(gram, valid, direct_kernel, 1.0 / gamma_sr1, rtol, s_col, y_col)
             dual = _sr1_rule(gram, valid, inverse_kernel, gamma_sr1, rtol, y_col, s_col)
             return (ss > 0) & direct & dual
 
         return accept_rule
+
+    def coefficients(memory: pm.PairMemory, sg, yg, gamma) -> torch.Tensor:
+        """``c`` with ``d = -(gamma g + [S Y] c)``: ``H g`` (inverse) or ``B^{-1} g`` (direct)."""
+        if two_loop:
+            return two_loop_coefficients(memory.gram, memory.valid, sg, yg, gamma)
+        projected = torch.cat([sg, yg])
+        if o.form == "inverse":
+            return inverse_kernel(memory.gram, memory.valid, gamma) @ projected
+        sigma = 1.0 / gamma
+        kernel = direct_kernel(memory.gram, memory.valid, sigma)
+        eye = torch.eye(2 * m, dtype=gamma.dtype, device=gamma.device)
+        lhs = sigma * eye + kernel @ memory.gram
+        return torch.linalg.solve_ex(lhs, -(kernel @ projected) / sigma)[0]
 
     def init(params: Any) -> LimitedMemoryState:
         leaves = tree.leaves(params)
         n = sum(leaf.numel() for leaf in leaves)
         dtype, device = leaves[0].dtype, leaves[0].device
         one = torch.ones((), dtype=pm.compute_dtype(dtype), device=device)
-        scaled = torch.full((), initial_scaling is not None, device=device)
-        return LimitedMemoryState(pm.init_memory(m, n, dtype, device), one, one, scaled)
+        return LimitedMemoryState(
+            memory=pm.init_memory(m, n, dtype, device),
+            last=pm.init_last_point(m, n, dtype, device),
+            gamma=one,
+            step_hint=one,
+            scaled=torch.full((), fixed, device=device),
+        )
 
     def update(updates, state: LimitedMemoryState, params=None, **extra):
         del extra
@@ -135,38 +218,31 @@ def limited_memory(
             raise TypeError(f"{who} needs params in update(updates, state, params) to form s")
         point = pm.flat_point(params, updates)
         scaled = state.scaled
-        if initial_scaling is not None:
-            gamma = torch.full_like(state.gamma, initial_scaling)
+        if fixed:
+            gamma = torch.full_like(state.gamma, o.initial_scaling)
         elif sticky:
             gamma, scaled = sticky_gamma(state, point)
-        memory, sg, yg, gg = pm.push(state.memory, point, make_rule(gamma if sticky else None))
-        if initial_scaling is None and not sticky:
-            gamma = _newest_positive_gamma(memory.gram, memory.valid)
-        projected = torch.cat([sg, yg])
-        if form == "inverse":
-            coef = inverse_kernel(memory.gram, memory.valid, gamma) @ projected
-            scale = gamma
-        else:
-            sigma = 1.0 / gamma
-            kernel = direct_kernel(memory.gram, memory.valid, sigma)
-            eye = torch.eye(2 * m, dtype=gamma.dtype, device=gamma.device)
-            lhs = sigma * eye + kernel @ memory.gram
-            coef = torch.linalg.solve_ex(lhs, -(kernel @ projected) / sigma)[0]
-            scale = gamma
-        slope = -(scale * gg + projected @ coef)  # g^T d for d = -(scale g + [S Y] coef)
+        rule = make_rule(gamma if sticky else None)
+        memory, last, sg, yg, gg = pm.push(state.memory, state.last, point, rule, full_gram)
+        if not fixed and not sticky:
+            gamma = newest_gamma(memory.gram, memory.valid)
+        coef = coefficients(memory, sg, yg, gamma)
+        slope = -(gamma * gg + sg @ coef[:m] + yg @ coef[m:])  # g^T d, d = -(gamma g + [S Y] c)
         finite = torch.isfinite(slope)
         descent = finite & (slope < 0)
-        keep = descent if reset_on_ascent else finite
+        keep = descent if o.reset_on_ascent else finite
         memory = memory._replace(valid=memory.valid & keep)
-        kept_scale = torch.where(keep, scale, torch.ones_like(scale))
-        direction_scale = torch.where(descent, scale, torch.ones_like(scale))
+        direction_scale = torch.where(descent, gamma, torch.ones_like(gamma))
         coef = torch.where(descent, coef, torch.zeros_like(coef))
         direction = pm.combine(memory, point[1], -direction_scale, -coef)
-        first = torch.clamp(torch.rsqrt(gg), max=1.0)
-        empty = ~memory.valid.any()
-        hint = torch.where(empty & (gg > 0), first, torch.ones_like(first))
-        scaled = scaled & (keep | torch.full_like(scaled, initial_scaling is not None))
-        new_state = LimitedMemoryState(memory, kept_scale, hint, scaled)
+        hint = first_step_hint(point[1], gg, ~memory.valid.any(), o.first_step_norm)
+        new_state = LimitedMemoryState(
+            memory=memory,
+            last=last,
+            gamma=torch.where(keep, gamma, torch.ones_like(gamma)),
+            step_hint=hint,
+            scaled=scaled & (keep | torch.full_like(scaled, fixed)),
+        )
         return tree.unravel(direction, params), new_state
 
     def publish(state: LimitedMemoryState, params=None, **extra) -> dict[str, Any]:
@@ -174,9 +250,12 @@ def limited_memory(
         memory, sigma = state.memory, 1.0 / state.gamma
 
         def kernel() -> torch.Tensor:
-            return direct_kernel(memory.gram, memory.valid, sigma)
+            # Built on the first product only, so publishing costs nothing unused; the
+            # two-loop's memory completes its Gram matrix here (S^T s was skipped).
+            gram = memory.gram if full_gram else pm.complete_gram(memory)
+            return direct_kernel(gram, memory.valid, sigma)
 
         operator = kernel_operator(memory, kernel, sigma, params)
-        return {"curvature": operator, "step_hint": state.initial_step}
+        return {"curvature": operator, "step_hint": state.step_hint}
 
     return Transform(init, update, publish)

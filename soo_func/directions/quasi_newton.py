@@ -3,8 +3,9 @@
 Each keeps an ``n x n`` matrix over the raveled params: the inverse approximation
 ``H`` (``form="inverse"``, direction ``-H g``) or the Hessian approximation ``B``
 (``form="direct"``, direction ``-B^{-1} g`` by a dense solve). With ``memory_size=m``
-the same methods use the compact limited-memory representations of
-:mod:`soo_func.directions.limited_memory` instead.
+the same methods use the limited-memory transform of
+:mod:`soo_func.directions.limited_memory` instead (BFGS's inverse form is L-BFGS, the
+two-loop recursion; the other forms are compact representations).
 
 Updates (Nocedal & Wright 2006, chapter 6), with ``rho = 1 / y^T s``:
 
@@ -38,7 +39,8 @@ import torch
 
 from soo_func import tree
 from soo_func.base import Transform
-from soo_func.directions import _pair_memory as pm
+from soo_func.directions import pair_memory as pm
+from soo_func.directions.limited_memory import limited_memory
 
 __all__ = ["METHODS", "DenseQuasiNewtonState", "bfgs", "broyden", "dense_update", "dfp", "sr1"]
 
@@ -49,13 +51,13 @@ FORMS = ("inverse", "direct")
 class DenseQuasiNewtonState(NamedTuple):
     """``matrix``: ``H`` or ``B`` (``n x n``; float32 for bfloat16/float16 params); ``prev_point``: flat params and gradient at the
     last update (``[2, n]``); ``has_prev``, ``scaled`` (``H0`` rescaled yet): 0-d bools;
-    ``initial_step``: a step hint for the search (``1 / |g|`` while ``matrix`` is ``H0``)."""
+    ``step_hint``: a step-length hint for the search (``1 / |g|`` while ``matrix`` is ``H0``)."""
 
     matrix: torch.Tensor
     prev_point: torch.Tensor
     has_prev: torch.Tensor
     scaled: torch.Tensor
-    initial_step: torch.Tensor
+    step_hint: torch.Tensor
 
 
 def _ratio(num: torch.Tensor | float, den: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
@@ -183,7 +185,7 @@ def _dense(cfg: _Config, who: str) -> Transform:
             prev_point=torch.zeros(2, n, dtype=dtype, device=device),
             has_prev=torch.zeros((), dtype=torch.bool, device=device),
             scaled=torch.full((), cfg.initial_scaling is not None, device=device),
-            initial_step=one,
+            step_hint=one,
         )
 
     def initial_matrix(state, s, y):
@@ -240,7 +242,7 @@ def _dense(cfg: _Config, who: str) -> Transform:
             out = _solve(matrix, small) if inverse else matrix @ small
             return tree.unravel(out.to(flat.dtype), params)
 
-        return {"curvature": curvature, "step_hint": state.initial_step}
+        return {"curvature": curvature, "step_hint": state.step_hint}
 
     return Transform(init, update, publish)
 
@@ -271,8 +273,6 @@ def _make(
             f"{method}: Powell damping is available for the dense form only; drop "
             "memory_size or damping"
         )
-    from soo_func.directions.limited_memory import limited_memory
-
     return limited_memory(
         method, memory_size, form, curvature_eps, initial_scaling, sr1_rtol, reset_on_ascent
     )
@@ -299,7 +299,7 @@ def bfgs(
       initial_scaling: fix ``H0 = initial_scaling * I`` (default: eq. 6.20, or eq. 7.20's
         newest-pair scaling in limited memory).
 
-    Publishes ``curvature`` (``v -> B v``) and ``initial_step``.
+    Publishes ``curvature`` (``v -> B v``) and ``step_hint``.
     """
     return _make("bfgs", memory_size, form, curvature_eps, initial_scaling, damping=damping)
 
@@ -333,11 +333,8 @@ def sr1(
     that ``chain(sr1(), trust_region())`` works as written: the trust region reads the
     published, possibly indefinite, curvature (N&W Algorithm 6.2), not the direction.
     ``reset_on_ascent=True`` also resets the matrix to ``H0`` there (the classic line-search
-    safeguard). Keeping the matrix solved as many or more Moré-Garbow-Hillstrom problems
-    than resetting it with ``wolfe`` and ``armijo`` (dense and ``memory_size=5``), and
-    resetting it cost the trust region 5 of 28 (brown_badly_scaled, gulf, ...: each reset
-    throws the model away and the next steps are steepest-descent steps). Only non-finite
-    directions always reset it.
+    safeguard; each reset throws the model away, so the next steps are steepest-descent
+    steps). Only non-finite directions always reset it.
     """
     return _make(
         "sr1",

@@ -72,12 +72,23 @@ def tolerance(b_norm: torch.Tensor, rtol: float, atol: float) -> torch.Tensor:
     return torch.clamp(rtol * b_norm, min=atol)
 
 
+Monitor = Callable[[int, Any], torch.Tensor]
+"""``(k, state) -> 0-d bool``: called after iteration ``k`` (1-based) with the (possibly
+frozen) state; true stops the solver there (the state is frozen from then on)."""
+
+
 def iterate(
-    step: Callable[[Any], Any], state: Any, max_iters: int, check_every: int | None
+    step: Callable[[Any], Any],
+    state: Any,
+    max_iters: int,
+    check_every: int | None,
+    monitor: Monitor | None = None,
 ) -> tuple[Any, int]:
     """Run ``step`` up to ``max_iters`` times, freezing the state once ``state.done``.
 
-    Returns the final state and the number of ``step`` calls (operator applications).
+    ``monitor``, when given, may stop the iteration too (a caller's stopping rule, by a
+    mask: no host read). Returns the final state and the number of ``step`` calls
+    (operator applications).
     """
     trips = 0
     for k in range(max_iters):
@@ -85,6 +96,8 @@ def iterate(
             break
         state = freeze(state.done, state, step(state))
         trips += 1
+        if monitor is not None:
+            state = state._replace(done=state.done | monitor(k + 1, state))
     return state, trips
 
 

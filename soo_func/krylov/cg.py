@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -45,15 +46,21 @@ def cg(
     atol: float = 0.0,
     check_every: int | None = 1,
     stop_on_negative_curvature: bool = False,
+    on_iteration: Callable[[int, PyTree, PyTree], torch.Tensor] | None = None,
 ) -> KrylovResult:
     """Conjugate gradients for ``A x = b``, ``A`` symmetric positive definite (N&W Alg. 5.2).
 
     ``alpha = r^T r / p^T A p``, ``x += alpha p``, ``r -= alpha A p``,
     ``beta = r_new^T r_new / r^T r``, ``p = r_new + beta p``. One product per iteration
     (plus one for ``r0`` when ``x0`` is given). ``max_iters`` defaults to ``2 n``.
-    A direction with ``p^T A p <= 0`` sets ``negative_curvature``; with
+    A direction with ``p^T A p <= 0`` (or NaN) sets ``negative_curvature``; with
     ``stop_on_negative_curvature`` (truncated Newton-CG, N&W Alg. 7.1) the solver
     stops there and returns the iterate reached before it. ``p^T A p = 0`` always stops.
+
+    ``on_iteration(k, x, r)``, when given, is called after iteration ``k`` (1-based, every
+    one of the ``max_iters`` with ``check_every=None``) with the iterate and its residual
+    (unchanged once the solver has stopped); a true 0-d result stops the solver there. It
+    carries a caller's stopping rule or records iterates (Martens' CG backtracking).
     """
     check_options("cg", max_iters, rtol, atol, check_every)
     ref = first_leaf(b)
@@ -67,7 +74,7 @@ def cg(
     def step(s: _CgState) -> _CgState:
         ap = matvec(s.p)
         pap = tree.vdot(s.p, ap)
-        negative = pap <= 0
+        negative = ~(pap > 0)  # NaN curvature counts as negative: never stepped along
         alpha = safe_div(s.rr, pap)
         x = tree.axpy(alpha, s.p, s.x)
         r = tree.axpy(-alpha, ap, s.r)
@@ -80,7 +87,13 @@ def cg(
         kept = s._replace(done=torch.ones_like(s.done), negative=new.negative)
         return freeze(stop, kept, new)
 
-    state, trips = iterate(step, state, max_iters, check_every)
+    monitor = None
+    if on_iteration is not None:
+
+        def monitor(k: int, s: _CgState) -> torch.Tensor:
+            return on_iteration(k, s.x, s.r)
+
+    state, trips = iterate(step, state, max_iters, check_every, monitor)
     return KrylovResult(
         x=state.x,
         num_iters=state.iters,

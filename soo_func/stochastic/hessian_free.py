@@ -5,8 +5,11 @@ Each step approximately minimizes the damped quadratic model of the batch loss
     q(p) = f + g^T p + 0.5 p^T (B + lambda I) p
 
 with conjugate gradients, where ``B`` is a curvature matrix given by its products
-(the Gauss-Newton matrix on a subsample, :func:`soo_func.training.ggn_operator`, as
+(the Gauss-Newton matrix on a subsample, :func:`soo_func.stochastic.training.ggn_operator`, as
 Martens recommends; the Hessian of ``value_fn`` by default). The pieces of the paper:
+
+CG is :func:`soo_func.krylov.cg` (a fixed iteration count, stopping at nonpositive curvature),
+with Martens' rules as its ``on_iteration`` (:class:`MartensProgress`):
 
 * CG warm-started from the decayed previous solution ``x_0 = decay * p_{k-1}`` (sec. 4.5).
 * CG stopped by relative progress on the quadratic (sec. 4.4): after ``i > k``
@@ -34,11 +37,12 @@ import torch
 
 from soo_func import tree
 from soo_func.base import Transform, require_extras
+from soo_func.krylov import cg
 from soo_func.oracles import hvp
 
 PyTree = Any
 
-__all__ = ["HessianFreeState", "hessian_free"]
+__all__ = ["HessianFreeState", "MartensProgress", "hessian_free"]
 
 
 class HessianFreeState(NamedTuple):
@@ -59,6 +63,35 @@ def _backtrack_schedule(max_cg_iters: int, gamma: float) -> list[int]:
         kept.add(math.ceil(gamma**j))
         j += 1
     return sorted(kept)
+
+
+class MartensProgress:
+    """CG's ``on_iteration`` for Martens' (2010) sec. 4.4 stopping rule and sec. 4.6 iterates.
+
+    For ``A x = b`` with ``phi(x) = 0.5 x^T A x - b^T x = -0.5 x^T (r + b)`` (``r = b - A x``),
+    stop after iteration ``i`` once ``i > k = max(10, 0.1 i)`` and
+    ``(phi_i - phi_{i-k}) / phi_i < k * progress_tol`` (with ``phi_i < 0``); keep the iterates
+    of the iterations in ``kept_iterations`` (in ``self.kept``) for CG backtracking.
+    """
+
+    def __init__(self, b: PyTree, progress_tol: float, kept_iterations: list[int]) -> None:
+        self.b = b
+        self.progress_tol = progress_tol
+        self.kept_iterations = kept_iterations
+        self.phis: list[torch.Tensor] = []
+        self.kept: list[PyTree] = []
+
+    def __call__(self, i: int, x: PyTree, r: PyTree) -> torch.Tensor:
+        self.phis.append(-0.5 * tree.vdot(x, tree.add(r, self.b)))
+        if i in self.kept_iterations:
+            self.kept.append(x)
+        phi = self.phis[-1]
+        window = max(10, int(0.1 * i))
+        if i <= window:
+            return torch.zeros_like(phi, dtype=torch.bool)
+        old = self.phis[-1 - window]
+        relative = (phi - old) / torch.where(phi < 0, phi, -1.0)
+        return (phi < 0) & (relative < window * self.progress_tol)
 
 
 def _check_positive(name: str, value: float) -> None:
@@ -141,14 +174,19 @@ def hessian_free(
         def damped(v):
             return tree.axpy(lam, v, curvature(v))
 
-        solution, candidates, iterations = _cg(
+        b = tree.neg(grad)
+        progress = MartensProgress(b, progress_tol, kept_iterations)
+        solved = cg(
             damped,
-            grad,
+            b,
             tree.scale(warm_start_decay, state.previous_solution),
-            max_cg_iters,
-            progress_tol,
-            kept_iterations,
+            max_iters=max_cg_iters,
+            rtol=0.0,
+            check_every=None,  # a fixed number of products, no host read
+            stop_on_negative_curvature=True,
+            on_iteration=progress,
         )
+        solution, candidates, iterations = solved.x, progress.kept, solved.num_iters
         with torch.no_grad():
             values = torch.stack([value_fn(tree.add(params, c)).detach() for c in candidates])
         values = torch.where(torch.isfinite(values), values, torch.full_like(values, math.inf))
@@ -179,44 +217,3 @@ def hessian_free(
         }
 
     return Transform(init, update, publish)
-
-
-def _cg(operator, grad, x0, max_iters, progress_tol, kept_iterations):
-    """Masked CG on ``A x = -grad`` from ``x0``; returns (last x, kept iterates, iterations run).
-
-    Martens' relative-progress rule freezes the iteration (by masks, no host sync) once
-    ``phi_i - phi_{i-k} > k * eps * phi_i`` no longer holds, ``phi(x) = 0.5 x^T A x + g^T x``.
-    """
-    b = tree.neg(grad)
-    x = x0
-    r = tree.sub(b, operator(x))
-    p = r
-    rr = tree.vdot(r, r)
-    active = torch.ones((), dtype=torch.bool, device=rr.device)
-    iterations = torch.zeros((), dtype=torch.int64, device=rr.device)
-    phis = []
-    kept = []
-    for i in range(1, max_iters + 1):
-        ap = operator(p)
-        pap = tree.vdot(p, ap)
-        active = active & (pap > 0) & (rr > 0)
-        alpha = torch.where(active, rr / torch.where(pap > 0, pap, 1.0), 0.0)
-        x = tree.axpy(alpha, p, x)
-        r = tree.axpy(-alpha, ap, r)
-        rr_new = tree.vdot(r, r)
-        beta = torch.where(active, rr_new / torch.where(rr > 0, rr, 1.0), 0.0)
-        p = tree.axpy(beta, p, r)
-        rr = rr_new
-        iterations = iterations + active.to(torch.int64)
-        # phi(x) = 0.5 x^T A x - b^T x = -0.5 x^T (r + b), since r = b - A x.
-        phis.append(-0.5 * tree.vdot(x, tree.add(r, b)))
-        window = max(10, int(0.1 * i))
-        if i > window:
-            phi, old = phis[-1], phis[-1 - window]
-            stalled = (phi < 0) & (
-                (phi - old) / torch.where(phi < 0, phi, -1.0) < window * progress_tol
-            )
-            active = active & ~stalled
-        if i in kept_iterations:
-            kept.append(x)
-    return x, kept, iterations

@@ -9,9 +9,11 @@ is measured on the overlap only, with one function at both points,
 so that ``y_k`` measures curvature and not the change of sample (with pairs from two
 different batches, ``s^T y`` can be negative and the update unstable). The direction is
 the L-BFGS two-loop recursion (Nocedal and Wright, Algorithm 7.4) with
-``H_0 = gamma I``, ``gamma = s^T y / y^T y`` (eq. 7.20), applied to the batch gradient,
-and the step is ``learning_rate * d`` (the paper's fixed step length). A pair with
-``s^T y <= curvature_eps * s^T s`` is skipped (masked, no host sync).
+``H_0 = gamma I``, ``gamma = s^T y / y^T y`` (eq. 7.20), applied to the batch gradient
+(the kernel of :func:`~soo_func.directions.lbfgs.lbfgs`, on the same pair memory), and the
+step is ``learning_rate * d`` (the paper's fixed step length). A pair with
+``s^T y <= curvature_eps * s^T s`` (or a non-finite one) is skipped: it leaves the memory
+as it was (masked, no host sync).
 
 Use :func:`overlapping_batches` to draw batches whose consecutive members overlap, and
 pass ``overlap_value_fn = bind_batch(loss_fn, batch_overlap(batch, overlap_size))``.
@@ -26,6 +28,8 @@ import torch
 
 from soo_func import tree
 from soo_func.base import Transform, require_extras
+from soo_func.directions import pair_memory as pm
+from soo_func.directions.compact import newest_gamma, two_loop_coefficients
 from soo_func.oracles import value_and_grad
 
 PyTree = Any
@@ -34,14 +38,11 @@ __all__ = ["MultiBatchLBFGSState", "batch_overlap", "multi_batch_lbfgs", "overla
 
 
 class MultiBatchLBFGSState(NamedTuple):
-    """Ring buffers ``s``, ``y`` (``[memory_size, n]``), ``rho = 1 / s^T y`` (0 in empty or
-    skipped slots), ``gamma`` (0-d), ``head`` (next slot, 0-d int) and ``num_skipped``."""
+    """The pair memory (the ``memory_size`` newest accepted pairs, oldest first; see
+    :class:`~soo_func.directions.pair_memory.PairMemory`) and ``num_skipped`` (0-d int,
+    pairs rejected so far)."""
 
-    s: torch.Tensor
-    y: torch.Tensor
-    rho: torch.Tensor
-    gamma: torch.Tensor
-    head: torch.Tensor
+    memory: pm.PairMemory
     num_skipped: torch.Tensor
 
 
@@ -79,21 +80,22 @@ def multi_batch_lbfgs(
     next one) and ``grad`` (the batch gradient; the incoming updates otherwise).
     Each step costs two gradients on the overlap.
     """
-    if not isinstance(memory_size, int) or memory_size < 1:
-        raise ValueError(f"multi_batch_lbfgs: memory_size must be an int >= 1, got {memory_size!r}")
+    pm.check_memory_size("multi_batch_lbfgs", memory_size)
     if not learning_rate > 0:
         raise ValueError(f"multi_batch_lbfgs: learning_rate must be positive, got {learning_rate}")
     if not curvature_eps >= 0:
         raise ValueError(f"multi_batch_lbfgs: curvature_eps must be >= 0, got {curvature_eps}")
 
+    def accept_rule(gram: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Berahas et al.'s skip rule: keep the new pair when ``s^T y > eps s^T s``."""
+        del valid
+        ss, sy, yy = gram[memory_size - 1, memory_size - 1], gram[memory_size - 1, -1], gram[-1, -1]
+        return (sy > curvature_eps * ss) & (yy > 0)
+
     def init(params: PyTree) -> MultiBatchLBFGSState:
         flat = tree.ravel(params).flat
-        zeros = torch.zeros((memory_size, flat.numel()), dtype=flat.dtype, device=flat.device)
-        scalar = torch.zeros((), dtype=flat.dtype, device=flat.device)
-        count = torch.zeros((), dtype=torch.int64, device=flat.device)
-        return MultiBatchLBFGSState(
-            zeros, zeros.clone(), torch.zeros_like(zeros[:, 0]), scalar + 1, count, count.clone()
-        )
+        memory = pm.init_memory(memory_size, flat.numel(), flat.dtype, flat.device)
+        return MultiBatchLBFGSState(memory, torch.zeros((), dtype=torch.int64, device=flat.device))
 
     def update(updates, state: MultiBatchLBFGSState, params=None, **extra):
         require_extras("multi_batch_lbfgs", extra, "overlap_value_fn")
@@ -102,56 +104,26 @@ def multi_batch_lbfgs(
         grad = extra.get("grad")
         grad = updates if grad is None else grad
         raveled = tree.ravel(grad)
-        direction = -two_loop(raveled.flat, state)
-        step = tree.unravel(learning_rate * direction, raveled)
+        s = -learning_rate * inverse_hessian_product(state.memory, raveled.flat)
+        step = tree.unravel(s, raveled)
 
         overlap_grad = value_and_grad(extra["overlap_value_fn"])
         _, g_old = overlap_grad(params)
         _, g_new = overlap_grad(tree.add(params, step))
-        s = learning_rate * direction
         y = tree.ravel(g_new).flat - tree.ravel(g_old).flat
-        return step, add_pair(state, s, y, curvature_eps)
+        memory, accepted = pm.push_pair(
+            state.memory, torch.stack([s, y]), accept_rule, rejected_takes_slot=False
+        )
+        return step, MultiBatchLBFGSState(memory, state.num_skipped + (~accepted).long())
 
     return Transform(init, update)
 
 
-def two_loop(grad: torch.Tensor, state: MultiBatchLBFGSState) -> torch.Tensor:
-    """``H_k grad`` by the two-loop recursion (Nocedal and Wright, Algorithm 7.4).
-
-    Slots are visited newest first; empty or skipped ones have ``rho = 0`` and change nothing.
-    """
-    m = state.s.shape[0]
-    order = torch.remainder(state.head - 1 - torch.arange(m, device=grad.device), m)
-    q = grad
-    alphas = []
-    for k in range(m):
-        i = order[k]
-        alpha = state.rho[i] * torch.dot(state.s[i], q)
-        q = q - alpha * state.y[i]
-        alphas.append(alpha)
-    r = state.gamma * q
-    for k in reversed(range(m)):
-        i = order[k]
-        beta = state.rho[i] * torch.dot(state.y[i], r)
-        r = r + (alphas[k] - beta) * state.s[i]
-    return r
-
-
-def add_pair(
-    state: MultiBatchLBFGSState, s: torch.Tensor, y: torch.Tensor, curvature_eps: float
-) -> MultiBatchLBFGSState:
-    """Store ``(s, y)`` in the next slot when ``s^T y > curvature_eps * s^T s`` (masked)."""
-    sy, yy, ss = torch.dot(s, y), torch.dot(y, y), torch.dot(s, s)
-    accept = (sy > curvature_eps * ss) & (yy > 0) & torch.isfinite(sy)
-    slot = state.head.reshape(1)
-    new_s = torch.where(accept, state.s.index_copy(0, slot, s[None]), state.s)
-    new_y = torch.where(accept, state.y.index_copy(0, slot, y[None]), state.y)
-    safe_sy = torch.where(accept, sy, torch.ones_like(sy))
-    new_rho = torch.where(
-        accept, state.rho.index_copy(0, slot, (1 / safe_sy).reshape(1)), state.rho
-    )
-    gamma = torch.where(accept, sy / torch.where(accept, yy, torch.ones_like(yy)), state.gamma)
-    m = state.s.shape[0]
-    head = torch.where(accept, torch.remainder(state.head + 1, m), state.head)
-    skipped = state.num_skipped + (~accept).to(torch.int64)
-    return MultiBatchLBFGSState(new_s, new_y, new_rho, gamma, head, skipped)
+def inverse_hessian_product(memory: pm.PairMemory, grad: torch.Tensor) -> torch.Tensor:
+    """``H grad`` by the two-loop recursion (Nocedal and Wright, Algorithm 7.4) with
+    ``H_0 = gamma I`` (eq. 7.20); ``grad`` itself while the memory is empty."""
+    m = memory.valid.shape[0]
+    projected = pm.project(memory, grad)
+    gamma = newest_gamma(memory.gram, memory.valid)
+    coef = two_loop_coefficients(memory.gram, memory.valid, projected[:m], projected[m:], gamma)
+    return pm.combine(memory, grad, gamma, coef)

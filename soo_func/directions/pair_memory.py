@@ -1,7 +1,11 @@
 """A limited memory of curvature pairs ``(s_i, y_i)`` on flat (raveled) parameters.
 
-Shared by :func:`~soo_func.directions.lbfgs.lbfgs` and the compact limited-memory
-quasi-Newton forms in :mod:`soo_func.directions.compact`.
+The one memory of the limited-memory methods: :func:`~soo_func.directions.lbfgs.lbfgs`
+and ``bfgs``/``dfp``/``sr1``/``broyden(memory_size=m)``
+(:mod:`soo_func.directions.limited_memory`, pairs from consecutive points, :func:`push`)
+and :func:`~soo_func.stochastic.multi_batch_lbfgs.multi_batch_lbfgs` (pairs measured on a
+batch overlap, :func:`push_pair`). The products with it (the two-loop recursion, the
+compact representations) are in :mod:`soo_func.directions.compact`.
 
 Layout and why
 --------------
@@ -11,8 +15,8 @@ rebuilding the *tuple* (drop the oldest slot, append the new one): no tensor of 
 old memory is copied or written, which keeps ``update`` pure without paying a copy of
 the whole ``[m, 2, n]`` buffer at every step. Small memories (at most
 ``STACK_MAX_ELEMENTS`` numbers) are one ``[m, 2, n]`` tensor instead, rebuilt by one
-concatenation per step: copying them costs less than the per-slot products, whose
-number of small operations dominates small problems. The choice is made by
+concatenation per step, so that each product with the memory is one operation (see
+"Measured choices" in ``docs/design.md``). The choice is made by
 :func:`init_memory` from the sizes (never from tensor values). Every slot is always
 occupied; a slot whose pair was rejected (bad curvature), not yet filled, or dropped by a
 reset holds ``valid = False`` and contributes nothing (its coefficients are zero; its
@@ -22,7 +26,7 @@ Alongside the vectors the memory keeps their Gram matrix ``G = [S Y]^T [S Y]``
 (``2m x 2m``, columns ``s_0..s_{m-1}, y_0..y_{m-1}``), updated incrementally: each stored pair
 is read against ``g`` (``S^T g``, ``Y^T g``) and, for the compact forms, against the new
 ``s``; the products with the new ``y = g - g_prev`` are differences of the products with
-``g`` and with ``g_prev`` (kept from the previous update). Every method then works on
+``g`` and with ``g_prev`` (kept from the previous update in a :class:`LastPoint`). Every method then works on
 small ``m x m`` matrices and reads the stored pairs once more, for the final linear
 combination ``c0 g + S c_s + Y c_y`` (:func:`combine`).
 """
@@ -32,11 +36,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import NamedTuple
 
+import optree
 import torch
 
 from soo_func import tree
 
 __all__ = [
+    "AcceptRule",
+    "LastPoint",
     "PairMemory",
     "Pushed",
     "check_memory_size",
@@ -44,9 +51,11 @@ __all__ = [
     "complete_gram",
     "compute_dtype",
     "flat_point",
+    "init_last_point",
     "init_memory",
     "project",
     "push",
+    "push_pair",
 ]
 
 STACK_MAX_ELEMENTS = 1 << 17
@@ -54,32 +63,45 @@ STACK_MAX_ELEMENTS = 1 << 17
 
 
 class PairMemory(NamedTuple):
-    """The pairs, their Gram matrix, which slots are valid and the previous point.
+    """The pairs, their Gram matrix and which slots are valid.
 
     ``pairs``: ``m`` tensors ``[2, n]`` (``s_i``, ``y_i``), oldest first, as a tuple or,
     for small memories, stacked into one ``[m, 2, n]`` tensor.
     ``gram``: ``[2m, 2m]`` inner products of ``[s_0..s_{m-1}, y_0..y_{m-1}]``
-    (zero rows and columns for invalid slots).
-    ``valid``: ``[m]`` bool. ``prev_point``: ``[2, n]``, the flat params and gradient at
-    the last update. ``prev_products``: ``[m, 2]``, ``(s_i^T g, y_i^T g)`` for that gradient.
-    ``has_prev``: 0-d bool, false before the first update.
+    (zero rows and columns for invalid slots). ``valid``: ``[m]`` bool.
     """
 
     pairs: tuple[torch.Tensor, ...] | torch.Tensor
     gram: torch.Tensor
     valid: torch.Tensor
-    prev_point: torch.Tensor
-    prev_products: torch.Tensor
+
+
+class LastPoint(NamedTuple):
+    """What :func:`push` keeps to form the next pair from consecutive points.
+
+    ``point``: ``[2, n]``, the flat params and gradient at the last update;
+    ``products``: ``[m, 2]``, ``(s_i^T g, y_i^T g)`` for that gradient;
+    ``has_prev``: 0-d bool, false before the first update.
+    """
+
+    point: torch.Tensor
+    products: torch.Tensor
     has_prev: torch.Tensor
 
 
 class Pushed(NamedTuple):
-    """What :func:`push` returns: the new memory and the products with the gradient."""
+    """What :func:`push` returns: the new memory, the new last point and the products
+    with the gradient."""
 
     memory: PairMemory
+    last: LastPoint
     sg: torch.Tensor  # [m]: s_i^T g (zero for invalid slots)
     yg: torch.Tensor  # [m]: y_i^T g
     gg: torch.Tensor  # 0-d: g^T g
+
+
+AcceptRule = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""``(tentative gram, tentative valid) -> 0-d bool``: whether the new pair (last slot) is kept."""
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -91,20 +113,28 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def init_memory(memory_size: int, n: int, dtype: torch.dtype, device: torch.device) -> PairMemory:
     """An empty memory for ``n`` flat parameters (all slots invalid).
 
-    The pairs are stored in ``dtype``; the Gram matrix and products in :func:`compute_dtype`.
+    The pairs are stored in ``dtype``; the Gram matrix in :func:`compute_dtype`.
     """
-    zeros = torch.zeros(2, n, dtype=dtype, device=device)
     small = compute_dtype(dtype)
     if 2 * memory_size * n <= STACK_MAX_ELEMENTS:
         pairs = torch.zeros(memory_size, 2, n, dtype=dtype, device=device)
     else:
+        zeros = torch.zeros(2, n, dtype=dtype, device=device)
         pairs = tuple(zeros for _ in range(memory_size))
     return PairMemory(
         pairs=pairs,
         gram=torch.zeros(2 * memory_size, 2 * memory_size, dtype=small, device=device),
         valid=torch.zeros(memory_size, dtype=torch.bool, device=device),
-        prev_point=zeros,
-        prev_products=torch.zeros(memory_size, 2, dtype=small, device=device),
+    )
+
+
+def init_last_point(
+    memory_size: int, n: int, dtype: torch.dtype, device: torch.device
+) -> LastPoint:
+    """No previous point yet (``has_prev`` false)."""
+    return LastPoint(
+        point=torch.zeros(2, n, dtype=dtype, device=device),
+        products=torch.zeros(memory_size, 2, dtype=compute_dtype(dtype), device=device),
         has_prev=torch.zeros((), dtype=torch.bool, device=device),
     )
 
@@ -140,10 +170,35 @@ def _shift_gram(gram: torch.Tensor, s_new: torch.Tensor, y_new: torch.Tensor) ->
     return torch.where(new[None, :], source.T, gram)
 
 
+def _store(
+    memory: PairMemory,
+    pair: torch.Tensor,
+    gram: torch.Tensor,
+    admissible: torch.Tensor,
+    accept_rule: AcceptRule,
+) -> tuple[PairMemory, torch.Tensor]:
+    """Append ``pair`` with the shifted ``gram``; the slot is valid when ``admissible`` (0-d
+    bool) and ``accept_rule`` hold. Returns the memory and that 0-d decision.
+
+    A rejected slot is masked out of every product by ``valid`` (its coefficients are
+    zero), which is exact for finite entries; NaN and inf entries are zeroed so that
+    ``0 * NaN`` cannot reach a direction (one in-place pass on ``pair``, which must be a
+    fresh tensor; an accepted pair is finite and unchanged).
+    """
+    tentative = torch.cat([memory.valid[1:], admissible[None]])
+    accept = admissible & accept_rule(gram, tentative)
+    valid = torch.cat([memory.valid[1:], accept[None]])
+    both = torch.cat([valid, valid])
+    gram = torch.where(both[:, None] & both[None, :], gram, torch.zeros_like(gram))
+    torch.nan_to_num_(pair, nan=0.0, posinf=0.0, neginf=0.0)
+    return PairMemory(pairs=_append(memory.pairs, pair), gram=gram, valid=valid), accept
+
+
 def push(
     memory: PairMemory,
+    last: LastPoint,
     point: torch.Tensor,
-    accept_rule: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    accept_rule: AcceptRule,
     full_gram: bool = True,
 ) -> Pushed:
     """Form ``s = x - x_prev``, ``y = g - g_prev`` from ``point = [x; g]`` (``[2, n]``) and
@@ -151,7 +206,8 @@ def push(
 
     ``accept_rule`` sees the tentative Gram matrix (new pair in the last slot) and the
     validity of the retained slots (the new slot marked valid); it returns a 0-d bool.
-    Non-finite pairs and the first call (no previous point) are always rejected.
+    Non-finite pairs and the first call (no previous point) are always rejected; a
+    rejected pair still takes its slot (marked invalid) until it leaves the memory.
 
     With ``full_gram=False`` the retained slots are read against ``g`` only (half the work):
     their inner products with the new ``s`` (``S^T s``, ``Y^T s``) are left at zero. The
@@ -161,10 +217,10 @@ def push(
     m = len(memory.pairs)
     g = point[1]
     small = memory.gram.dtype
-    pair = point - memory.prev_point  # [2, n]: s, y (a fresh tensor, stored as the new slot)
+    pair = point - last.point  # [2, n]: s, y (a fresh tensor, stored as the new slot)
     own = torch.cat([torch.mv(pair, g)[:, None], pair @ pair.T], 1).to(small)  # . (g, s, y)
     if m > 1:
-        # Stack the per-slot products once (few small ops per step: they dominate small problems).
+        # Stack the per-slot products once (few small operations per step).
         kept_g = _products(memory.pairs[1:], g).to(small)
         if full_gram:
             kept_s = _products(memory.pairs[1:], pair[0]).to(small)
@@ -173,7 +229,7 @@ def push(
         kept = torch.stack([kept_g, kept_s], 2)  # [m-1, 2, 2]: (s_i, y_i) . (g, s)
         # (s_i, y_i) . y = (s_i, y_i) . g - (s_i, y_i) . g_prev: y's products by differences,
         # as accurate as y = g - g_prev itself, and one pass over the memory fewer.
-        kept_y = kept[:, :, 0] - memory.prev_products[1:]
+        kept_y = kept[:, :, 0] - last.products[1:]
         products = torch.cat([torch.cat([kept, kept_y[:, :, None]], 2), own[None]])
     else:
         products = own[None]  # [m, 2, 3]: (s_i, y_i) . (g, s, y)
@@ -182,28 +238,49 @@ def push(
     sg, yg = products[:, 0, 0], products[:, 1, 0]
     s_new, y_new = products[:, :, 1], products[:, :, 2]  # [m, 2]: (s_i, y_i) . s / . y
     gram = _shift_gram(memory.gram, s_new, y_new)
-
-    finite = torch.isfinite(products[-1]).all()
-    tentative = torch.cat([memory.valid[1:], finite[None]])
-    accept = memory.has_prev & finite & accept_rule(gram, tentative)
-    valid = torch.cat([memory.valid[1:], accept[None]])
-    both = torch.cat([valid, valid])
-    gram = torch.where(both[:, None] & both[None, :], gram, torch.zeros_like(gram))
-    # A rejected slot is masked out of every product by ``valid`` (its coefficients are
-    # zero), which is exact for finite entries; NaN and inf entries are zeroed so that
-    # ``0 * NaN`` cannot reach a direction (one in-place pass; an accepted pair is finite
-    # and unchanged; masked_fill_ with a 0-d mask is several times slower on CPU).
-    torch.nan_to_num_(pair, nan=0.0, posinf=0.0, neginf=0.0)
-    new_memory = PairMemory(
-        pairs=_append(memory.pairs, pair),
-        gram=gram,
-        valid=valid,
-        prev_point=point,
-        prev_products=torch.where(valid[:, None], products[:, :, 0], 0.0),
-        has_prev=torch.ones_like(memory.has_prev),
+    admissible = last.has_prev & torch.isfinite(products[-1]).all()
+    new_memory, _ = _store(memory, pair, gram, admissible, accept_rule)
+    valid = new_memory.valid
+    new_last = LastPoint(
+        point=point,
+        products=torch.where(valid[:, None], products[:, :, 0], 0.0),
+        has_prev=torch.ones_like(last.has_prev),
     )
     zero = torch.zeros_like(sg)
-    return Pushed(new_memory, torch.where(valid, sg, zero), torch.where(valid, yg, zero), gg)
+    return Pushed(
+        new_memory, new_last, torch.where(valid, sg, zero), torch.where(valid, yg, zero), gg
+    )
+
+
+def push_pair(
+    memory: PairMemory,
+    pair: torch.Tensor,
+    accept_rule: AcceptRule,
+    rejected_takes_slot: bool = True,
+) -> tuple[PairMemory, torch.Tensor]:
+    """Append a given pair ``[s; y]`` (``[2, n]``), valid when ``accept_rule`` holds (and
+    it is finite). Returns the memory and the 0-d decision.
+
+    With ``rejected_takes_slot=False`` a rejected pair leaves the memory as it was, so the
+    memory holds the ``m`` newest *accepted* pairs (selected by masks, no host sync).
+    """
+    m = len(memory.pairs)
+    small = memory.gram.dtype
+    pair = pair.clone()  # stored as the new slot (and cleaned in place there)
+    own = (pair @ pair.T).to(small)  # [2, 2]: (s, y) . (s, y)
+    if m > 1:
+        kept = torch.stack(
+            [_products(memory.pairs[1:], pair[0]), _products(memory.pairs[1:], pair[1])], 2
+        ).to(small)  # [m-1, 2, 2]: (s_i, y_i) . (s, y)
+        products = torch.cat([kept, own[None]])
+    else:
+        products = own[None]
+    gram = _shift_gram(memory.gram, products[:, :, 0], products[:, :, 1])
+    admissible = torch.isfinite(own).all()
+    new_memory, accept = _store(memory, pair, gram, admissible, accept_rule)
+    if not rejected_takes_slot:
+        new_memory = optree.tree_map(lambda a, b: torch.where(accept, a, b), new_memory, memory)
+    return new_memory, accept
 
 
 def complete_gram(memory: PairMemory) -> torch.Tensor:
