@@ -28,7 +28,8 @@ from typing import Any
 
 from soo_func.base import Transform
 from soo_func.continuation.arclength import ArclengthState, arclength_homotopy
-from soo_func.continuation.family import Anchor, Family, Handoff, make_family
+from soo_func.continuation.family import Anchor, Family, make_family
+from soo_func.continuation.follower import Handoff
 from soo_func.continuation.minimizers import HomotopyState, minimizer_homotopy
 from soo_func.continuation.restart import reset_at_stage_change
 from soo_func.continuation.tangent import path_tangent

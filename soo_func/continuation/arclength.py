@@ -49,20 +49,15 @@ import torch
 
 from soo_func import tree
 from soo_func.base import Transform, require_extras
-from soo_func.continuation.curve import Curve, ritz_extremes
-from soo_func.continuation.family import (
-    Anchor,
-    Family,
-    Handoff,
-    anchor_scale,
-    make_family,
-    publish_handoff,
-)
-from soo_func.oracles import hvp, value_and_grad
+from soo_func.continuation.curve import Curve
+from soo_func.continuation.family import Anchor, anchor_scale, make_family
+from soo_func.continuation.follower import Handoff, blank, follower, publish_handoff
+from soo_func.continuation.options import ArclengthOptions, check_arclength_options
+from soo_func.oracles import value_and_grad
 
 PyTree = Any
 
-__all__ = ["ArclengthOptions", "ArclengthState", "arclength_homotopy"]
+__all__ = ["ArclengthState", "arclength_homotopy"]
 
 _DENSE_MAX_SIZE = 50
 
@@ -97,25 +92,6 @@ class ArclengthState(NamedTuple):
     best_value: torch.Tensor
     handoff: Handoff | None
     num_syncs: torch.Tensor
-
-
-class ArclengthOptions(NamedTuple):
-    """The checked options of :func:`arclength_homotopy`."""
-
-    family: Family
-    initial_arclength: float
-    max_step: float
-    min_step: float
-    max_path_steps: int
-    max_minimizers: int
-    descend_first: bool
-    descent_gtol: float
-    max_descent_steps: int
-    max_corrector_iters: int
-    corrector_tol: float
-    krylov_rtol: float
-    krylov_max_iters: int | None
-    solver: str
 
 
 def arclength_homotopy(
@@ -178,59 +154,12 @@ def arclength_homotopy(
         krylov_max_iters=krylov_max_iters,
         solver=solver,
     )
-    _check_options(options)
-
-    def init(params: PyTree) -> ArclengthState:
-        return _init(options, params)
-
-    def update(updates, state: ArclengthState, params=None, **extra):
-        del updates
-        return _update(options, state, params, extra)
-
-    def publish(state: ArclengthState, params=None, **extra) -> dict[str, Any]:
-        return _publish(options, state, extra.get("value_fn"))
-
-    return Transform(init, update, publish)
-
-
-def _check_options(options: ArclengthOptions) -> None:
-    numbers = dict(
-        initial_arclength=options.initial_arclength,
-        max_step=options.max_step,
-        min_step=options.min_step,
-        corrector_tol=options.corrector_tol,
-        krylov_rtol=options.krylov_rtol,
-        descent_gtol=options.descent_gtol,
-    )
-    for name, value in numbers.items():
-        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-            raise ValueError(
-                f"arclength_homotopy: {name} must be positive and finite, got {value!r}"
-            )
-    if options.solver not in ("auto", "dense", "minres"):
-        raise ValueError(
-            "arclength_homotopy: solver must be 'auto', 'dense' or 'minres', got "
-            f"{options.solver!r}"
-        )
-    if not options.min_step <= options.initial_arclength <= options.max_step:
-        raise ValueError("arclength_homotopy: need min_step <= initial_arclength <= max_step")
-    counts = dict(
-        max_path_steps=options.max_path_steps,
-        max_minimizers=options.max_minimizers,
-        max_corrector_iters=options.max_corrector_iters,
-        max_descent_steps=options.max_descent_steps,
-    )
-    for name, value in counts.items():
-        if not (isinstance(value, int) and value >= 1):
-            raise ValueError(f"arclength_homotopy: {name} must be an integer >= 1, got {value!r}")
+    check_arclength_options(options)
+    return follower(options, _init, _update, _publish)
 
 
 def _init(options: ArclengthOptions, params: PyTree) -> ArclengthState:
-    ref = tree.leaves(params)[0]
-    zero = torch.zeros((), dtype=ref.dtype, device=ref.device)
-    count = torch.zeros((), dtype=torch.int64, device=ref.device)
-    false = torch.zeros((), dtype=torch.bool, device=ref.device)
-    zeros = tree.zeros_like(params)
+    zero, count, false, zeros = blank(params)
     return ArclengthState(
         started=false,
         descending=false | options.descend_first,
@@ -276,53 +205,6 @@ def _start(options: ArclengthOptions, state: ArclengthState, params, f_grad) -> 
     )
 
 
-def _corrector(options: ArclengthOptions, curve: Curve, x, w, tau_x, tau_w, h: float):
-    """Predict ``z + h tau`` and correct: ``((x, w, f, grad f) or None if rejected, iters)``."""
-    c = float(curve.c)
-    x, w = tree.axpy(h, tau_x, x), w + h * tau_w
-    previous = None
-    for k in range(options.max_corrector_iters):
-        value, grad, h_val = curve.residual(x, w / c)
-        u_x, u_w = curve.min_norm(x, w / c, grad, tree.zeros_like(x), torch.zeros_like(w),
-                                  tree.neg(h_val), normal=(tau_x, tau_w))  # fmt: skip
-        size, z_size = torch.stack([
-            torch.sqrt(tree.sum_of_squares(u_x) + u_w**2),
-            torch.sqrt(tree.sum_of_squares(x) + w**2) + value * 0,  # NaN if f is not finite
-        ]).tolist()  # fmt: skip
-        if not (math.isfinite(size) and math.isfinite(z_size)):
-            return None, k + 1
-        x, w = tree.add(x, u_x), w + u_w
-        if (k == 0 and size > 0.5 * h) or (previous is not None and size > 0.5 * previous):
-            return None, k + 1
-        previous = size
-        if size <= curve.tol * (1 + z_size):
-            value, grad, _ = curve.residual(x, w / c)
-            return (x, w, value, grad), k + 1
-    return None, options.max_corrector_iters
-
-
-def _at_t_one(curve: Curve, x_old, w_old, x_new, w_new):
-    """Newton on ``grad f = 0`` from the interpolated crossing; ``(x, f, minimizer)``."""
-    c = float(curve.c)
-    a = (c - w_old) / (w_new - w_old)
-    x = tree.add(x_old, tree.scale(a, tree.sub(x_new, x_old)))
-    one = torch.ones_like(w_old)
-    for _ in range(5):
-        _, grad, h_val = curve.residual(x, one)
-        dx = curve.solve_x(x, one, grad, tree.neg(h_val))
-        x = tree.add(x, dx)
-        if float(tree.norm(dx)) <= curve.tol * (1 + float(tree.norm(x))):
-            break
-    value = value_and_grad(curve.base)(x)[0]
-    n = sum(leaf.numel() for leaf in tree.leaves(x))
-    gen = torch.Generator().manual_seed(0)
-    probe = tree.map(lambda p: torch.randn(p.shape, generator=gen, dtype=torch.float64)
-                     .to(p), x)  # fmt: skip
-    low, high = ritz_extremes(lambda v: hvp(curve.base, x, v), probe, min(n, 100))
-    eps = torch.finfo(value.dtype).eps
-    return x, value, low >= -math.sqrt(eps) * max(abs(high), 1e-300)
-
-
 def _curve(options: ArclengthOptions, state: ArclengthState, base: Callable, params) -> Curve:
     eps = torch.finfo(state.t.dtype).eps  # float32: tolerances at its rounding
     size = sum(leaf.numel() for leaf in tree.leaves(params))
@@ -335,6 +217,7 @@ def _curve(options: ArclengthOptions, state: ArclengthState, base: Callable, par
         krylov_rtol=max(options.krylov_rtol, 10 * eps),
         krylov_iters=options.krylov_max_iters,
         tol=max(options.corrector_tol, 100 * eps),
+        max_corrector_iters=options.max_corrector_iters,
         dense=dense,
     )
 
@@ -345,7 +228,7 @@ def _corrected_step(options: ArclengthOptions, curve: Curve, state: ArclengthSta
     x, w, c = state.point, state.t * curve.c, float(curve.c)
     h, rejections, syncs = float(state.step), 0, 0
     while True:
-        accepted, iters = _corrector(options, curve, x, w, state.tangent, state.tangent_t, h)
+        accepted, iters = curve.predict_correct(x, w, state.tangent, state.tangent_t, h)
         syncs += iters
         if accepted is not None:
             return accepted, h, rejections, iters, syncs
@@ -357,7 +240,7 @@ def _corrected_step(options: ArclengthOptions, curve: Curve, state: ArclengthSta
 
 def _record_crossing(curve: Curve, state: ArclengthState, x, w, x_new, w_new):
     """A crossing of ``t = 1``: refine it, and keep it when it is the best minimizer."""
-    x_one, value, minimizer = _at_t_one(curve, x, w, x_new, w_new)
+    x_one, value, minimizer = curve.refine_crossing(x, w, x_new, w_new)
     state = state._replace(num_crossings=state.num_crossings + 1)
     if minimizer and math.isfinite(float(value)):
         better = bool(value < state.best_value)

@@ -25,8 +25,9 @@ __all__ = ["Curve", "dense_matrix", "ritz_extremes"]
 class Curve(NamedTuple):
     """``H``, its Jacobian products and the minimum-norm solves at one anchor.
 
-    ``c`` is the unit of ``t`` (``w = c t``), ``tol`` the corrector's relative tolerance,
-    ``dense``: solve with dense matrices (from ``n`` Hessian products) instead of MINRES.
+    ``c`` is the unit of ``t`` (``w = c t``), ``tol`` the corrector's relative tolerance
+    and ``max_corrector_iters`` its iterations, ``dense``: solve with dense matrices (from
+    ``n`` Hessian products) instead of MINRES.
     """
 
     family: Family
@@ -36,6 +37,7 @@ class Curve(NamedTuple):
     krylov_rtol: float
     krylov_iters: int | None
     tol: float
+    max_corrector_iters: int
     dense: bool
 
     def residual(self, x: PyTree, t) -> tuple[torch.Tensor, PyTree, PyTree]:
@@ -97,6 +99,55 @@ class Curve(NamedTuple):
         u_x, u_w = self.min_norm(x, t, grad, prev_x, prev_w, zero)
         size = torch.sqrt(tree.sum_of_squares(u_x) + u_w**2)
         return tree.scale(1 / size, u_x), u_w / size
+
+    def predict_correct(self, x, w, tau_x, tau_w, h: float):
+        """The Euler predictor ``z + h tau`` and the pseudo-arclength Newton corrector
+        (Allgower & Georg Algorithm 3.1.1): ``((x, w, f, grad f) or None, iterations)``,
+        ``None`` when rejected (non-finite, a first step above ``h / 2`` or one that does
+        not contract by half)."""
+        c = float(self.c)
+        x, w = tree.axpy(h, tau_x, x), w + h * tau_w
+        previous = None
+        for k in range(self.max_corrector_iters):
+            value, grad, h_val = self.residual(x, w / c)
+            u_x, u_w = self.min_norm(x, w / c, grad, tree.zeros_like(x), torch.zeros_like(w),
+                                     tree.neg(h_val), normal=(tau_x, tau_w))  # fmt: skip
+            size, z_size = torch.stack([
+                torch.sqrt(tree.sum_of_squares(u_x) + u_w**2),
+                torch.sqrt(tree.sum_of_squares(x) + w**2) + value * 0,  # NaN if f is not finite
+            ]).tolist()  # fmt: skip
+            if not (math.isfinite(size) and math.isfinite(z_size)):
+                return None, k + 1
+            x, w = tree.add(x, u_x), w + u_w
+            if (k == 0 and size > 0.5 * h) or (previous is not None and size > 0.5 * previous):
+                return None, k + 1
+            previous = size
+            if size <= self.tol * (1 + z_size):
+                value, grad, _ = self.residual(x, w / c)
+                return (x, w, value, grad), k + 1
+        return None, self.max_corrector_iters
+
+    def refine_crossing(self, x_old, w_old, x_new, w_new):
+        """Newton on ``grad f = 0`` from the interpolated crossing of ``t = 1``, then the
+        Lanczos test of the Hessian there: ``(x, f(x), minimizer)``."""
+        c = float(self.c)
+        a = (c - w_old) / (w_new - w_old)
+        x = tree.add(x_old, tree.scale(a, tree.sub(x_new, x_old)))
+        one = torch.ones_like(w_old)
+        for _ in range(5):
+            _, grad, h_val = self.residual(x, one)
+            dx = self.solve_x(x, one, grad, tree.neg(h_val))
+            x = tree.add(x, dx)
+            if float(tree.norm(dx)) <= self.tol * (1 + float(tree.norm(x))):
+                break
+        value = value_and_grad(self.base)(x)[0]
+        n = sum(leaf.numel() for leaf in tree.leaves(x))
+        gen = torch.Generator().manual_seed(0)
+        probe = tree.map(lambda p: torch.randn(p.shape, generator=gen, dtype=torch.float64)
+                         .to(p), x)  # fmt: skip
+        low, high = ritz_extremes(lambda v: hvp(self.base, x, v), probe, min(n, 100))
+        eps = torch.finfo(value.dtype).eps
+        return x, value, low >= -math.sqrt(eps) * max(abs(high), 1e-300)
 
 
 def _dense_min_norm(x, h_x, h_w, a_x, a_w, b, normal):

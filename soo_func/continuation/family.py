@@ -1,4 +1,4 @@
-"""The homotopy family ``f_t``, written once: :func:`make_family` and what it hands on.
+"""The homotopy family ``f_t``, its formulas written once: :func:`make_family`.
 
 A family replaces the objective ``f`` by ``f_t``, ``t`` in ``[0, 1]``, ``f_1 = f``, built
 at an :class:`Anchor` (the start ``x0``, ``g0 = grad f(x0)`` and a scale ``s``):
@@ -7,7 +7,13 @@ at an :class:`Anchor` (the start ``x0``, ``g0 = grad f(x0)`` and a scale ``s``):
     ``f_t(x) = f(x) - (1 - t) <g0, x>``, so ``grad f_t = grad f - (1 - t) g0`` and the
     gradient equation ``H(x, t) = grad f(x) - (1 - t) g0 = 0`` holds at ``(x0, 0)``.
     Recovery: ``f = f_t + (1 - t) <g0, x>``, ``grad f = grad f_t + (1 - t) g0``.
-    Jacobian of ``H``: ``H_x = hess f``, ``H_t = g0``.
+    Jacobian of ``H``: ``H_x = hess f``, ``H_t = g0``. Its minimizer path starts at
+    ``x0``; with ``schedule="exponential"`` the factor ``1 - t`` is ``exp(-s)``: the
+    stages are steps in ``s`` and the path is that of the continuous Newton flow
+    ``dx/ds = -H^{-1} grad f`` (Smale 1976; Branin 1972). Its points are stationary points
+    of ``f_t``, saddles where the Hessian at ``x0`` is indefinite, which a descent
+    corrector cannot track, and along a curved valley it advances only as ``1 - t``
+    reaches ``|grad f| / |grad f(x0)|``.
 ``"convex"`` (the fixed-point homotopy, Allgower & Georg 2003 section 1.1; Chow,
 Mallet-Paret & Yorke 1978)
     ``f_t(x) = t f(x) + (1 - t) (s / 2) |x - x0|^2``, so
@@ -15,14 +21,14 @@ Mallet-Paret & Yorke 1978)
     ``f = (f_t - (1 - t) (s / 2) |x - x0|^2) / t``,
     ``grad f = (grad f_t - (1 - t) s (x - x0)) / t``; it divides by ``t`` and so amplifies
     rounding by ``1 / t``: it is offered only for ``t >= 0.1``. Jacobian:
-    ``H_x = t hess f + (1 - t) s I``, ``H_t = grad f - s (x - x0)``.
+    ``H_x = t hess f + (1 - t) s I``, ``H_t = grad f - s (x - x0)``. ``x0`` minimizes the
+    strongly convex ``f_0`` and ``x(t)`` is a path of *minimizers* (a proximal path:
+    ``x(t)`` minimizes ``f + lam/2 |x - x0|^2``, ``lam = (1 - t) s / t``), so a descent
+    corrector can follow it; at a fold it falls to another minimizer of ``f_t``.
 a callable ``family(params, t) -> 0-d loss``
     A user family with ``family(params, 1) == f(params)``: only its value is known (no
-    composition from ``f``, no recovery, no Jacobian pieces).
-
-:class:`Handoff` is what a follower's update hands the later members of a chain in place
-of ``f``; :func:`publish_handoff` turns it into the published ``value_fn``, ``value``,
-``grad``, ``params_offset`` and ``recover_objective`` without reading a tensor on the host.
+    composition from ``f``, no recovery, no Jacobian pieces). ``x0`` need not be on its
+    path: the minimizer path's stage 0 solves ``t = 0``.
 """
 
 from __future__ import annotations
@@ -34,21 +40,11 @@ from typing import Any, NamedTuple
 import torch
 
 from soo_func import tree
-from soo_func.oracles import CountedObjective
 
 PyTree = Any
 UserFamily = Callable[[PyTree, torch.Tensor], torch.Tensor]
 
-__all__ = [
-    "Anchor",
-    "ChargedObjective",
-    "Family",
-    "Handoff",
-    "anchor_scale",
-    "make_family",
-    "publish_handoff",
-    "raw_objective",
-]
+__all__ = ["Anchor", "Family", "UserFamily", "anchor_scale", "make_family"]
 
 
 class Anchor(NamedTuple):
@@ -175,83 +171,3 @@ def make_family(family: str | UserFamily) -> Family:
 def anchor_scale(params: PyTree, f_grad: PyTree) -> torch.Tensor:
     """The convex family's default ``s = |grad f(x0)| / max(|x0|, 1)``."""
     return tree.norm(f_grad) / torch.clamp(tree.norm(params), min=1.0)
-
-
-class ChargedObjective(CountedObjective):
-    """``fn`` as a counted objective whose evaluations are charged to ``charge_to`` (the
-    driver's counted ``f``), so that evaluations of ``f_t`` count as evaluations of ``f``."""
-
-    def __init__(self, fn: Callable, charge_to: Any):
-        self.fn = fn
-        self._target = charge_to if isinstance(charge_to, CountedObjective) else None
-        self._own = {"num_value_evals": 0, "num_grad_evals": 0, "num_hvp_evals": 0}
-
-    def _get(name):  # noqa: N805 - property factory
-        def get(self):
-            return getattr(self._target, name) if self._target is not None else self._own[name]
-
-        def set_(self, value):
-            if self._target is not None:
-                setattr(self._target, name, value)
-            else:
-                self._own[name] = value
-
-        return property(get, set_)
-
-    num_value_evals = _get("num_value_evals")
-    num_grad_evals = _get("num_grad_evals")
-    num_hvp_evals = _get("num_hvp_evals")
-    del _get
-
-
-def raw_objective(fn: Callable) -> Callable:
-    """The uncounted function behind ``fn`` (``fn`` itself unless it is counted)."""
-    return fn.fn if isinstance(fn, CountedObjective) else fn
-
-
-class Handoff(NamedTuple):
-    """The objective a follower's update handed the later members of a chain, in place of
-    ``f`` (a follower's state holds ``None`` when it handed ``f`` itself).
-
-    ``value``, ``grad``: of that objective at the point the later members see, which is
-    ``params + offset``. Which objective it is was decided on the host by the update and is
-    recorded by which fields are ``None``, so that ``publish`` reads no tensor: ``t`` is
-    the family's parameter (``None``: ``f`` itself, moved by ``offset``); ``offset`` is
-    ``None`` when the point did not move; ``recover_t`` is ``t`` again when ``f`` follows
-    exactly from ``f_t`` there (``recover_objective`` is published), else ``None``.
-    """
-
-    value: torch.Tensor
-    grad: PyTree
-    t: torch.Tensor | None = None
-    offset: PyTree | None = None
-    recover_t: torch.Tensor | None = None
-
-
-def publish_handoff(
-    family: Family, base: Callable, anchor: Anchor, handoff: Handoff
-) -> dict[str, Any]:
-    """The rewritten-objective entries of a publication: ``value_fn`` (``p -> f_t(p +
-    offset)``, its evaluations charged to ``base``), ``value``, ``grad``, and
-    ``params_offset`` / ``recover_objective`` when the handoff has them."""
-    raw, offset, t = raw_objective(base), handoff.offset, handoff.t
-    fn = raw if t is None else family.objective(raw, anchor)
-    if t is None:
-        moved = lambda p: fn(tree.add(p, offset))  # noqa: E731
-    elif offset is None:
-        moved = lambda p: fn(p, t)  # noqa: E731
-    else:
-        moved = lambda p: fn(tree.add(p, offset), t)  # noqa: E731
-    out: dict[str, Any] = {
-        "value_fn": ChargedObjective(moved, base),
-        "value": handoff.value,
-        "grad": handoff.grad,
-    }
-    if offset is not None:
-        out["params_offset"] = offset
-    if handoff.recover_t is not None:
-        recover_t = handoff.recover_t
-        out["recover_objective"] = lambda value_t, grad_t, x: family.recover(
-            anchor, x, recover_t, value_t, grad_t
-        )
-    return out

@@ -2,23 +2,8 @@
 
 It follows the path of minimizers ``x(t)`` of a :class:`~soo_func.continuation.family.Family`
 ``f_t`` from ``t = 0`` to ``t = 1`` (Allgower & Georg, *Introduction to Numerical
-Continuation Methods*, 2003, ch. 2; Nocedal & Wright, 2nd ed., section 11.3). On this
-path the families behave differently:
-
-``"convex"`` (the default here)
-    ``x0`` minimizes the strongly convex ``f_0`` and ``x(t)`` is a path of *minimizers* (a
-    proximal path: ``x(t)`` minimizes ``f + lam/2 |x - x0|^2``, ``lam = (1 - t) s / t``),
-    so a descent corrector can follow it; at a fold it falls to another minimizer of
-    ``f_t``. ``s = |grad f(x0)| / max(|x0|, 1)`` unless ``scale`` is given.
-``"keller"``
-    ``x0`` is on the path at ``t = 0``. With ``schedule="exponential"`` the factor
-    ``1 - t`` is ``exp(-s)``: the stages are steps in ``s`` and the path is that of the
-    continuous Newton flow ``dx/ds = -H^{-1} grad f`` (Smale 1976; Branin 1972). Its points
-    are stationary points of ``f_t``, saddles where the Hessian at ``x0`` is indefinite,
-    which a descent corrector cannot track, and along a curved valley it advances only as
-    ``1 - t`` reaches ``|grad f| / |grad f(x0)|``.
-a callable ``family(params, t)``
-    ``x0`` need not be on its path: stage 0 solves ``t = 0``.
+Continuation Methods*, 2003, ch. 2; Nocedal & Wright, 2nd ed., section 11.3); how each
+family's path looks is in :mod:`~soo_func.continuation.family`.
 
 Path following (Allgower & Georg Algorithm 2.2.3, predictor-corrector). At a path point
 ``x_k = x(t_k)`` (``|grad f_{t_k}(x_k)|_inf <= tol_{t_k}``, with
@@ -48,7 +33,6 @@ to the driver's counted objective. Host syncs: the stage logic decides on the ho
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -57,23 +41,26 @@ import torch
 
 from soo_func import tree
 from soo_func.base import Transform, require_extras
-from soo_func.continuation.family import (
-    Anchor,
+from soo_func.continuation.family import Anchor, Family, UserFamily, anchor_scale, make_family
+from soo_func.continuation.follower import (
     ChargedObjective,
-    Family,
     Handoff,
-    UserFamily,
-    anchor_scale,
-    make_family,
+    blank,
+    follower,
     publish_handoff,
     raw_objective,
+)
+from soo_func.continuation.options import (
+    MinimizerPathOptions,
+    check_minimizer_path_options,
+    fixed_schedule,
 )
 from soo_func.continuation.tangent import path_tangent
 from soo_func.oracles import value_and_grad
 
 PyTree = Any
 
-__all__ = ["HomotopyState", "MinimizerPathOptions", "minimizer_homotopy"]
+__all__ = ["HomotopyState", "minimizer_homotopy"]
 
 
 class HomotopyState(NamedTuple):
@@ -104,30 +91,6 @@ class HomotopyState(NamedTuple):
     grad_norm: torch.Tensor
     handoff: Handoff | None
     num_syncs: torch.Tensor
-
-
-class MinimizerPathOptions(NamedTuple):
-    """The checked options of :func:`minimizer_homotopy` (``fixed``: the fixed schedule)."""
-
-    family: Family
-    fixed: tuple[float, ...] | None
-    exponential: bool
-    stage_step: float
-    max_step: float
-    min_step: float
-    grow: float
-    shrink: float
-    fast_steps: int
-    max_corrector_steps: int
-    corrector_rtol: float
-    corrector_atol: float
-    shrink_tolerance: bool
-    retry_last_stage: bool
-    final_gap: float
-    scale: float | None
-    predictor: str
-    tangent_rtol: float
-    tangent_max_iters: int | None
 
 
 def minimizer_homotopy(
@@ -186,7 +149,7 @@ def minimizer_homotopy(
     exponential = schedule == "exponential"
     options = MinimizerPathOptions(
         family=make_family(family),
-        fixed=_fixed_schedule(schedule),
+        fixed=fixed_schedule(schedule),
         exponential=exponential,
         stage_step=(1.0 if exponential else 0.25) if stage_step is None else stage_step,
         max_step=(8.0 if exponential else 1.0) if max_step is None else max_step,
@@ -205,78 +168,12 @@ def minimizer_homotopy(
         tangent_rtol=tangent_rtol,
         tangent_max_iters=tangent_max_iters,
     )
-    _check_options(options)
-
-    def init(params: PyTree) -> HomotopyState:
-        return _init(options, params)
-
-    def update(updates, state: HomotopyState, params=None, **extra):
-        del updates
-        return _update(options, state, params, extra)
-
-    def publish(state: HomotopyState, params=None, **extra) -> dict[str, Any]:
-        return _publish(options, state, extra.get("value_fn"))
-
-    return Transform(init, update, publish)
-
-
-def _fixed_schedule(schedule: str | Sequence[float]) -> tuple[float, ...] | None:
-    """The fixed ``t`` values of a sequence schedule (checked); ``None`` for a named one."""
-    if isinstance(schedule, str):
-        if schedule not in ("linear", "exponential"):
-            raise ValueError(
-                f"homotopy: schedule must be 'linear', 'exponential' or an increasing sequence "
-                f"of t values ending at 1, got {schedule!r}"
-            )
-        return None
-    points = [float(s) for s in schedule]
-    if not points or points[-1] != 1.0 or any(b <= a for a, b in itertools.pairwise(points)):
-        raise ValueError(
-            f"homotopy: a fixed schedule must be strictly increasing and end at 1.0, got {points}"
-        )
-    if points[0] < 0:
-        raise ValueError(f"homotopy: schedule values must lie in [0, 1], got {points}")
-    return tuple(points)
-
-
-def _check_options(options: MinimizerPathOptions) -> None:
-    """Clear errors for options out of range (the family and schedule are checked already)."""
-    numbers = dict(
-        stage_step=options.stage_step,
-        max_step=options.max_step,
-        min_step=options.min_step,
-        grow=options.grow,
-        shrink=options.shrink,
-        fast_steps=options.fast_steps,
-        max_corrector_steps=options.max_corrector_steps,
-        final_gap=options.final_gap,
-        tangent_rtol=options.tangent_rtol,
-    )
-    if options.corrector_atol == 0:
-        numbers["corrector_rtol"] = options.corrector_rtol
-    if options.scale is not None:
-        numbers["scale"] = options.scale
-    for name, value in numbers.items():
-        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-            raise ValueError(f"homotopy: {name} must be a positive finite number, got {value!r}")
-    if options.grow < 1:
-        raise ValueError(f"homotopy: grow must be >= 1, got {options.grow}")
-    if not options.shrink < 1:
-        raise ValueError(f"homotopy: shrink must be in (0, 1), got {options.shrink}")
-    if options.corrector_atol < 0 or options.corrector_rtol < 0:
-        raise ValueError("homotopy: corrector_rtol and corrector_atol must be >= 0")
-    if options.predictor not in ("tangent", "none"):
-        raise ValueError(
-            f"homotopy: predictor must be 'tangent' or 'none', got {options.predictor!r}"
-        )
+    check_minimizer_path_options(options)
+    return follower(options, _init, _update, _publish)
 
 
 def _init(options: MinimizerPathOptions, params: PyTree) -> HomotopyState:
-    ref = tree.leaves(params)[0]
-    zero = torch.zeros((), dtype=ref.dtype, device=ref.device)
-    count = torch.zeros((), dtype=torch.int64, device=ref.device)
-    false = torch.zeros((), dtype=torch.bool, device=ref.device)
-    zeros = tree.zeros_like(params)
+    zero, count, false, zeros = blank(params)
     first_t = options.fixed[0] if options.fixed is not None else 0.0
     return HomotopyState(
         started=false,

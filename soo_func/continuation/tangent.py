@@ -9,7 +9,7 @@ import torch
 import torch.func as tf
 
 from soo_func import tree
-from soo_func.continuation.family import raw_objective
+from soo_func.continuation.follower import raw_objective
 from soo_func.krylov import minres
 from soo_func.oracles import charge, hvp
 
