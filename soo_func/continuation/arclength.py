@@ -48,7 +48,7 @@ from typing import Any, NamedTuple
 import torch
 
 from soo_func import tree
-from soo_func.base import Transform, require_extras
+from soo_func.base import Transform
 from soo_func.continuation.curve import Curve
 from soo_func.continuation.family import Anchor, anchor_scale, make_family
 from soo_func.continuation.follower import Handoff, blank, follower, publish_handoff
@@ -139,23 +139,15 @@ def arclength_homotopy(
             "(user families: use homotopy(family) with its minimizer path)"
         )
     options = ArclengthOptions(
-        family=make_family(family),
-        initial_arclength=initial_arclength,
-        max_step=max_step,
-        min_step=min_step,
-        max_path_steps=max_path_steps,
-        max_minimizers=max_minimizers,
-        descend_first=descend_first,
-        descent_gtol=descent_gtol,
-        max_descent_steps=max_descent_steps,
-        max_corrector_iters=max_corrector_iters,
-        corrector_tol=corrector_tol,
-        krylov_rtol=krylov_rtol,
-        krylov_max_iters=krylov_max_iters,
-        solver=solver,
-    )
+        family=make_family(family), initial_arclength=initial_arclength, max_step=max_step,
+        min_step=min_step, max_path_steps=max_path_steps, max_minimizers=max_minimizers,
+        descend_first=descend_first, descent_gtol=descent_gtol,
+        max_descent_steps=max_descent_steps, max_corrector_iters=max_corrector_iters,
+        corrector_tol=corrector_tol, krylov_rtol=krylov_rtol,
+        krylov_max_iters=krylov_max_iters, solver=solver,
+    )  # fmt: skip
     check_arclength_options(options)
-    return follower(options, _init, _update, _publish)
+    return follower("arclength_homotopy", options, _init, _update, _publish)
 
 
 def _init(options: ArclengthOptions, params: PyTree) -> ArclengthState:
@@ -316,11 +308,9 @@ def _descend(options: ArclengthOptions, state: ArclengthState, params, f_value, 
     )
 
 
-def _update(options: ArclengthOptions, state: ArclengthState, params, extra: dict):
-    require_extras("arclength_homotopy", extra, "value", "grad", "value_fn")
-    if params is None:
-        raise TypeError("arclength_homotopy needs params in update(updates, state, params, ...)")
-    base, f_value, f_grad = extra["value_fn"], extra["value"], extra["grad"]
+def _update(options: ArclengthOptions, state: ArclengthState, params, base, f_value, f_grad):
+    """Descend, or take a step on the curve, or hand on ``f`` after leaving it; the
+    decisions read the state on the host (counted in ``num_syncs``)."""
     syncs = 1
     if not bool(state.started):
         state = _start(options, state, params, f_grad)

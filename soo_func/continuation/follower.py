@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 import torch
 
 from soo_func import tree
-from soo_func.base import Transform
+from soo_func.base import Transform, require_extras
 from soo_func.continuation.family import Anchor, Family
 from soo_func.oracles import CountedObjective
 
@@ -129,17 +129,24 @@ def blank(params: PyTree) -> Blank:
     )
 
 
-def follower(options: Any, init: Callable, update: Callable, publish: Callable) -> Transform:
-    """The :class:`~soo_func.base.Transform` of a follower from its top-level functions
-    ``init(options, params)``, ``update(options, state, params, extra) -> (updates,
-    state)`` (the incoming updates are replaced) and ``publish(options, state, value_fn)``."""
+def follower(
+    who: str, options: Any, init: Callable, update: Callable, publish: Callable
+) -> Transform:
+    """The :class:`~soo_func.base.Transform` named ``who`` of a follower from its top-level
+    functions ``init(options, params)``, ``update(options, state, params, f, f_value,
+    f_grad) -> (updates, state)`` (``f`` the ``value_fn`` extra, ``f_value``/``f_grad``
+    the ``value``/``grad`` extras; the incoming updates are replaced) and
+    ``publish(options, state, f)``."""
 
     def init_fn(params: PyTree):
         return init(options, params)
 
     def update_fn(updates, state, params=None, **extra):
         del updates
-        return update(options, state, params, extra)
+        require_extras(who, extra, "value", "grad", "value_fn")
+        if params is None:
+            raise TypeError(f"{who} needs params in update(updates, state, params, ...)")
+        return update(options, state, params, extra["value_fn"], extra["value"], extra["grad"])
 
     def publish_fn(state, params=None, **extra) -> dict[str, Any]:
         return publish(options, state, extra.get("value_fn"))

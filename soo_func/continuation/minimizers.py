@@ -40,7 +40,7 @@ from typing import Any, NamedTuple
 import torch
 
 from soo_func import tree
-from soo_func.base import Transform, require_extras
+from soo_func.base import Transform
 from soo_func.continuation.family import Anchor, Family, UserFamily, anchor_scale, make_family
 from soo_func.continuation.follower import (
     ChargedObjective,
@@ -153,23 +153,14 @@ def minimizer_homotopy(
         exponential=exponential,
         stage_step=(1.0 if exponential else 0.25) if stage_step is None else stage_step,
         max_step=(8.0 if exponential else 1.0) if max_step is None else max_step,
-        min_step=min_step,
-        grow=grow,
-        shrink=shrink,
-        fast_steps=fast_steps,
-        max_corrector_steps=max_corrector_steps,
-        corrector_rtol=corrector_rtol,
-        corrector_atol=corrector_atol,
-        shrink_tolerance=shrink_tolerance,
-        retry_last_stage=retry_last_stage,
-        final_gap=final_gap,
-        scale=scale,
-        predictor=predictor,
-        tangent_rtol=tangent_rtol,
-        tangent_max_iters=tangent_max_iters,
-    )
+        min_step=min_step, grow=grow, shrink=shrink, fast_steps=fast_steps,
+        max_corrector_steps=max_corrector_steps, corrector_rtol=corrector_rtol,
+        corrector_atol=corrector_atol, shrink_tolerance=shrink_tolerance,
+        retry_last_stage=retry_last_stage, final_gap=final_gap, scale=scale,
+        predictor=predictor, tangent_rtol=tangent_rtol, tangent_max_iters=tangent_max_iters,
+    )  # fmt: skip
     check_minimizer_path_options(options)
-    return follower(options, _init, _update, _publish)
+    return follower("homotopy", options, _init, _update, _publish)
 
 
 def _init(options: MinimizerPathOptions, params: PyTree) -> HomotopyState:
@@ -347,11 +338,9 @@ def _stay(options, state: HomotopyState, v_t, g_t, t_host: float, **changes):
     return new, g_t, 0
 
 
-def _update(options: MinimizerPathOptions, state: HomotopyState, params, extra: dict):
-    require_extras("homotopy", extra, "value", "grad", "value_fn")
-    if params is None:
-        raise TypeError("homotopy needs params in update(updates, state, params, ...)")
-    base, f_value, f_grad = extra["value_fn"], extra["value"], extra["grad"]
+def _update(options: MinimizerPathOptions, state: HomotopyState, params, base, f_value, f_grad):
+    """Correct on, end the stage (and predict the next one) or retry it; the decision reads
+    the state on the host once (counted in ``num_syncs``, with the predictor's test)."""
     syncs = 1
     if not bool(state.started):
         state = _start(options, state, params, f_grad)
