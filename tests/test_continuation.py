@@ -417,3 +417,22 @@ def test_missing_extras_are_named():
     x = torch.ones(2)
     with pytest.raises(TypeError, match=r"homotopy.*value_fn"):
         h.update(x, h.init(x), x, value=torch.tensor(1.0), grad=x)
+
+
+@pytest.mark.parametrize("make", [lambda: homotopy("keller"), lambda: homotopy("convex"),
+                                  lambda: sf.arclength_homotopy(descend_first=False)])  # fmt: skip
+def test_publish_reads_no_tensor_on_the_host(monkeypatch, make):
+    a, b, x0 = quadratic(3, torch.float64, seed=9)
+    value_fn = lambda x: 0.5 * x @ a @ x - b @ x + 0.1 * torch.cos(x).sum()  # noqa: E731
+    h = make()
+    state, x = h.init(x0), x0
+    for _ in range(3):
+        value, grad = sf.value_and_grad(value_fn)(x)
+        extra = dict(value=value, grad=grad, value_fn=value_fn)
+        updates, state = h.update(grad, state, x, **extra)
+        with monkeypatch.context() as patch:
+            for name in ("__bool__", "__float__", "__int__", "item", "tolist"):
+                patch.setattr(torch.Tensor, name, lambda *args: pytest.fail("host read"))
+            published = h.publish(state, x, **extra)
+        assert "value_fn" in published
+        x = x - 0.1 * updates

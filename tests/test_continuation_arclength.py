@@ -218,3 +218,15 @@ def test_default_homotopy_with_lbfgs_downstream_converges():
     result = sf.minimize(value_fn, x0, opt, gtol=1e-8, max_steps=500)
     assert result.converged and float(result.grad_norm) <= 1e-7
     assert result.history[-1]["continuation_minimizers"] >= 1
+
+
+def test_homotopy_rejects_options_of_the_other_path():
+    with pytest.raises(ValueError, match="schedule"):
+        sf.homotopy("keller", path="arclength", schedule="linear")
+    with pytest.raises(ValueError, match="initial_arclength"):
+        sf.homotopy("convex", initial_arclength=0.2)
+    opt = sf.homotopy(path="arclength", initial_arclength=0.2)  # passed through
+    x = torch.tensor([3.0], dtype=torch.float64)
+    value, grad = sf.value_and_grad(tilted_double_well)(x)
+    state = opt.update(grad, opt.init(x), x, value=value, grad=grad, value_fn=tilted_double_well)[1]
+    assert float(state.step) == pytest.approx(0.2 * 3.0)
