@@ -4,7 +4,7 @@
 starting points, Newton-Krylov with Armijo backtracking alone
 (``chain(newton_krylov(), armijo())``) against the same wrapped in the default homotopy
 (``chain(homotopy(), newton_krylov(), armijo())``: Keller's curve by pseudo-arclength after
-the chain's own descent, :mod:`soo_func.continuation_arclength`), at most ``MAX_STEPS``
+the chain's own descent, :mod:`soo_func.continuation.arclength`), at most ``MAX_STEPS``
 steps each. ``homotopy_far_starts_convex`` / ``_keller``: the minimizer path with the
 convex family (the default before) / Keller's family (``homotopy("convex")``,
 ``homotopy("keller")``; Keller's solves fewer than Newton alone).
@@ -25,7 +25,7 @@ whose value or gradient is not finite at the far start are skipped (both methods
 them alike) and listed in the summary rows.
 
 ``homotopy_regularization_path``: an L2 regularization path of logistic regression (strong
-to weak), :func:`soo_func.continuation_path` (warm start + tangent predictor, and warm
+to weak), :func:`soo_func.drivers.continuation_path` (warm start + tangent predictor, and warm
 start only) against solving each value from the same start; total evaluations and the
 largest distance to the from-scratch solutions.
 

@@ -21,11 +21,11 @@ from soo_func.base import (
     stateless,
     update_and_publish,
 )
-from soo_func.continuation import HomotopyState, homotopy
-from soo_func.continuation_arclength import ArclengthState, arclength_homotopy
-from soo_func.continuation_path import (
-    PathResult,
-    continuation_path,
+from soo_func.continuation import (
+    ArclengthState,
+    HomotopyState,
+    arclength_homotopy,
+    homotopy,
     path_tangent,
     reset_at_stage_change,
 )
@@ -33,7 +33,7 @@ from soo_func.directions import bfgs, broyden, dfp, lbfgs, sr1
 from soo_func.directions.gauss_newton import gauss_newton
 from soo_func.directions.newton import newton_krylov
 from soo_func.directions.nonlinear_cg import nonlinear_cg
-from soo_func.drivers import MinimizeResult, least_squares, minimize
+from soo_func.drivers import MinimizeResult, PathResult, continuation_path, least_squares, minimize
 from soo_func.oracles import (
     CountedObjective,
     functional_loss,

@@ -1,5 +1,6 @@
-"""Tests of soo_func.continuation: closed-form paths, the tangent, the stage logic, the
-driver contract (history, converged_ok), the params_offset chain extension, purity."""
+"""Tests of soo_func.continuation (the minimizer path) and soo_func.drivers.continuation_path:
+closed-form paths, the tangent, the stage logic, the driver contract (history, converged_ok),
+the params_offset chain extension, purity."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ from helpers import assert_update_is_pure
 
 import soo_func as sf
 from soo_func.base import EmptyState, Transform
-from soo_func.continuation import homotopy
-from soo_func.continuation_path import continuation_path, path_tangent, reset_at_stage_change
+from soo_func.continuation import homotopy, path_tangent, reset_at_stage_change
+from soo_func.drivers import continuation_path
 
 
 def dense_newton() -> Transform:
@@ -154,7 +155,7 @@ def test_driver_does_not_converge_before_t_reaches_one():
     a, b, x0 = quadratic(3, torch.float64, seed=4)
     value_fn = lambda x: 0.5 * x @ a @ x - b @ x  # noqa: E731
     g0 = float((a @ x0 - b).abs().max())
-    opt = sf.chain(homotopy("keller", initial_step=0.01, max_step=0.01), dense_newton())
+    opt = sf.chain(homotopy("keller", stage_step=0.01, max_step=0.01), dense_newton())
     result = sf.minimize(value_fn, x0, opt, gtol=0.9 * g0, max_steps=500)
     ts = [row["continuation_t"] for row in result.history[1:]]
     assert result.converged and ts[-1] == 1.0
@@ -172,7 +173,7 @@ def test_retry_from_the_path_point_and_abandon():
     x0 = torch.tensor([5.0, -4.0, 3.0], dtype=torch.float64)
     value_fn = lambda x: ((x - 1) ** 4).sum() + 0.5 * (x @ x)  # noqa: E731
     h = homotopy(
-        "keller", max_corrector_steps=2, min_step=0.05, initial_step=0.4, corrector_rtol=1e-8
+        "keller", max_corrector_steps=2, min_step=0.05, stage_step=0.4, corrector_rtol=1e-8
     )
     opt = sf.chain(h, sf.scale(-1e-4))
     objective = sf.CountedObjective(value_fn)
@@ -189,7 +190,7 @@ def test_retry_from_the_path_point_and_abandon():
             assert float(after.step) == pytest.approx(float(before.step) * 0.5)
             assert float(dt) == pytest.approx(float(after.step))
             predicted = after.path_point + dt * after.tangent
-            start = x + after.offset
+            start = x + after.handoff.offset
             assert torch.allclose(start, predicted) or torch.allclose(start, after.path_point)
         x = sf.apply_updates(x, updates)
     final = state.states[0]
@@ -240,7 +241,7 @@ def test_the_last_stage_is_the_plain_chain_unless_retried(retry_last_stage):
     value_fn = lambda x: ((x - 1) ** 4).sum() + 0.5 * (x @ x)  # noqa: E731
     h = homotopy(
         "convex",
-        initial_step=1.0,
+        stage_step=1.0,
         max_corrector_steps=3,
         corrector_rtol=1e-3,
         retry_last_stage=retry_last_stage,
@@ -312,7 +313,7 @@ def test_update_is_pure(dtype, family):
     # the helper takes the gradient positionally; chain passes it on as the grad extra
     extra = dict(value=value, value_fn=value_fn)
     assert_update_is_pure(sf.chain(homotopy(fam)), x0, grad, steps=3, **extra)
-    opt = sf.chain(homotopy(fam, initial_step=0.3), dense_newton(), sf.armijo())
+    opt = sf.chain(homotopy(fam, stage_step=0.3), dense_newton(), sf.armijo())
     updates, state = assert_update_is_pure(opt, x0, grad, steps=4, **extra)
     assert updates.dtype == dtype and state.states[0].t.dtype == dtype
 
@@ -416,3 +417,22 @@ def test_missing_extras_are_named():
     x = torch.ones(2)
     with pytest.raises(TypeError, match=r"homotopy.*value_fn"):
         h.update(x, h.init(x), x, value=torch.tensor(1.0), grad=x)
+
+
+@pytest.mark.parametrize("make", [lambda: homotopy("keller"), lambda: homotopy("convex"),
+                                  lambda: sf.arclength_homotopy(descend_first=False)])  # fmt: skip
+def test_publish_reads_no_tensor_on_the_host(monkeypatch, make):
+    a, b, x0 = quadratic(3, torch.float64, seed=9)
+    value_fn = lambda x: 0.5 * x @ a @ x - b @ x + 0.1 * torch.cos(x).sum()  # noqa: E731
+    h = make()
+    state, x = h.init(x0), x0
+    for _ in range(3):
+        value, grad = sf.value_and_grad(value_fn)(x)
+        extra = dict(value=value, grad=grad, value_fn=value_fn)
+        updates, state = h.update(grad, state, x, **extra)
+        with monkeypatch.context() as patch:
+            for name in ("__bool__", "__float__", "__int__", "item", "tolist"):
+                patch.setattr(torch.Tensor, name, lambda *args: pytest.fail("host read"))
+            published = h.publish(state, x, **extra)
+        assert "value_fn" in published
+        x = x - 0.1 * updates

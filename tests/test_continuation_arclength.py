@@ -1,4 +1,4 @@
-"""Tests of soo_func.continuation_arclength: the curve against closed forms (a 1-D
+"""Tests of soo_func.continuation.arclength: the curve against closed forms (a 1-D
 gradient equation whose Keller curve has two folds, the convex curve of a quadratic),
 Branin's passage through several stationary points, the fallback, purity, errors."""
 
@@ -14,8 +14,7 @@ from helpers import assert_update_is_pure
 import soo_func as sf
 from benchmarks.bench_homotopy import solved
 from benchmarks.problems import UNCONSTRAINED
-from soo_func.continuation_arclength import arclength_homotopy
-from soo_func.continuation_path import reset_at_stage_change
+from soo_func.continuation import arclength_homotopy, reset_at_stage_change
 
 
 def tilted_double_well(x: torch.Tensor) -> torch.Tensor:
@@ -143,7 +142,7 @@ def test_without_a_minimizer_the_chain_restarts_from_the_anchor():
     def fn(x):
         return (0.25 * x**4 - 0.5 * x**2).sum()
 
-    transform = arclength_homotopy(max_path_steps=1, initial_step=1e-3, descend_first=False)
+    transform = arclength_homotopy(max_path_steps=1, initial_arclength=1e-3, descend_first=False)
     opt = sf.chain(transform, sf.newton_krylov(), sf.armijo())
     result = sf.minimize(fn, x0, opt, gtol=1e-9, max_steps=100)
     assert result.history[1]["continuation_minimizers"] == 0
@@ -189,9 +188,9 @@ def test_homotopy_path_option_builds_the_arclength_follower():
     "kwargs, match",
     [
         ({"family": "smooth"}, "family"),
-        ({"initial_step": 0.0}, "initial_step"),
+        ({"initial_arclength": 0.0}, "initial_arclength"),
         ({"max_minimizers": 0}, "max_minimizers"),
-        ({"initial_step": 20.0}, "min_step <= initial_step <= max_step"),
+        ({"initial_arclength": 20.0}, "min_step <= initial_arclength <= max_step"),
         ({"krylov_rtol": math.nan}, "krylov_rtol"),
         ({"solver": "lu"}, "solver"),
         ({"max_descent_steps": 0}, "max_descent_steps"),
@@ -219,3 +218,15 @@ def test_default_homotopy_with_lbfgs_downstream_converges():
     result = sf.minimize(value_fn, x0, opt, gtol=1e-8, max_steps=500)
     assert result.converged and float(result.grad_norm) <= 1e-7
     assert result.history[-1]["continuation_minimizers"] >= 1
+
+
+def test_homotopy_rejects_options_of_the_other_path():
+    with pytest.raises(ValueError, match="schedule"):
+        sf.homotopy("keller", path="arclength", schedule="linear")
+    with pytest.raises(ValueError, match="initial_arclength"):
+        sf.homotopy("convex", initial_arclength=0.2)
+    opt = sf.homotopy(path="arclength", initial_arclength=0.2)  # passed through
+    x = torch.tensor([3.0], dtype=torch.float64)
+    value, grad = sf.value_and_grad(tilted_double_well)(x)
+    state = opt.update(grad, opt.init(x), x, value=value, grad=grad, value_fn=tilted_double_well)[1]
+    assert float(state.step) == pytest.approx(0.2 * 3.0)

@@ -61,7 +61,7 @@ def test_recovered_value_and_gradient_are_those_of_f(dtype, family):
 def test_no_recovery_for_user_families_or_small_convex_t():
     value_fn, x0 = problem(torch.float64)
     value, grad = sf.value_and_grad(value_fn)(x0)
-    for h in (homotopy(lambda p, t: value_fn(p) * t), homotopy("convex", initial_step=0.05)):
+    for h in (homotopy(lambda p, t: value_fn(p) * t), homotopy("convex", stage_step=0.05)):
         state = h.init(x0)
         _, state = h.update(grad, state, x0, value=value, grad=grad, value_fn=value_fn)
         published = h.publish(state, x0, value=value, grad=grad, value_fn=value_fn)
