@@ -36,7 +36,12 @@ def run_nist(quick: bool) -> list[dict]:
         for start, x0 in enumerate(problem.starts(), start=1):
             ref = _scipy_lm(residual_fn, x0, xtol=1e-15, ftol=1e-15, gtol=1e-15)
             res = sf.least_squares(residual_fn, x0, max_steps=1000, gtol=1e-14)
-            ours = res.num_value_evals + res.num_grad_evals + res.num_hvp_evals
+            ours = (
+                res.num_value_evals
+                + res.num_residual_evals
+                + res.num_grad_evals
+                + res.num_hvp_evals
+            )
             peer = ref.nfev + problem.n * ref.njev
             rows.append(
                 {
@@ -84,7 +89,12 @@ def run_mgh_modes(quick: bool) -> list[dict]:
             peer_ok, ours_ok = 2 * ref.cost <= target + tol, 2 * float(res.value) <= target + tol
             peer, ours = peer + peer_ok, ours + ours_ok
             if peer_ok and ours_ok:
-                evals = res.num_value_evals + res.num_grad_evals + res.num_hvp_evals
+                evals = (
+                    res.num_value_evals
+                    + res.num_residual_evals
+                    + res.num_grad_evals
+                    + res.num_hvp_evals
+                )
                 ratios.append(evals / (ref.nfev + problem.n * ref.njev))
         rows.append(
             {
