@@ -75,17 +75,23 @@ def test_keller_path_on_a_quadratic_is_the_segment_to_the_minimizer(dtype, sched
     assert result.history[-1]["continuation_t"] == 1.0
 
 
-@pytest.mark.parametrize("scale", [None, 3.0])
-def test_convex_path_on_a_quadratic_solves_the_shifted_system(dtype, scale):
+@pytest.mark.parametrize("anchor_curvature", [None, 3.0])
+def test_convex_path_on_a_quadratic_solves_the_shifted_system(dtype, anchor_curvature):
     # t (A x - b) + (1 - t) s (x - x0) = 0  =>  (t A + (1 - t) s I) x = t b + (1 - t) s x0.
     a, b, x0 = quadratic(4, dtype, seed=1)
     opt = sf.chain(
-        homotopy("convex", scale=scale, corrector_rtol=1e-7), dense_newton(), sf.armijo()
+        homotopy("convex", anchor_curvature=anchor_curvature, corrector_rtol=1e-7),
+        dense_newton(),
+        sf.armijo(),
     )
     value_fn = lambda x: 0.5 * x @ a @ x - b @ x  # noqa: E731
     points, result = tracked_path(value_fn, x0, opt, gtol=1e-4)
     g0 = a.double() @ x0.double() - b.double()
-    s = scale if scale is not None else float(g0.norm() / max(float(x0.double().norm()), 1.0))
+    s = (
+        anchor_curvature
+        if anchor_curvature is not None
+        else float(g0.norm() / max(float(x0.double().norm()), 1.0))
+    )
     eye = torch.eye(4, dtype=torch.float64)
     assert len(points) >= 3 and result.converged
     for t, x in points:
@@ -288,7 +294,7 @@ def test_homotopy_publishes_the_objective_seen_from_the_predicted_point():
     published = h.publish(state, x0, **extra)
     offset = published["params_offset"]
     t = float(state.t)
-    s = float(state.scale)
+    s = float(state.anchor_curvature)
     shifted = x0 + offset
 
     def f_t(x):
@@ -404,7 +410,7 @@ def test_homotopy_with_lbfgs_downstream_converges():
         (dict(min_step=-1.0), "min_step"),
         (dict(max_corrector_steps=0), "max_corrector_steps"),
         (dict(predictor="secant"), "predictor"),
-        (dict(scale=0.0), "scale"),
+        (dict(anchor_curvature=0.0), "anchor_curvature"),
     ],
 )
 def test_constructor_validates(kwargs, match):

@@ -129,8 +129,8 @@ def _tiny_resnet(seed):
 
 @pytest.mark.slow
 def test_levenberg_marquardt_one_step_on_tiny_resnet(data, monkeypatch):
-    """levenberg_marquardt's scale D = diag(J^T J) needs the dense Jacobian (n products per
-    step), so on a network it is only affordable tiny: one batch of 64 (one epoch), the
+    """levenberg_marquardt's damping diagonal D = diag(J^T J) needs the dense Jacobian (n
+    products per step), so on a network it is only affordable tiny: one batch of 64 (one epoch), the
     residual factor on 8 examples. A step is either accepted with a lower loss or
     rejected with the params unchanged; nothing becomes NaN."""
     x, y = data[0][:64], data[1][:64]

@@ -48,7 +48,7 @@ def test_recovered_value_and_gradient_are_those_of_f(dtype, family):
     if family == "keller":
         f_t = lambda p: value_fn(p) - (1 - t) * (g0 @ p)  # noqa: E731
     else:
-        s = state.scale
+        s = state.anchor_curvature
         f_t = lambda p: t * value_fn(p) + (1 - t) * 0.5 * s * ((p - x0) ** 2).sum()  # noqa: E731
     v_t, g_t = sf.value_and_grad(f_t)(x)
     v, g = published["recover_objective"](v_t, g_t, x)

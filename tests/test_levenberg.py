@@ -79,12 +79,12 @@ def test_steps_ratios_and_damping_follow_the_dense_formulas(marquardt, solver):
     opt = make(tau=tau, solver=solver, cg_rtol=1e-12, damping_rule="nielsen")
     x = T([1.0, 0.5], dtype=torch.float64)
     state = opt.init(x)
-    lam, nu, scale = None, 2.0, np.zeros(2)
+    lam, nu, damping_diag = None, 2.0, np.zeros(2)
     for _ in range(3):
         extra = _extras(residual_fn, x)
         J, r = jacobian(x).numpy(), residual_fn(x).numpy()
         JtJ, g = J.T @ J, J.T @ r
-        scale = np.maximum(scale, np.diag(JtJ)) if marquardt else np.ones(2)
+        damping_diag = np.maximum(damping_diag, np.diag(JtJ)) if marquardt else np.ones(2)
         if lam is None:
             if marquardt:
                 lam = tau
@@ -92,7 +92,7 @@ def test_steps_ratios_and_damping_follow_the_dense_formulas(marquardt, solver):
                 lam = tau * np.diag(JtJ).max()
             else:  # matrix-free: a Rayleigh quotient of J^T J along g
                 lam = tau * (g @ JtJ @ g) / (g @ g)
-        d = np.linalg.solve(JtJ + lam * np.diag(scale), -g)
+        d = np.linalg.solve(JtJ + lam * np.diag(damping_diag), -g)
         predicted = -(g @ d) - 0.5 * d @ JtJ @ d
         actual = 0.5 * (r @ r) - 0.5 * (residual_fn(x + torch.from_numpy(d)).numpy() ** 2).sum()
         rho = actual / predicted

@@ -100,7 +100,7 @@ def test_beta_formulas_on_a_nonquadratic_function(beta):
         torch.testing.assert_close(d1["x"], -g1["x"])
     # N&W eq. 3.60 step hint: alpha_0 g_0^T d_0 / g_1^T d_1 with alpha_0 = 0.05.
     hint = 0.05 * float(g0["x"] @ d0["x"]) / float(g1["x"] @ d1["x"])
-    assert float(state.initial_step) == pytest.approx(hint, rel=1e-12)
+    assert float(state.step_hint) == pytest.approx(hint, rel=1e-12)
     assert float(sf.publish(opt, state, params)["step_hint"]) == pytest.approx(hint, rel=1e-12)
 
 
@@ -153,7 +153,7 @@ def test_update_is_pure(beta, dtype):
     d, state = assert_update_is_pure(
         nonlinear_cg(beta), params, grad, value=value, value_fn=value_fn
     )
-    assert d["u"].dtype == dtype and state.initial_step.dtype == dtype
+    assert d["u"].dtype == dtype and state.step_hint.dtype == dtype
 
 
 def test_bad_arguments_raise():

@@ -50,7 +50,7 @@ import torch
 from soo_func import tree
 from soo_func.base import Transform
 from soo_func.continuation.curve import Curve
-from soo_func.continuation.family import Anchor, anchor_scale, make_family
+from soo_func.continuation.family import Anchor, default_curvature, make_family
 from soo_func.continuation.follower import Handoff, blank, follower, publish_handoff
 from soo_func.continuation.options import ArclengthOptions, check_arclength_options
 from soo_func.oracles import value_and_grad
@@ -77,7 +77,7 @@ class ArclengthState(NamedTuple):
     finished: torch.Tensor
     anchor: PyTree
     anchor_grad: PyTree
-    scale: torch.Tensor
+    anchor_curvature: torch.Tensor
     t_unit: torch.Tensor
     point: PyTree
     t: torch.Tensor
@@ -159,7 +159,7 @@ def _init(options: ArclengthOptions, params: PyTree) -> ArclengthState:
         finished=false,
         anchor=zeros,
         anchor_grad=zeros,
-        scale=zero,
+        anchor_curvature=zero,
         t_unit=zero,
         point=zeros,
         t=zero,
@@ -178,19 +178,19 @@ def _init(options: ArclengthOptions, params: PyTree) -> ArclengthState:
 
 
 def _anchor(state: ArclengthState) -> Anchor:
-    return Anchor(state.anchor, state.anchor_grad, state.scale)
+    return Anchor(state.anchor, state.anchor_grad, state.anchor_curvature)
 
 
 def _start(options: ArclengthOptions, state: ArclengthState, params, f_grad) -> ArclengthState:
     """The first update: the anchor, the unit ``c`` of ``t`` and the first step."""
     c = torch.clamp(tree.norm(params), min=1.0).to(state.t.dtype)
-    s = anchor_scale(params, f_grad).to(state.t.dtype)
+    s = default_curvature(params, f_grad).to(state.t.dtype)
     s = torch.where(s > 0, s, torch.ones_like(s))
     return state._replace(
         started=torch.ones_like(state.started),
         anchor=params,
         anchor_grad=f_grad,
-        scale=s,
+        anchor_curvature=s,
         t_unit=c,
         point=params,
         step=options.initial_arclength * c,

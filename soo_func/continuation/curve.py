@@ -57,11 +57,11 @@ class Curve(NamedTuple):
         ``n``, ``K = J (I - n n^T)`` (then ``u`` is orthogonal to ``n``: the
         pseudo-arclength corrector's hyperplane, Allgower & Georg section 3.3). Dense
         (from ``n`` Hessian products) or MINRES on the saddle-point system
-        ``[[s I, K^T], [K, 0]]``."""
+        ``[[s I, K^T], [K, 0]]`` (``s`` the anchor's curvature)."""
         h_x, h_w = self.jacobian(x, t, grad)
         if self.dense:
             return _dense_min_norm(x, h_x, h_w, a_x, a_w, b, normal)
-        s = self.anchor.scale
+        s = self.anchor.curvature
 
         def project(u_x, u_w):
             if normal is None:

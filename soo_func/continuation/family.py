@@ -1,7 +1,8 @@
 """The homotopy family ``f_t``, its formulas written once: :func:`make_family`.
 
 A family replaces the objective ``f`` by ``f_t``, ``t`` in ``[0, 1]``, ``f_1 = f``, built
-at an :class:`Anchor` (the start ``x0``, ``g0 = grad f(x0)`` and a scale ``s``):
+at an :class:`Anchor` (the start ``x0``, ``g0 = grad f(x0)`` and the anchor curvature ``s``,
+the Hessian ``s I`` of the convex family's ``f_0``):
 
 ``"keller"`` (Keller 1978, "Global homotopies and Newton methods")
     ``f_t(x) = f(x) - (1 - t) <g0, x>``, so ``grad f_t = grad f - (1 - t) g0`` and the
@@ -44,15 +45,16 @@ from soo_func import tree
 PyTree = Any
 UserFamily = Callable[[PyTree, torch.Tensor], torch.Tensor]
 
-__all__ = ["Anchor", "Family", "UserFamily", "anchor_scale", "make_family"]
+__all__ = ["Anchor", "Family", "UserFamily", "default_curvature", "make_family"]
 
 
 class Anchor(NamedTuple):
-    """Where a homotopy starts: ``point = x0``, ``grad = grad f(x0)``, ``scale = s``."""
+    """Where a homotopy starts: ``point = x0``, ``grad = grad f(x0)``, ``curvature = s`` (the
+    convex family's ``f_0 = (s / 2) |x - x0|^2`` has Hessian ``s I``)."""
 
     point: PyTree
     grad: PyTree
-    scale: torch.Tensor
+    curvature: torch.Tensor
 
 
 class Family(NamedTuple):
@@ -112,27 +114,27 @@ def _keller_t_derivative(anchor: Anchor, x: PyTree, f_grad):
 
 def _convex_value(anchor: Anchor, x: PyTree, t, f_value):
     diff = tree.sub(x, anchor.point)
-    return t * f_value + (1 - t) * 0.5 * anchor.scale * tree.sum_of_squares(diff)
+    return t * f_value + (1 - t) * 0.5 * anchor.curvature * tree.sum_of_squares(diff)
 
 
 def _convex_grad(anchor: Anchor, x: PyTree, t, f_grad):
     diff = tree.sub(x, anchor.point)
-    return tree.add(tree.scale(t, f_grad), tree.scale((1 - t) * anchor.scale, diff))
+    return tree.add(tree.scale(t, f_grad), tree.scale((1 - t) * anchor.curvature, diff))
 
 
 def _convex_recover(anchor: Anchor, x: PyTree, t, value_t, grad_t):
     c = 1 - t
     diff = tree.sub(x, anchor.point)
-    value = (value_t - c * 0.5 * anchor.scale * tree.sum_of_squares(diff)) / t
-    return value, tree.scale(1 / t, tree.axpy(-c * anchor.scale, diff, grad_t))
+    value = (value_t - c * 0.5 * anchor.curvature * tree.sum_of_squares(diff)) / t
+    return value, tree.scale(1 / t, tree.axpy(-c * anchor.curvature, diff, grad_t))
 
 
 def _convex_hessian_product(anchor: Anchor, t, hess_f: Callable) -> Callable:
-    return lambda v: tree.add(tree.scale(t, hess_f(v)), tree.scale((1 - t) * anchor.scale, v))
+    return lambda v: tree.add(tree.scale(t, hess_f(v)), tree.scale((1 - t) * anchor.curvature, v))
 
 
 def _convex_t_derivative(anchor: Anchor, x: PyTree, f_grad):
-    return tree.axpy(-anchor.scale, tree.sub(x, anchor.point), f_grad)
+    return tree.axpy(-anchor.curvature, tree.sub(x, anchor.point), f_grad)
 
 
 def _composed_objective(value: Callable) -> Callable[[Callable, Anchor], UserFamily]:
@@ -168,6 +170,7 @@ def make_family(family: str | UserFamily) -> Family:
     )
 
 
-def anchor_scale(params: PyTree, f_grad: PyTree) -> torch.Tensor:
-    """The convex family's default ``s = |grad f(x0)| / max(|x0|, 1)``."""
+def default_curvature(params: PyTree, f_grad: PyTree) -> torch.Tensor:
+    """The default anchor curvature ``s = |grad f(x0)| / max(|x0|, 1)`` (gradient over
+    distance: the size of ``f``'s curvature seen from the origin)."""
     return tree.norm(f_grad) / torch.clamp(tree.norm(params), min=1.0)

@@ -41,7 +41,7 @@ import torch
 
 from soo_func import tree
 from soo_func.base import Transform
-from soo_func.continuation.family import Anchor, Family, UserFamily, anchor_scale, make_family
+from soo_func.continuation.family import Anchor, Family, UserFamily, default_curvature, make_family
 from soo_func.continuation.follower import (
     ChargedObjective,
     Handoff,
@@ -81,7 +81,7 @@ class HomotopyState(NamedTuple):
     num_retries: torch.Tensor
     abandoned: torch.Tensor
     tolerance: torch.Tensor
-    scale: torch.Tensor
+    anchor_curvature: torch.Tensor
     anchor: PyTree
     anchor_grad: PyTree
     path_point: PyTree
@@ -109,7 +109,7 @@ def minimizer_homotopy(
     shrink_tolerance: bool = True,
     retry_last_stage: bool = False,
     final_gap: float = 1e-3,
-    scale: float | None = None,
+    anchor_curvature: float | None = None,
     predictor: str = "tangent",
     tangent_rtol: float = 1e-6,
     tangent_max_iters: int | None = None,
@@ -140,7 +140,7 @@ def minimizer_homotopy(
         a last stage slower than ``max_corrector_steps`` (to the stage tolerance) is
         retried from the last path point with a smaller step, like the others.
       final_gap: exponential schedule: ``t`` becomes 1 once ``1 - t <= final_gap``.
-      scale: the convex family's ``s`` (default ``|grad f(x0)| / max(|x0|, 1)``).
+      anchor_curvature: the convex family's ``s`` (default ``|grad f(x0)| / max(|x0|, 1)``).
       predictor: ``"tangent"`` (Euler predictor) or ``"none"`` (warm start only).
       tangent_rtol, tangent_max_iters: the MINRES solve of the tangent.
 
@@ -156,7 +156,7 @@ def minimizer_homotopy(
         min_step=min_step, grow=grow, shrink=shrink, fast_steps=fast_steps,
         max_corrector_steps=max_corrector_steps, corrector_rtol=corrector_rtol,
         corrector_atol=corrector_atol, shrink_tolerance=shrink_tolerance,
-        retry_last_stage=retry_last_stage, final_gap=final_gap, scale=scale,
+        retry_last_stage=retry_last_stage, final_gap=final_gap, anchor_curvature=anchor_curvature,
         predictor=predictor, tangent_rtol=tangent_rtol, tangent_max_iters=tangent_max_iters,
     )  # fmt: skip
     check_minimizer_path_options(options)
@@ -176,7 +176,7 @@ def _init(options: MinimizerPathOptions, params: PyTree) -> HomotopyState:
         num_retries=count,
         abandoned=false,
         tolerance=zero,
-        scale=zero,
+        anchor_curvature=zero,
         anchor=zeros,
         anchor_grad=zeros,
         path_point=zeros,
@@ -190,20 +190,20 @@ def _init(options: MinimizerPathOptions, params: PyTree) -> HomotopyState:
 
 
 def _anchor(state: HomotopyState) -> Anchor:
-    return Anchor(state.anchor, state.anchor_grad, state.scale)
+    return Anchor(state.anchor, state.anchor_grad, state.anchor_curvature)
 
 
 def _start(options: MinimizerPathOptions, state: HomotopyState, params, f_grad) -> HomotopyState:
-    """The first update: the anchor ``x0``, ``grad f(x0)``, ``s`` and the tolerance scale."""
+    """The first update: the anchor ``x0``, ``grad f(x0)``, ``s`` and the stage tolerance."""
     tol = options.corrector_rtol * tree.norm(f_grad, math.inf)
-    if options.scale is not None:
-        s = torch.full_like(state.scale, options.scale)
+    if options.anchor_curvature is not None:
+        s = torch.full_like(state.anchor_curvature, options.anchor_curvature)
     else:
-        s = anchor_scale(params, f_grad)
+        s = default_curvature(params, f_grad)
     return state._replace(
         started=torch.ones_like(state.started),
         tolerance=tol.to(state.t.dtype),
-        scale=s.to(state.t.dtype),
+        anchor_curvature=s.to(state.t.dtype),
         anchor=params,
         anchor_grad=f_grad,
     )

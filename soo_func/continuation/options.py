@@ -39,7 +39,7 @@ class MinimizerPathOptions(NamedTuple):
     shrink_tolerance: bool
     retry_last_stage: bool
     final_gap: float
-    scale: float | None
+    anchor_curvature: float | None
     predictor: str
     tangent_rtol: float
     tangent_max_iters: int | None
@@ -99,8 +99,8 @@ def check_minimizer_path_options(options: MinimizerPathOptions) -> None:
     )  # fmt: skip
     if o.corrector_atol == 0:
         numbers["corrector_rtol"] = o.corrector_rtol
-    if o.scale is not None:
-        numbers["scale"] = o.scale
+    if o.anchor_curvature is not None:
+        numbers["anchor_curvature"] = o.anchor_curvature
     _check_positive("homotopy", numbers)
     if o.grow < 1:
         raise ValueError(f"homotopy: grow must be >= 1, got {o.grow}")

@@ -17,11 +17,12 @@ limited memory methods", Math. Programming 63 (1994). With the pairs ``S = [s_i]
   ``H = gamma I + (S - gamma Y)(gamma S^T Y - tril(S^T S, -1))^{-1} gamma S^T``.
 
 Each formula is stored as a *kernel* ``F`` (``2m x 2m``) with
-``M v = scale v + [S Y] F [S^T v; Y^T v]``, computed from the Gram matrix of
+``M v = identity_coef v + [S Y] F [S^T v; Y^T v]`` (``identity_coef`` is ``sigma`` of
+``B0 = sigma I`` or ``gamma`` of ``H0 = gamma I``), computed from the Gram matrix of
 ``[S Y]`` only. :func:`kernel_apply` multiplies by ``M``; :func:`kernel_solve` solves
-``M x = v`` with one small dense solve (``x = v / scale + [S Y] c``,
-``(scale I + F G) c = -F [S^T v; Y^T v] / scale``), which is how the *direct* forms
-produce their direction ``-B^{-1} g`` matrix-free. Invalid (skipped or empty) slots
+``M x = v`` with one small dense solve (``x = v / identity_coef + [S Y] c``,
+``(identity_coef I + F G) c = -F [S^T v; Y^T v] / identity_coef``), which is how the
+*direct* forms produce their direction ``-B^{-1} g`` matrix-free. Invalid (skipped or empty) slots
 get identity rows in the middle matrices and zero rows in ``F``.
 
 The inverse BFGS product ``H g`` is taken by the two-loop recursion instead (N&W Alg. 7.4,
@@ -102,8 +103,8 @@ def bfgs_direct_kernel(gram: torch.Tensor, valid: torch.Tensor, sigma: torch.Ten
     )
     both = torch.cat([valid, valid])
     middle = _with_identity(middle, both)
-    scale = torch.cat([sigma.expand(m), torch.ones_like(sigma).expand(m)])
-    kernel = -scale[:, None] * _solve(middle, torch.diag(scale))
+    block_weights = torch.cat([sigma.expand(m), torch.ones_like(sigma).expand(m)])
+    kernel = -block_weights[:, None] * _solve(middle, torch.diag(block_weights))
     return _mask(kernel, valid)
 
 
@@ -121,8 +122,8 @@ def bfgs_inverse_kernel(gram: torch.Tensor, valid: torch.Tensor, gamma: torch.Te
     middle = torch.cat(
         [torch.cat([top_left, -r_inv.T], 1), torch.cat([-r_inv, torch.zeros_like(eye)], 1)]
     )
-    scale = torch.cat([torch.ones_like(gamma).expand(m), gamma.expand(m)])
-    return _mask(scale[:, None] * middle * scale[None, :], valid)
+    block_weights = torch.cat([torch.ones_like(gamma).expand(m), gamma.expand(m)])
+    return _mask(block_weights[:, None] * middle * block_weights[None, :], valid)
 
 
 def _swap(matrix: torch.Tensor) -> torch.Tensor:
@@ -254,26 +255,26 @@ KERNELS: dict[str, tuple[Kernel, Kernel]] = {
 
 
 def kernel_apply(
-    memory: pm.PairMemory, kernel: torch.Tensor, scale: torch.Tensor, v: torch.Tensor
+    memory: pm.PairMemory, kernel: torch.Tensor, identity_coef: torch.Tensor, v: torch.Tensor
 ) -> torch.Tensor:
-    """``M v = scale v + [S Y] F [S^T v; Y^T v]`` for a flat ``v``."""
-    return pm.combine(memory, v, scale, kernel @ pm.project(memory, v))
+    """``M v = identity_coef v + [S Y] F [S^T v; Y^T v]`` for a flat ``v``."""
+    return pm.combine(memory, v, identity_coef, kernel @ pm.project(memory, v))
 
 
 def kernel_solve(
-    memory: pm.PairMemory, kernel: torch.Tensor, scale: torch.Tensor, v: torch.Tensor
+    memory: pm.PairMemory, kernel: torch.Tensor, identity_coef: torch.Tensor, v: torch.Tensor
 ) -> torch.Tensor:
     """``M^{-1} v`` by one ``2m x 2m`` solve (see the module docstring)."""
     projected = pm.project(memory, v)
     eye = _eye(kernel.shape[0], kernel)
-    coef = _solve(scale * eye + kernel @ memory.gram, -(kernel @ projected) / scale)
-    return pm.combine(memory, v, 1.0 / scale, coef)
+    coef = _solve(identity_coef * eye + kernel @ memory.gram, -(kernel @ projected) / identity_coef)
+    return pm.combine(memory, v, 1.0 / identity_coef, coef)
 
 
 def kernel_operator(
     memory: pm.PairMemory,
     kernel: torch.Tensor | Callable[[], torch.Tensor],
-    scale: torch.Tensor,
+    identity_coef: torch.Tensor,
     params: Any,
 ) -> Callable[[Any], Any]:
     """``v -> M v`` on pytrees shaped like ``params``; a callable ``kernel`` is built on
@@ -284,6 +285,6 @@ def kernel_operator(
         if not cache:
             cache.append(kernel() if callable(kernel) else kernel)
         flat = tree.ravel(v).flat
-        return tree.unravel(kernel_apply(memory, cache[0], scale, flat), params)
+        return tree.unravel(kernel_apply(memory, cache[0], identity_coef, flat), params)
 
     return operator

@@ -64,7 +64,7 @@ def first_step_hint(
     return torch.where(empty & (gg > 0), first, torch.ones_like(first))
 
 
-def _sr1_rule(gram, valid, kernel_fn, scale, rtol, a_col, b_col):
+def _sr1_rule(gram, valid, kernel_fn, identity_coef, rtol, a_col, b_col):
     """N&W eq. 6.26, ``|a^T (b - M a)| >= rtol |a| |b - M a|``, for the new pair (last slot)
     against the matrix ``M`` of the retained pairs: ``(a, b) = (s, y)`` with ``M = B``, or the
     dual ``(y, s)`` with ``M = H`` (the denominator of the inverse update)."""
@@ -72,15 +72,15 @@ def _sr1_rule(gram, valid, kernel_fn, scale, rtol, a_col, b_col):
     both = torch.cat([old, old])
     keep = both[:, None] & both[None, :]
     old_gram = torch.where(keep, gram, torch.zeros_like(gram))
-    kernel = kernel_fn(old_gram, old, scale)
+    kernel = kernel_fn(old_gram, old, identity_coef)
     zero = torch.zeros_like(gram[:, 0])
     w_a = torch.where(both, gram[:, a_col], zero)  # [S Y]^T a
     w_b = torch.where(both, gram[:, b_col], zero)
-    z = kernel @ w_a  # M a = scale a + [S Y] z
+    z = kernel @ w_a  # M a = identity_coef a + [S Y] z
     aa, ab, bb = gram[a_col, a_col], gram[a_col, b_col], gram[b_col, b_col]
-    a_ma = scale * aa + w_a @ z
-    b_ma = scale * ab + w_b @ z
-    ma_ma = scale * scale * aa + 2 * scale * (w_a @ z) + z @ (old_gram @ z)
+    a_ma = identity_coef * aa + w_a @ z
+    b_ma = identity_coef * ab + w_b @ z
+    ma_ma = identity_coef * identity_coef * aa + 2 * identity_coef * (w_a @ z) + z @ (old_gram @ z)
     residual_sq = torch.clamp(bb - 2 * b_ma + ma_ma, min=0)
     return torch.abs(ab - a_ma) >= rtol * torch.sqrt(aa * residual_sq)
 
@@ -232,9 +232,9 @@ def _transform(o: _Options, who: str) -> Transform:
         descent = finite & (slope < 0)
         keep = descent if o.reset_on_ascent else finite
         memory = memory._replace(valid=memory.valid & keep)
-        direction_scale = torch.where(descent, gamma, torch.ones_like(gamma))
+        direction_gamma = torch.where(descent, gamma, torch.ones_like(gamma))
         coef = torch.where(descent, coef, torch.zeros_like(coef))
-        direction = pm.combine(memory, point[1], -direction_scale, -coef)
+        direction = pm.combine(memory, point[1], -direction_gamma, -coef)
         hint = first_step_hint(point[1], gg, ~memory.valid.any(), o.first_step_norm)
         new_state = LimitedMemoryState(
             memory=memory,

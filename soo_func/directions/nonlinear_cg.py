@@ -20,10 +20,10 @@ number of parameters ``n``), and when successive gradients are far from orthogon
 0.2). A direction that is not a descent direction (``g^T d >= 0``, or not finite) is
 replaced by ``-g``. Everything is ``torch.where`` on 0-d tensors: no host syncs.
 
-The transform publishes ``initial_step``, a step-length hint for the line search:
+The transform publishes ``step_hint``, a step-length hint for the line search:
 ``alpha_{k-1} g_{k-1}^T d_{k-1} / g_k^T d_k`` (N&W eq. 3.60; ``alpha_{k-1} d_{k-1}`` is
 read off as ``params_k - params_{k-1}``), ``1 / |g_0|`` at the first step, capped at
-``max_initial_step``. Use it with ``wolfe(c2=0.1)`` (N&W recommend ``c2 = 0.1`` for CG).
+``max_step_hint``. Use it with ``wolfe(c2=0.1)`` (N&W recommend ``c2 = 0.1`` for CG).
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ class NonlinearCgState(NamedTuple):
     since_restart: torch.Tensor
     restarted: torch.Tensor
     beta: torch.Tensor
-    initial_step: torch.Tensor
+    step_hint: torch.Tensor
 
 
 def _div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
@@ -101,7 +101,7 @@ def nonlinear_cg(
     *,
     restart_every: int | None = None,
     restart_threshold: float = 0.2,
-    max_initial_step: float = float("inf"),
+    max_step_hint: float = float("inf"),
 ) -> Transform:
     """Nonlinear CG direction ``d_k = -g_k + beta_k d_{k-1}`` (N&W Algorithm 5.4 and section 5.2).
 
@@ -111,10 +111,10 @@ def nonlinear_cg(
         number of parameters).
       restart_threshold: Powell's test ``|g_k^T g_{k-1}| >= restart_threshold |g_k|^2``
         restarts; ``float('inf')`` disables it.
-      max_initial_step: cap on the published ``initial_step`` hint.
+      max_step_hint: cap on the published ``step_hint``.
 
     Uses the ``grad`` extra when given (else the incoming updates) and ``params``
-    (for the step hint). Publishes ``initial_step``, ``cg_beta`` and ``cg_restarted``.
+    (for the step hint). Publishes ``step_hint``, ``cg_beta`` and ``cg_restarted``.
     """
     if beta not in BETAS:
         raise ValueError(f"nonlinear_cg: beta must be one of {BETAS}, got {beta!r}")
@@ -124,8 +124,8 @@ def nonlinear_cg(
         )
     if not restart_threshold > 0:
         raise ValueError(f"nonlinear_cg: restart_threshold must be > 0, got {restart_threshold}")
-    if not max_initial_step > 0:
-        raise ValueError(f"nonlinear_cg: max_initial_step must be > 0, got {max_initial_step}")
+    if not max_step_hint > 0:
+        raise ValueError(f"nonlinear_cg: max_step_hint must be > 0, got {max_step_hint}")
 
     def init(params: PyTree) -> NonlinearCgState:
         ref = tree.leaves(params)[0]
@@ -166,14 +166,14 @@ def nonlinear_cg(
             ),
             restarted=restarted,
             beta=torch.where(not_descent, torch.zeros_like(b), b),
-            initial_step=torch.clamp(hint, max=max_initial_step),
+            step_hint=torch.clamp(hint, max=max_step_hint),
         )
         return direction, new_state
 
     def publish(state: NonlinearCgState, params: PyTree = None, **extra: Any) -> dict:
         del params, extra
         return {
-            "step_hint": state.initial_step,
+            "step_hint": state.step_hint,
             "cg_beta": state.beta,
             "cg_restarted": state.restarted,
         }

@@ -302,14 +302,15 @@ def project(memory: PairMemory, v: torch.Tensor) -> torch.Tensor:
 
 
 def combine(
-    memory: PairMemory, v: torch.Tensor, scale: torch.Tensor, coef: torch.Tensor
+    memory: PairMemory, v: torch.Tensor, identity_coef: torch.Tensor, coef: torch.Tensor
 ) -> torch.Tensor:
-    """``scale * v + S c_s + Y c_y`` with ``coef = [c_s; c_y]`` (``[2m]``)."""
+    """``identity_coef * v + S c_s + Y c_y`` with ``coef = [c_s; c_y]`` (``[2m]``)."""
     m = len(memory.pairs)
     both = torch.cat([memory.valid, memory.valid])
     coef = torch.where(both, coef, torch.zeros_like(coef)).to(v.dtype)
     pair_coef = torch.stack([coef[:m], coef[m:]], dim=1)  # [m, 2]
-    out = v * scale.to(v.dtype)  # a fresh tensor: accumulating into it in place mutates no input
+    # a fresh tensor: accumulating into it in place mutates no input
+    out = v * identity_coef.to(v.dtype)
     if isinstance(memory.pairs, torch.Tensor):
         return out.addmv_(memory.pairs.reshape(2 * m, -1).T, pair_coef.reshape(-1))
     for slot, c in zip(memory.pairs, pair_coef, strict=True):

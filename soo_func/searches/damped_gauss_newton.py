@@ -1,7 +1,7 @@
 """The damped Gauss-Newton (or Newton) model of Levenberg-Marquardt and its two solvers.
 
-At ``x`` with gradient ``g``, model curvature ``B`` and damping scale ``D``, the step
-solves
+At ``x`` with gradient ``g``, model curvature ``B`` and damping diagonal ``D``, the
+step solves
 
     (B + lam D) p = -g,
 
@@ -18,8 +18,8 @@ Marquardt 1963, Moré 1978). For least squares ``f = 0.5 |r|^2``, ``g = J^T r`` 
   5.2) on ``(B + lam D) p = -g`` with ``B`` an operator ``v -> B v``:
   :func:`gauss_newton_operator` (``J^T J v``, one GGN product each), a published
   ``curvature`` or Hessian products (:func:`model_operator`).
-* :func:`marquardt_scale` -- ``D = diag(J^T J)`` as the running maximum over the
-  iterations (Moré 1978, eq. (6.3)), floored by :func:`floor_scale`.
+* :func:`marquardt_diag` -- ``D = diag(J^T J)`` as the running maximum over the
+  iterations (Moré 1978, eq. (6.3)), floored by :func:`floor_damping_diag`.
 
 The predicted reduction ``m(0) - m(p) = -<g, p> - 0.5 <p, B p>`` uses ``|J p|^2`` for the
 dense step and ``<p, B p> = -<g, p> - lam <p, D p>`` (the damped system, no extra product)
@@ -45,11 +45,11 @@ __all__ = [
     "DampedModel",
     "dense_damped_step",
     "dense_jacobian",
-    "floor_scale",
+    "floor_damping_diag",
     "gauss_newton_operator",
     "krylov_damped_step",
     "least_squares_reduction",
-    "marquardt_scale",
+    "marquardt_diag",
     "model_operator",
     "rayleigh_quotient",
     "solve_damped_dense",
@@ -58,13 +58,13 @@ __all__ = [
 
 class DampedModel(NamedTuple):
     """A damped step ``p`` (a pytree like the params), its predicted reduction
-    ``m(0) - m(p)``, the damping ``lam`` and scale ``D`` (a pytree) it was solved with, and
-    whether the solve is usable (finite; no negative curvature met by CG)."""
+    ``m(0) - m(p)``, the damping ``lam`` and damping diagonal ``D`` (a pytree) it was solved
+    with, and whether the solve is usable (finite; no negative curvature met by CG)."""
 
     step: PyTree
     predicted: torch.Tensor
     damping: torch.Tensor
-    scale: PyTree
+    damping_diag: PyTree
     valid: torch.Tensor
 
 
@@ -90,26 +90,27 @@ def dense_jacobian(residual_fn: Callable, params: PyTree) -> tuple[torch.Tensor,
     return jac, r
 
 
-def floor_scale(scale: torch.Tensor) -> torch.Tensor:
-    """``max(scale, eps * max(scale) + tiny)``: a zero column never makes the system singular."""
-    eps = torch.finfo(scale.dtype).eps
-    tiny = torch.finfo(scale.dtype).tiny
-    return torch.clamp(scale, min=eps * scale.max() + tiny)
+def floor_damping_diag(damping_diag: torch.Tensor) -> torch.Tensor:
+    """``max(D, eps * max(D) + tiny)`` for ``D = damping_diag``: a zero column never makes
+    the system singular."""
+    eps = torch.finfo(damping_diag.dtype).eps
+    tiny = torch.finfo(damping_diag.dtype).tiny
+    return torch.clamp(damping_diag, min=eps * damping_diag.max() + tiny)
 
 
-def marquardt_scale(previous: torch.Tensor, column_sq: torch.Tensor) -> torch.Tensor:
+def marquardt_diag(previous: torch.Tensor, column_sq: torch.Tensor) -> torch.Tensor:
     """Marquardt's ``D``: the running maximum of ``diag(J^T J)`` (the squared column norms
     ``column_sq``), floored (Moré 1978, eq. (6.3))."""
-    return floor_scale(torch.maximum(previous, column_sq))
+    return floor_damping_diag(torch.maximum(previous, column_sq))
 
 
 def solve_damped_dense(
-    jac: torch.Tensor, r: torch.Tensor, damping: torch.Tensor, scale: torch.Tensor
+    jac: torch.Tensor, r: torch.Tensor, damping: torch.Tensor, damping_diag: torch.Tensor
 ) -> torch.Tensor:
     """``p`` minimising ``|J p + r|^2 + lam <p, D p>`` by QR of ``[J; sqrt(lam D)]``
     (N&W eq. (10.34))."""
     n = jac.shape[1]
-    augmented = torch.cat([jac, torch.diag(torch.sqrt(damping * scale))])
+    augmented = torch.cat([jac, torch.diag(torch.sqrt(damping * damping_diag))])
     rhs = torch.cat([-r, torch.zeros(n, dtype=r.dtype, device=r.device)])
     q, upper = torch.linalg.qr(augmented)
     return torch.linalg.solve_triangular(upper, (q.T @ rhs)[:, None], upper=True)[:, 0]
@@ -122,29 +123,33 @@ def least_squares_reduction(jac: torch.Tensor, r: torch.Tensor, p: torch.Tensor)
 
 
 def dense_damped_step(
-    jac: torch.Tensor, r: torch.Tensor, damping: torch.Tensor, scale: torch.Tensor, like: PyTree
+    jac: torch.Tensor,
+    r: torch.Tensor,
+    damping: torch.Tensor,
+    damping_diag: torch.Tensor,
+    like: PyTree,
 ) -> DampedModel:
-    """The damped Gauss-Newton step by QR (flat ``scale``), as a pytree like ``like``."""
-    p = solve_damped_dense(jac, r, damping, scale)
+    """The damped Gauss-Newton step by QR (flat ``damping_diag``), as a pytree like ``like``."""
+    p = solve_damped_dense(jac, r, damping, damping_diag)
     return DampedModel(
         step=tree.unravel(p, like),
         predicted=least_squares_reduction(jac, r, p),
         damping=damping,
-        scale=tree.unravel(scale, like),
+        damping_diag=tree.unravel(damping_diag, like),
         valid=torch.isfinite(p).all(),
     )
 
 
 def rayleigh_quotient(grad: PyTree, operator: Operator) -> torch.Tensor:
     """``|<g, B g>| / |g|^2`` (one product), floored at the smallest normal number: the
-    scale of ``B`` along ``g``, for the first damping of matrix-free Levenberg."""
+    magnitude of ``B`` along ``g``, for the first damping of matrix-free Levenberg."""
     grad_curv = tree.vdot(grad, operator(grad))
     ratio = grad_curv.abs() / torch.clamp(tree.sum_of_squares(grad), min=1e-300)
     return torch.clamp(ratio, min=torch.finfo(ratio.dtype).tiny)
 
 
 def krylov_damped_step(
-    grad: PyTree, operator: Operator, damping: torch.Tensor, scale: PyTree, rtol: float
+    grad: PyTree, operator: Operator, damping: torch.Tensor, damping_diag: PyTree, rtol: float
 ) -> DampedModel:
     """CG on ``(B + lam D) p = -g`` to relative residual ``rtol``.
 
@@ -153,18 +158,18 @@ def krylov_damped_step(
     """
 
     def damped(v: PyTree) -> PyTree:
-        return tree.add(operator(v), tree.map(lambda s, x: damping * s * x, scale, v))
+        return tree.add(operator(v), tree.map(lambda s, x: damping * s * x, damping_diag, v))
 
     result = cg(damped, tree.neg(grad), rtol=rtol)
     p = result.x
     g_p = tree.vdot(grad, p)
-    p_scaled_p = tree.vdot(tree.map(lambda s, x: s * x, scale, p), p)
+    p_scaled_p = tree.vdot(tree.map(lambda s, x: s * x, damping_diag, p), p)
     curvature = -g_p - damping * p_scaled_p
     return DampedModel(
         step=p,
         predicted=-g_p - 0.5 * curvature,
         damping=damping,
-        scale=scale,
+        damping_diag=damping_diag,
         valid=~torch.as_tensor(result.negative_curvature, device=damping.device),
     )
 

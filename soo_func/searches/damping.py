@@ -3,8 +3,8 @@
 All rules are pure tensor functions of 0-d tensors (``torch.where``, no host sync), so
 they can be checked number by number on hand-made ratios.
 
-* :func:`start_damping` -- the first ``lam``: a user value, or an estimate of the model's
-  scale (``tau * max_i (J^T J)_ii``, Madsen, Nielsen & Tingleff 2004, eq. (3.14)).
+* :func:`start_damping` -- the first ``lam``: a user value, or an estimate of the size of
+  the model's curvature (``tau * max_i (J^T J)_ii``, Madsen, Nielsen & Tingleff 2004, eq. (3.14)).
 * :func:`nielsen_update` -- Nielsen's rule (H. B. Nielsen, "Damping parameter in
   Marquardt's method", IMM-REP-1999-05; MNT 2004, eq. (3.14) and Algorithm 3.16).
 * :func:`multiply_update` -- the classic rule (Marquardt 1963): divide the damping by

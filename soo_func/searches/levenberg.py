@@ -72,7 +72,7 @@ class LevenbergState(NamedTuple):
     """State of :func:`levenberg` / :func:`levenberg_marquardt` (all 0-d unless noted).
 
     ``damping`` is negative before the first update (then it is set from ``tau``);
-    ``nu`` is Nielsen's growth factor; ``scale`` is Marquardt's running ``diag(J^T J)``
+    ``nu`` is Nielsen's growth factor; ``damping_diag`` is Marquardt's running ``diag(J^T J)``
     (a pytree like the params; ones for Levenberg); ``next_value``/``next_grad`` are the
     objective and gradient at ``params + updates`` (at ``params`` after a rejection);
     ``jacobian_cache`` the dense solver's Jacobian and residuals, with the point and the
@@ -87,7 +87,7 @@ class LevenbergState(NamedTuple):
     search_failed: torch.Tensor
     next_value: torch.Tensor
     next_grad: PyTree
-    scale: PyTree
+    damping_diag: PyTree
     jacobian_cache: JacobianCache
     radius: torch.Tensor
 
@@ -106,7 +106,7 @@ def _make(who: str, marquardt: bool, options: LevenbergOptions) -> Transform:
             search_failed=torch.zeros((), dtype=torch.bool, device=like.device),
             next_value=torch.zeros((), **scalar),
             next_grad=tree.zeros_like(params),
-            scale=tree.zeros_like(params) if marquardt else tree.ones_like(params),
+            damping_diag=tree.zeros_like(params) if marquardt else tree.ones_like(params),
             jacobian_cache=empty_jacobian_cache(params),
             radius=torch.full((), -1.0, **scalar),
         )
@@ -119,13 +119,14 @@ def _make(who: str, marquardt: bool, options: LevenbergOptions) -> Transform:
         if plan.dense:
             trial = dense_trial(
                 options, marquardt, params, point, plan.rule == "more",
-                damping=state.damping, scale=state.scale, radius=state.radius,
+                damping=state.damping, damping_diag=state.damping_diag, radius=state.radius,
                 cache=state.jacobian_cache,
             )  # fmt: skip
         else:
             trial = matrix_free_trial(
-                options, marquardt, params, point, damping=state.damping, scale=state.scale
-            )
+                options, marquardt, params, point,
+                damping=state.damping, damping_diag=state.damping_diag,
+            )  # fmt: skip
         model = trial.model
         ratio = gain_ratio(point.value - trial.value, model.predicted)
         ratio = torch.where(model.valid, ratio, torch.full_like(ratio, -torch.inf))
@@ -151,7 +152,7 @@ def _make(who: str, marquardt: bool, options: LevenbergOptions) -> Transform:
             ),
             next_value=decision.next_value,
             next_grad=decision.next_grad,
-            scale=model.scale,
+            damping_diag=model.damping_diag,
             jacobian_cache=cache,
             radius=radius,
         )
@@ -239,7 +240,7 @@ def levenberg_marquardt(
 
     By default (``damping_rule="auto"``) the dense solver takes Moré's trust-region
     control of ``lam`` (MINPACK ``lmder``), the matrix-free one Nielsen's rule, where the
-    damping is relative to the scale ``D``, so the first one is ``tau`` itself (or
+    damping is relative to the damping diagonal ``D``, so the first one is ``tau`` itself (or
     ``initial_damping``). The other arguments are those of :func:`levenberg`. This is
     the default optimizer of :func:`soo_func.least_squares`. With Moré's rule the state's
     ``radius`` is the bound on ``|D^(1/2) p|`` and the published ``damping`` the last

@@ -28,7 +28,7 @@ from soo_func.searches.damped_gauss_newton import (
     dense_damped_step,
     dense_jacobian,
     krylov_damped_step,
-    marquardt_scale,
+    marquardt_diag,
     model_operator,
     rayleigh_quotient,
 )
@@ -141,12 +141,12 @@ def charge_jacobian(point: Point, columns: int, value: int = 0) -> None:
 
 def dense_trial(
     options: LevenbergOptions, marquardt: bool, params: PyTree, point: Point, more: bool, *,
-    damping: torch.Tensor, scale: PyTree, radius: torch.Tensor, cache: JacobianCache,
+    damping: torch.Tensor, damping_diag: PyTree, radius: torch.Tensor, cache: JacobianCache,
 ) -> Trial:  # fmt: skip
     """The QR (or Moré) step from the Jacobian at ``params`` (cached or evaluated), and the
     trial point's value and gradient from its Jacobian (``n`` products and one residual).
 
-    ``damping`` (negative: not set yet), ``scale`` (Marquardt's running ``D``), ``radius``
+    ``damping`` (negative: not set yet), ``damping_diag`` (Marquardt's running ``D``), ``radius``
     (Moré's) and ``cache`` are what the previous update left."""
     residual_fn = point.residual_fn
     token = function_token(residual_fn)
@@ -158,15 +158,15 @@ def dense_trial(
         jac, r = cached
     column_sq = (jac * jac).sum(0)
     if marquardt:
-        flat_scale = marquardt_scale(tree.ravel(scale).flat, column_sq)
+        flat_damping_diag = marquardt_diag(tree.ravel(damping_diag).flat, column_sq)
         estimate = torch.full_like(r[0], options.tau)
     else:
-        flat_scale = torch.ones_like(column_sq)
+        flat_damping_diag = torch.ones_like(column_sq)
         estimate = options.tau * column_sq.max()
-    more_model = more_step(radius, params, jac, r, flat_scale) if more else None
+    more_model = more_step(radius, params, jac, r, flat_damping_diag) if more else None
     if more_model is None:
         damping = start_damping(damping, estimate, options.initial_damping)
-        model = dense_damped_step(jac, r, damping, flat_scale, params)
+        model = dense_damped_step(jac, r, damping, flat_damping_diag, params)
     else:
         model = more_model.model
     trial = tree.add(params, model.step)
@@ -183,22 +183,22 @@ def dense_trial(
 
 def matrix_free_trial(
     options: LevenbergOptions, marquardt: bool, params: PyTree, point: Point, *,
-    damping: torch.Tensor, scale: PyTree,
+    damping: torch.Tensor, damping_diag: PyTree,
 ) -> Trial:  # fmt: skip
     """The CG step on the damped model, and ``value_and_grad`` at the trial point
-    (``damping`` and ``scale`` as in :func:`dense_trial`)."""
+    (``damping`` and ``damping_diag`` as in :func:`dense_trial`)."""
     if marquardt:  # diag(J^T J) needs the dense Jacobian: n products
         jac, _ = dense_jacobian(point.residual_fn, params)
         charge_jacobian(point, jac.shape[1])
         column_sq = tree.unravel((jac * jac).sum(0), params)
-        scale = tree.map(marquardt_scale, scale, column_sq)
+        damping_diag = tree.map(marquardt_diag, damping_diag, column_sq)
     operator = model_operator(params, point.value_fn, point.residual_fn, point.curvature)
     if marquardt:  # the damping is relative to D: no product needed for the first one
         estimate = torch.full_like(damping, options.tau)
     else:
         estimate = options.tau * rayleigh_quotient(point.grad, operator)
     damping = start_damping(damping, estimate, options.initial_damping)
-    model = krylov_damped_step(point.grad, operator, damping, scale, options.cg_rtol)
+    model = krylov_damped_step(point.grad, operator, damping, damping_diag, options.cg_rtol)
     value, grad = value_and_grad(point.value_fn)(tree.add(params, model.step))
     return Trial(model=model, value=value, grad=grad)
 
@@ -240,6 +240,6 @@ def search_failed(
     stalled = step_norm <= options.step_rtol * (tree.norm(params) + options.step_rtol)
     failed = ~accepted & ((damping >= options.max_damping) | stalled)
     if rule == "more":
-        scaled_x = tree.norm(tree.map(lambda s, x: torch.sqrt(s) * x, model.scale, params))
+        scaled_x = tree.norm(tree.map(lambda s, x: torch.sqrt(s) * x, model.damping_diag, params))
         failed = failed | (~accepted & (radius <= options.step_rtol * scaled_x))
     return failed

@@ -137,11 +137,16 @@ class MoreStep(NamedTuple):
 
 
 def more_step(
-    radius: torch.Tensor, params: PyTree, jac: torch.Tensor, r: torch.Tensor, scale: torch.Tensor
+    radius: torch.Tensor,
+    params: PyTree,
+    jac: torch.Tensor,
+    r: torch.Tensor,
+    damping_diag: torch.Tensor,
 ) -> MoreStep:
     """The step of radius ``radius`` (negative: the first step, radius ``RADIUS_FACTOR |D x|``
-    cut to the Gauss-Newton step's ``|D p|``) with ``D = sqrt(scale)`` (flat ``scale``)."""
-    diag = torch.sqrt(scale)
+    cut to the Gauss-Newton step's ``|D p|``) with Moré's ``D = sqrt(damping_diag)``, the square
+    root of Marquardt's diagonal (flat)."""
+    diag = torch.sqrt(damping_diag)
     scaled_x = torch.linalg.vector_norm(diag * tree.ravel(params).flat)
     start = RADIUS_FACTOR * torch.where(scaled_x > 0, scaled_x, torch.ones_like(scaled_x))
     first = radius < 0
@@ -155,7 +160,7 @@ def more_step(
         step=tree.unravel(lm.step, params),
         predicted=least_squares_reduction(jac, r, lm.step),
         damping=lm.damping,
-        scale=tree.unravel(scale, params),
+        damping_diag=tree.unravel(damping_diag, params),
         valid=torch.isfinite(lm.step).all(),
     )
     return MoreStep(model, radius, lm.scaled_norm, decrease)

@@ -2,7 +2,7 @@
 
 The batch-level helpers (:func:`~soo_func.stochastic.training.bind_batch`, subsampled
 curvature operators, :func:`~soo_func.stochastic.training.training_step`) live in
-:mod:`soo_func.stochastic.training` (also ``soo_func.training``).
+:mod:`soo_func.stochastic.training`.
 """
 
 from soo_func.stochastic import training

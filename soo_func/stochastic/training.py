@@ -139,11 +139,11 @@ def cross_entropy_ggn_residual(
         probs = torch.softmax(apply_fn(params, inputs), dim=-1)
     root = probs.sqrt()
     factor = torch.diag_embed(root) - root.unsqueeze(-1) * probs.unsqueeze(-2)
-    scale = 1.0 / math.sqrt(inputs.shape[0])
+    inv_sqrt_n = 1.0 / math.sqrt(inputs.shape[0])
 
     def residual_fn(p: PyTree) -> torch.Tensor:
         logits = apply_fn(p, inputs)
-        return (scale * torch.einsum("nij,nj->ni", factor, logits)).reshape(-1)
+        return (inv_sqrt_n * torch.einsum("nij,nj->ni", factor, logits)).reshape(-1)
 
     return residual_fn
 
