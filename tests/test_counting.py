@@ -142,6 +142,15 @@ MINIMIZE_FAMILIES = {
     "newton_krylov(forward-over-reverse)+armijo": lambda: sf.chain(
         newton_krylov("cg", max_iters=3, hvp_mode="forward-over-reverse"), sf.armijo()
     ),
+    "sr1(memory_size=5)+trust_region": lambda: sf.chain(sf.sr1(memory_size=5), sf.trust_region()),
+    "dfp+wolfe": lambda: sf.chain(sf.dfp(), sf.wolfe()),
+    "broyden(memory_size=5)+armijo_sync_free": lambda: sf.chain(
+        sf.broyden(memory_size=5), sf.armijo_sync_free()
+    ),
+    "newton_krylov+levenberg": lambda: sf.chain(newton_krylov("cr", max_iters=4), sf.levenberg()),
+    "homotopy+newton_krylov+armijo": lambda: sf.chain(
+        sf.homotopy(), newton_krylov("cg", max_iters=4), sf.armijo()
+    ),
 }
 
 
