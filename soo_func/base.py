@@ -86,17 +86,16 @@ def require_extras(who: str, extra: Mapping[str, Any], *names: str) -> None:
     """Raise ``TypeError`` naming ``who`` and each of ``names`` missing from ``extra``."""
     missing = [n for n in names if extra.get(n) is None]
     if missing:
-        hints = {
-            "value_fn": "value_fn=loss_fn, a function params -> 0-d loss tensor",
-            "residual_fn": "residual_fn=fn, a function params -> residual pytree",
-            "value": "value=loss, the 0-d loss at params",
-            "grad": "grad=g, the gradient pytree at params",
-        }
-        wanted = "; ".join(hints.get(n, f"{n}=...") for n in missing)
+        wanted = "; ".join(_extra_hint(n) for n in missing)
         raise TypeError(
             f"{who} needs the keyword argument(s) {', '.join(missing)} in update(): pass "
             f"{wanted}. soo_func.minimize passes them for you."
         )
+
+
+def _extra_hint(name: str) -> str:
+    declared = publication.EXTRAS.get(name)
+    return declared.meaning.replace("`", "") if declared is not None else f"{name}=..."
 
 
 def publish(transform: Transform, state: State, params: PyTree, **extra: Any) -> dict[str, Any]:

@@ -30,6 +30,7 @@ PyTree = Any
 
 __all__ = [
     "DECLARED",
+    "EXTRAS",
     "Declared",
     "Publication",
     "Role",
@@ -243,6 +244,29 @@ DIAGNOSTICS: dict[str, Declared] = {
 }
 
 
+def _extra(readers: str, meaning: str) -> Declared:
+    return Declared(Role.OBJECTIVE, "the caller (the drivers pass them)", readers, meaning)
+
+
+#: The keyword extras a caller passes to ``update`` (what is known at the current point).
+#: Not publications: listed here so that every key of the extras channel has one home.
+EXTRAS: dict[str, Declared] = {
+    "value": _extra("searches, trust regions, Levenberg", "`value=loss`: the 0-d loss at params"),
+    "grad": _extra("searches, Levenberg (chain passes its input when absent)",
+                   "`grad=g`: the gradient pytree at params"),
+    "value_fn": _extra("searches, newton_krylov, hessian_free, homotopy",
+                       "`value_fn=loss_fn`: a function params -> 0-d loss tensor"),
+    "residual_fn": _extra("gauss_newton, levenberg_marquardt",
+                          "`residual_fn=fn`: a function params -> residual pytree (the loss is "
+                          "half the sum of squares; least_squares passes it)"),
+    "curvature": _extra("hessian_free, levenberg, trust_region",
+                        "`curvature=B`: a curvature operator v -> B v (e.g. a GGN on a "
+                        "subsample, stochastic.training.ggn_operator) when no member publishes one"),
+    "overlap_value_fn": _extra("multi_batch_lbfgs",
+                               "`overlap_value_fn=fn`: the loss on the overlap of two batches"),
+}  # fmt: skip
+
+
 def _declared_keys() -> dict[str, Declared]:
     hints = get_type_hints(Publication, include_extras=True)
     out = {name: hint.__metadata__[0] for name, hint in hints.items()}
@@ -279,11 +303,14 @@ def recorded(published: Mapping[str, Any]) -> dict[str, torch.Tensor]:
 
 
 def markdown_table() -> str:
-    """The declaration as the markdown table of ``docs/design.md``."""
+    """The declaration as the markdown tables of ``docs/design.md``: the publications, then
+    the extras a caller passes."""
     rows = ["| key | role | published by | read by | meaning |", "| --- | --- | --- | --- | --- |"]
     for name, decl in DECLARED.items():
         rows.append(
             f"| `{name}` | {decl.role.value} | {decl.publishers} | {decl.readers} | "
             f"{decl.meaning} |"
         )
+    rows += ["", "| extra passed to `update` | read by | meaning |", "| --- | --- | --- |"]
+    rows += [f"| `{name}` | {decl.readers} | {decl.meaning} |" for name, decl in EXTRAS.items()]
     return "\n".join(rows)
