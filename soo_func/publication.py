@@ -111,7 +111,7 @@ class Publication(TypedDict, total=False):
             _OBJECTIVE,
             "a rewriter of a least-squares objective",
             "every later member",
-            "the rewritten residual function (loss `0.5 |r|^2`)",
+            "the rewritten residual function (the loss is half its sum of squares)",
         ),
     ]
     recover_objective: Annotated[
