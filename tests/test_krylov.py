@@ -302,3 +302,16 @@ def test_steihaug_never_leaves_the_region_and_decreases_the_model(seed):
         assert float(d.norm()) <= radius * (1 + 1e-12)
         assert model(a, g, d) < 0
         assert bool(res.hit_boundary) == (float(d.norm()) >= radius * (1 - 1e-12))
+
+
+def test_minres_reports_the_true_residual_of_an_inconsistent_singular_system():
+    # A = [[1, 1], [1, 1]] is singular; b = [1, -1] is orthogonal to its range, so the
+    # least-squares solution is 0 and the residual stays |b| (it was reported as 0).
+    a = torch.tensor([[1.0, 1.0], [1.0, 1.0]], dtype=torch.float64)
+    for b, x_ls in (([1.0, -1.0], [0.0, 0.0]), ([1.0, 0.0], [0.5, 0.0])):
+        b = torch.tensor(b, dtype=torch.float64)
+        result = krylov.minres(lambda v: a @ v, b, rtol=1e-10)
+        torch.testing.assert_close(result.x, torch.tensor(x_ls, dtype=torch.float64))
+        true_residual = torch.linalg.norm(b - a @ result.x)
+        torch.testing.assert_close(result.residual_norm, true_residual)
+        assert float(result.residual_norm) > 0.5

@@ -87,12 +87,16 @@ def minres(
         gbar = s.sn * s.dbar - s.cs * alpha
         epsln = s.sn * beta
         dbar = -s.cs * beta
+        # gamma = 0: T_k is singular and the Krylov space invariant (beta = 0), so b has a
+        # part outside A's range. The least-squares iterate stays, and so does its residual.
+        singular = torch.hypot(gbar, beta) == 0
         gamma = torch.clamp(torch.hypot(gbar, beta), min=torch.finfo(beta.dtype).tiny)
-        cs, sn = gbar / gamma, beta / gamma
+        cs = torch.where(singular, torch.zeros_like(gamma), gbar / gamma)
+        sn = torch.where(singular, torch.ones_like(gamma), beta / gamma)
         phi = cs * s.phibar
         phibar = sn * s.phibar
         w = tree.scale(1 / gamma, tree.axpy(-delta, s.w, tree.axpy(-s.epsln, s.w2, v)))
-        x = tree.axpy(phi, w, s.x)
+        x = tree.where(singular, s.x, tree.axpy(phi, w, s.x))
         done = (phibar.abs() <= tol) | (beta == 0)
         return _MinresState(
             x, s.r2, y, w, s.w, beta, s.beta, dbar, epsln, phibar, cs, sn, done, s.iters + 1,
