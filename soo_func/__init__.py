@@ -7,7 +7,7 @@ composed with :func:`chain` like optax::
     result = sf.minimize(loss_fn, params, opt)
 """
 
-from soo_func import krylov, stochastic, tree
+from soo_func import implicit, krylov, stochastic, tree
 from soo_func.base import (
     ChainState,
     EmptyState,
@@ -85,6 +85,7 @@ __all__ = [
     "hessian_free",
     "homotopy",
     "hvp",
+    "implicit",
     "krylov",
     "lbfgs",
     "least_squares",

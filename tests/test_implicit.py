@@ -1,0 +1,207 @@
+"""Implicit differentiation of solutions (soo_func.implicit) against independent references:
+the closed form of ridge regression (differentiated by autograd through torch.linalg.solve),
+torch.autograd.gradcheck, central finite differences of re-solved problems (logistic
+regression, an exponential-decay least-squares fit), and the failures it must report."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import soo_func as sf
+from soo_func import implicit
+
+D = torch.float64
+
+
+def ridge_problem(seed=0, m=12, n=4):
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(m, n, generator=gen, dtype=D)
+    b = torch.randn(m, generator=gen, dtype=D)
+    return a, b
+
+
+def ridge_value(x, a, b, lam):
+    return 0.5 * ((a @ x - b) ** 2).sum() + 0.5 * lam * (x**2).sum()
+
+
+def ridge_closed_form(a, b, lam):
+    n = a.shape[1]
+    return torch.linalg.solve(a.T @ a + lam * torch.eye(n, dtype=D), a.T @ b)
+
+
+def test_ridge_gradients_equal_the_closed_form_derivatives():
+    a, b = ridge_problem()
+    lam = torch.tensor(0.7, dtype=D)
+    probe = torch.randn(a.shape[1], dtype=D, generator=torch.Generator().manual_seed(1))
+    # reference: autograd through the closed-form solution
+    ref_inputs = [t.clone().requires_grad_(True) for t in (a, b, lam)]
+    ref = ridge_closed_form(*ref_inputs) @ probe
+    ref_grads = torch.autograd.grad(ref, ref_inputs)
+    # implicit: the solution computed without a graph, attached through grad_x f = 0
+    inputs = [t.clone().requires_grad_(True) for t in (a, b, lam)]
+    x_star = ridge_closed_form(a, b, lam)
+    x = implicit.minimizer(ridge_value, x_star, tuple(inputs))
+    grads = torch.autograd.grad(x @ probe, inputs)
+    for got, want in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    # dx*/dlam in closed form: -(A^T A + lam I)^{-1} x*
+    n = a.shape[1]
+    dx_dlam = -torch.linalg.solve(a.T @ a + lam * torch.eye(n, dtype=D), x_star)
+    torch.testing.assert_close(grads[2], dx_dlam @ probe, rtol=1e-9, atol=1e-12)
+
+
+def test_gradcheck_on_a_small_ridge():
+    a, b = ridge_problem(seed=3, m=6, n=3)
+
+    def solution(a, b, lam):
+        x_star = ridge_closed_form(a.detach(), b.detach(), lam.detach())
+        return implicit.minimizer(ridge_value, x_star, (a, b, lam), rtol=1e-12)
+
+    inputs = (a.requires_grad_(True), b.requires_grad_(True), torch.tensor(0.3, dtype=D))
+    inputs[2].requires_grad_(True)
+    assert torch.autograd.gradcheck(solution, inputs, eps=1e-6, atol=1e-8)
+
+
+def test_root_of_a_nonsymmetric_system_by_normal_equations():
+    # F(x, theta) = M x - theta with M non-symmetric: x* = M^{-1} theta, dx*/dtheta = M^{-1}
+    gen = torch.Generator().manual_seed(5)
+    m = torch.randn(4, 4, generator=gen, dtype=D) + 4 * torch.eye(4, dtype=D)
+    theta = torch.randn(4, generator=gen, dtype=D, requires_grad=True)
+    x_star = torch.linalg.solve(m, theta.detach())
+    x = implicit.root(lambda x, th: m @ x - th, x_star, (theta,))
+    probe = torch.randn(4, generator=gen, dtype=D)
+    (grad,) = torch.autograd.grad(x @ probe, theta)
+    torch.testing.assert_close(grad, torch.linalg.solve(m.T, probe), rtol=1e-9, atol=1e-12)
+
+
+def logistic_data(seed=0, m=60, n=5):
+    gen = torch.Generator().manual_seed(seed)
+    features = torch.randn(m, n, generator=gen, dtype=D)
+    labels = (torch.rand(m, generator=gen, dtype=D) < 0.5).to(D)
+    return features, labels
+
+
+def logistic_value(params, features, labels, weights):
+    logits = features @ params["w"] + params["c"]
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="sum")
+    return loss + 0.5 * (weights * params["w"] ** 2).sum()
+
+
+def newton_polish(fn, params, steps=3):
+    """A few exact Newton steps with the dense Hessian (torch.func.hessian): the reference
+    solutions of the finite differences, to machine precision."""
+    raveled = sf.tree.ravel(params)
+    flat = raveled.flat
+
+    def flat_fn(v):
+        return fn(sf.tree.unravel(v, raveled))
+
+    for _ in range(steps):
+        g = torch.func.grad(flat_fn)(flat)
+        flat = flat - torch.linalg.solve(torch.func.hessian(flat_fn)(flat), g)
+    return sf.tree.unravel(flat, raveled)
+
+
+def solve_logistic(features, labels, weights):
+    params = {"w": torch.zeros(features.shape[1], dtype=D), "c": torch.zeros((), dtype=D)}
+
+    def fn(p):
+        return logistic_value(p, features, labels, weights)
+
+    result = sf.minimize(fn, params, sf.chain(sf.newton_krylov(), sf.armijo()), gtol=1e-6)
+    assert result.converged, result.reason
+    return newton_polish(fn, result.params)
+
+
+def test_logistic_regression_hypergradient_against_finite_differences_of_resolves():
+    features, labels = logistic_data()
+    weights = torch.tensor([0.1, 0.5, 1.0, 2.0, 0.3], dtype=D)
+    probe = torch.randn(features.shape[1], generator=torch.Generator().manual_seed(7), dtype=D)
+    w = weights.clone().requires_grad_(True)
+    x_star = solve_logistic(features, labels, weights)
+    x = implicit.minimizer(logistic_value, x_star, (features, labels, w), rtol=1e-12)
+    (grad,) = torch.autograd.grad(x["w"] @ probe + 3 * x["c"], w)
+    h = 1e-5
+    for i in range(len(weights)):
+        step = torch.zeros_like(weights)
+        step[i] = h
+        up = solve_logistic(features, labels, weights + step)
+        down = solve_logistic(features, labels, weights - step)
+        fd = ((up["w"] - down["w"]) @ probe + 3 * (up["c"] - down["c"])) / (2 * h)
+        assert abs(float(grad[i]) - float(fd)) <= 1e-6 * max(abs(float(fd)), 1e-3), (i, grad, fd)
+
+
+def decay_residuals(params, t, y):
+    return params["a"] * torch.exp(-params["b"] * t) + params["c"] - y
+
+
+def test_exponential_fit_gradient_with_respect_to_the_data_against_finite_differences():
+    t = torch.linspace(0, 4, 30, dtype=D)
+    noise = 0.01 * torch.randn(30, generator=torch.Generator().manual_seed(2), dtype=D)
+    y = 2.0 * torch.exp(-1.3 * t) + 0.5 + noise
+    start = {k: torch.tensor(v, dtype=D) for k, v in (("a", 1.0), ("b", 1.0), ("c", 0.0))}
+
+    def value(params, t, y):
+        return 0.5 * (decay_residuals(params, t, y) ** 2).sum()
+
+    def fit(y):
+        result = sf.least_squares(lambda p: decay_residuals(p, t, y), start, gtol=1e-6)
+        assert result.converged, result.reason
+        return newton_polish(lambda p: value(p, t, y), result.params)
+
+    y_req = y.clone().requires_grad_(True)
+    x = implicit.minimizer(value, fit(y), (t, y_req), rtol=1e-12)
+    (grad,) = torch.autograd.grad(x["b"], y_req)
+    h = 1e-6
+    for i in (0, 7, 29):
+        step = torch.zeros_like(y)
+        step[i] = h
+        fd = (fit(y + step)["b"] - fit(y - step)["b"]) / (2 * h)
+        assert abs(float(grad[i]) - float(fd)) <= 1e-6 * max(abs(float(fd)), 1e-2), (i, grad[i], fd)
+
+
+def test_backward_raises_at_a_point_that_is_not_a_root():
+    a, b = ridge_problem()
+    lam = torch.tensor(0.7, dtype=D, requires_grad=True)
+    not_solved = ridge_closed_form(a, b, lam.detach()) + 1e-3
+    x = implicit.minimizer(ridge_value, not_solved, (a, b, lam))
+    with pytest.raises(ValueError, match="not a root"):
+        torch.autograd.grad(x.sum(), lam)
+
+
+def test_saddle_point_warns_and_uses_minres():
+    # f(x, th) = 0.5 x^T diag(1, -2) x - th^T x: a saddle at x* = diag(1, -1/2) th.
+    scales = torch.tensor([1.0, -2.0], dtype=D)
+    theta = torch.tensor([0.3, -0.8], dtype=D, requires_grad=True)
+
+    def value(x, th):
+        return 0.5 * (scales * x * x).sum() - th @ x
+
+    x_star = theta.detach() / scales
+    x = implicit.minimizer(value, x_star, (theta,))
+    with pytest.warns(RuntimeWarning, match="not positive definite"):
+        (grad,) = torch.autograd.grad(x.sum(), theta)
+    torch.testing.assert_close(grad, 1 / scales, rtol=1e-10, atol=1e-12)
+
+
+def test_singular_hessian_warns_that_the_solve_did_not_converge():
+    # f = 0.5 (x1 + x2 - th)^2: every point of a line is a minimizer; H is singular
+    theta = torch.tensor(1.0, dtype=D, requires_grad=True)
+
+    def value(x, th):
+        return 0.5 * (x.sum() - th) ** 2
+
+    x = implicit.minimizer(value, torch.tensor([1.0, 0.0], dtype=D), (theta,), solver="minres")
+    with pytest.warns(RuntimeWarning, match="gradient may be wrong|not positive definite"):
+        torch.autograd.grad(x[0] - x[1], theta)
+
+
+def test_bad_options_are_refused():
+    x = torch.zeros(2, dtype=D)
+    with pytest.raises(ValueError, match="solver"):
+        implicit.root(lambda x: x, x, solver="gmres")
+    with pytest.raises(ValueError, match="rtol"):
+        implicit.root(lambda x: x, x, rtol=0.0)
+    with pytest.raises(ValueError, match="solver"):
+        implicit.minimizer(lambda x: x.sum(), x, solver="normal_cg")
