@@ -7,7 +7,7 @@ composed with :func:`chain` like optax::
     result = sf.minimize(loss_fn, params, opt)
 """
 
-from soo_func import implicit, krylov, stochastic, tree
+from soo_func import implicit, krylov, serialization, stochastic, tree
 from soo_func.base import (
     ChainState,
     EmptyState,
@@ -102,6 +102,7 @@ __all__ = [
     "reset_at_stage_change",
     "scale",
     "scale_by_schedule",
+    "serialization",
     "sgd",
     "sr1",
     "stateless",

@@ -33,9 +33,9 @@ import inspect
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
-import torch
-
 from soo_func import publication, tree
+from soo_func.checks import check_like, check_state, check_transform, check_updates, guarded
+from soo_func.options import check_finite, check_interval, check_positive
 
 PyTree = Any
 State = Any
@@ -46,7 +46,12 @@ __all__ = [
     "Transform",
     "apply_updates",
     "chain",
+    "check_like",
     "check_params",
+    "check_state",
+    "check_transform",
+    "check_updates",
+    "guarded",
     "publish",
     "require_extras",
     "scale",
@@ -164,28 +169,6 @@ def check_params(params: PyTree) -> None:
             )
 
 
-def check_like(updates: PyTree, params: PyTree, what: str = "updates") -> None:
-    """Structure, shape, dtype and device of ``updates`` must match ``params`` (no host sync)."""
-    tree.check_same_structure(params, updates, names=("params", what))
-    for p, u in zip(tree.leaves(params), tree.leaves(updates), strict=True):
-        if not isinstance(u, torch.Tensor):
-            raise TypeError(f"{what} leaves must be tensors, got {type(u).__name__}")
-        if p.shape != u.shape:
-            raise ValueError(
-                f"{what} leaf has shape {tuple(u.shape)}, params leaf {tuple(p.shape)}"
-            )
-        if p.device != u.device:
-            raise ValueError(
-                f"{what} leaf is on {u.device} but the params leaf is on {p.device}; move one "
-                "with .to(device) so that both live on the same device"
-            )
-        if p.dtype != u.dtype:
-            raise TypeError(
-                f"{what} leaf has dtype {u.dtype} but the params leaf has {p.dtype}; compute the "
-                "gradient at the params as they are (do not cast one of them)"
-            )
-
-
 def chain(*transforms: Transform) -> Transform:
     """Compose transforms left to right, threading updates, extras and publications.
 
@@ -238,6 +221,8 @@ def chain(*transforms: Transform) -> Transform:
 
 
 def _check_chain_state(state: Any, size: int) -> None:
+    if state is None:
+        check_state("chain", state, ChainState)
     if not isinstance(state, ChainState):
         raise TypeError(
             f"chain got a state of type {type(state).__name__}, not a ChainState: pass the "
@@ -250,8 +235,9 @@ def _check_chain_state(state: Any, size: int) -> None:
         )
 
 
-def stateless(fn: Callable[[PyTree, PyTree], PyTree]) -> Transform:
-    """A transform from ``fn(updates, params) -> updates`` with no state."""
+def stateless(fn: Callable[[PyTree, PyTree], PyTree], who: str = "stateless") -> Transform:
+    """A transform from ``fn(updates, params) -> updates`` with no state (an
+    :class:`EmptyState`); ``who`` names it in errors."""
 
     def init(params):
         del params
@@ -261,12 +247,13 @@ def stateless(fn: Callable[[PyTree, PyTree], PyTree]) -> Transform:
         del extra
         return fn(updates, params), state
 
-    return Transform(init, update)
+    return guarded(who, Transform(init, update), EmptyState)
 
 
 def scale(step: float) -> Transform:
     """Multiply the updates by the constant ``step`` (use a negative step for gradient descent)."""
-    return stateless(lambda updates, params: tree.scale(step, updates))
+    check_finite("scale", "step", step)
+    return stateless(lambda updates, params: tree.scale(step, updates), who="scale")
 
 
 class SgdState(NamedTuple):
@@ -281,10 +268,8 @@ def sgd(learning_rate: float, momentum: float = 0.0, nesterov: bool = False) -> 
     ``v <- momentum * v + g`` and the update is ``-learning_rate * v`` (or
     ``-learning_rate * (g + momentum * v)`` with Nesterov), as ``torch.optim.SGD``.
     """
-    if learning_rate <= 0:
-        raise ValueError(f"sgd: learning_rate must be positive, got {learning_rate}")
-    if not 0 <= momentum < 1:
-        raise ValueError(f"sgd: momentum must be in [0, 1), got {momentum}")
+    check_positive("sgd", "learning_rate", learning_rate)
+    check_interval("sgd", "momentum", momentum, 0, 1, include_low=True)
 
     def init(params):
         return SgdState(tree.zeros_like(params))
@@ -297,7 +282,7 @@ def sgd(learning_rate: float, momentum: float = 0.0, nesterov: bool = False) -> 
         step = tree.axpy(momentum, velocity, updates) if nesterov else velocity
         return tree.scale(-learning_rate, step), SgdState(velocity)
 
-    return Transform(init, update)
+    return guarded("sgd", Transform(init, update), SgdState, like=lambda state: state.velocity)
 
 
 def apply_updates(params: PyTree, updates: PyTree) -> PyTree:

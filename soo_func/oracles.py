@@ -23,6 +23,7 @@ import torch
 import torch.func as tf
 
 from soo_func import tree
+from soo_func.module_loss import functional_loss
 
 PyTree = Any
 
@@ -221,35 +222,6 @@ def ggn_vp(residual_fn: Callable[..., PyTree], params: PyTree, v: PyTree, *args:
     counted as it: one evaluation (its linearization) and one product.
     """
     return ggn_operator(residual_fn, params, None, *args)[1](v)
-
-
-def functional_loss(
-    module: torch.nn.Module,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-) -> tuple[Callable[[PyTree, tuple[torch.Tensor, torch.Tensor]], torch.Tensor], dict]:
-    """Turn ``module`` and ``loss_fn(outputs, targets)`` into ``(value_fn, params)``.
-
-    ``value_fn(params, (inputs, targets))`` runs ``module`` functionally with
-    ``torch.func.functional_call`` on ``params`` (a dict name -> tensor) and the
-    module's buffers, so it is pure in ``params``. ``params`` is a dict of detached
-    copies of the module's parameters; the module itself is not modified.
-    """
-    params = {name: p.detach().clone() for name, p in module.named_parameters()}
-    buffers = {name: b for name, b in module.named_buffers()}
-    for mod in module.modules():
-        if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm) and mod.training:
-            raise ValueError(
-                f"{type(mod).__name__} in training mode updates running statistics in place, "
-                "which breaks functional transforms and Hessian products: use GroupNorm or "
-                "LayerNorm, or call module.eval() first"
-            )
-
-    def value_fn(p: PyTree, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        inputs, targets = batch
-        outputs = tf.functional_call(module, {**buffers, **p}, (inputs,))
-        return loss_fn(outputs, targets)
-
-    return value_fn, params
 
 
 def ggn_operator(

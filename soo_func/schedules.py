@@ -24,7 +24,8 @@ from typing import Any, NamedTuple
 import torch
 
 from soo_func import tree
-from soo_func.base import Transform
+from soo_func.base import Transform, guarded
+from soo_func.options import check_finite, check_int_at_least, check_interval
 
 PyTree = Any
 Schedule = Callable[[torch.Tensor], "torch.Tensor | float"]
@@ -48,17 +49,11 @@ def cosine_decay_schedule(
     ``init_value`` at ``count = 0`` down to ``final_fraction * init_value`` at
     ``decay_steps``, constant afterwards.
     """
-    if not isinstance(decay_steps, int) or isinstance(decay_steps, bool) or decay_steps < 1:
-        raise ValueError(
-            f"cosine_decay_schedule: decay_steps must be a positive int (the number of "
-            f"updates to decay over), got {decay_steps!r}"
-        )
-    if not 0 <= final_fraction <= 1:
-        raise ValueError(
-            f"cosine_decay_schedule: final_fraction must be in [0, 1], got {final_fraction}"
-        )
-    if not math.isfinite(init_value):
-        raise ValueError(f"cosine_decay_schedule: init_value must be finite, got {init_value}")
+    who = "cosine_decay_schedule"
+    check_int_at_least(who, "decay_steps", decay_steps, 1)
+    check_interval(who, "final_fraction", final_fraction, 0, 1, include_low=True,
+                   include_high=True)  # fmt: skip
+    check_finite(who, "init_value", init_value)
 
     def schedule(count: torch.Tensor) -> torch.Tensor:
         progress = torch.clamp(count, max=decay_steps).to(torch.float64) / decay_steps
@@ -94,4 +89,4 @@ def scale_by_schedule(schedule: Schedule) -> Transform:
         scaled = tree.map(lambda u: u * multiplier.to(u.dtype), updates)
         return scaled, ScaleByScheduleState(state.count + 1)
 
-    return Transform(init, update)
+    return guarded("scale_by_schedule", Transform(init, update), ScaleByScheduleState)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import importlib
+import io
+import pkgutil
 from typing import NamedTuple
 
 import pytest
 import torch
-from helpers import assert_update_is_pure
+from helpers import assert_trees_equal, assert_update_is_pure
 
 import soo_func as sf
 from soo_func import tree
@@ -222,3 +225,97 @@ def test_apply_updates_is_pure_and_follows_dtype(dtype, device):
     for p, n in zip(tree.leaves(params), tree.leaves(new), strict=True):
         assert n.dtype == dtype and n.device.type == device.type
         assert torch.equal(n, p + 1)
+
+
+# --- states load with torch.load's defaults (issue 16, item 11) --------------------------
+
+
+def residual_fn(params):
+    flat = tree.ravel(params).flat
+    return torch.cat([flat**2 - 0.5, 0.3 * flat + 1.0])
+
+
+def least_squares_value(params):
+    return 0.5 * (residual_fn(params) ** 2).sum()
+
+
+def quartic(params):
+    flat = tree.ravel(params).flat
+    return quadratic(params) + 0.25 * (flat**4).sum() - flat.sum()
+
+
+LEAST_SQUARES = ("gauss_newton+armijo_sync_free", "levenberg_marquardt", "levenberg_marquardt(cg)")
+
+SAVED_FAMILIES = {
+    "lbfgs+wolfe": lambda: sf.chain(sf.lbfgs(), sf.wolfe()),
+    "bfgs+armijo": lambda: sf.chain(sf.bfgs(), sf.armijo()),
+    "sr1(m)+trust_region": lambda: sf.chain(sf.sr1(memory_size=3), sf.trust_region()),
+    "newton_krylov+trust_region": lambda: sf.chain(sf.newton_krylov(), sf.trust_region()),
+    "gauss_newton+armijo_sync_free": lambda: sf.chain(sf.gauss_newton(), sf.armijo_sync_free()),
+    "nonlinear_cg+wolfe": lambda: sf.chain(sf.nonlinear_cg(), sf.wolfe(c2=0.1)),
+    "newton_krylov+levenberg": lambda: sf.chain(sf.newton_krylov(), sf.levenberg()),
+    "levenberg_marquardt": lambda: sf.levenberg_marquardt(),
+    "levenberg_marquardt(cg)": lambda: sf.levenberg_marquardt(solver="cg"),
+    "sgd": lambda: sf.sgd(0.05, momentum=0.9),
+    "scale_by_schedule": lambda: sf.chain(
+        sf.scale_by_schedule(sf.cosine_decay_schedule(1.0, 4)), sf.scale(-0.1)),
+    "hessian_free": lambda: sf.hessian_free(),
+    "multi_batch_lbfgs": lambda: sf.multi_batch_lbfgs(learning_rate=0.5),
+    "homotopy": lambda: sf.chain(sf.homotopy("convex"), sf.newton_krylov(), sf.armijo()),
+    "arclength_homotopy": lambda: sf.chain(
+        sf.homotopy(max_descent_steps=2), sf.newton_krylov(), sf.armijo()),
+}  # fmt: skip
+
+
+def run_steps(optimizer, params, state, steps, least_squares):
+    value_fn = least_squares_value if least_squares else quartic
+    for _ in range(steps):
+        value, grad = sf.value_and_grad(value_fn)(params)
+        extra = dict(value=value, grad=grad, value_fn=value_fn, overlap_value_fn=value_fn)
+        if least_squares:
+            extra["residual_fn"] = residual_fn
+        updates, state = optimizer.update(grad, state, params, **extra)
+        params = sf.apply_updates(params, updates)
+    return params, state
+
+
+@pytest.mark.parametrize("family", SAVED_FAMILIES)
+def test_state_round_trips_through_torch_save_and_default_load(family):
+    """``torch.save`` then ``torch.load`` with its defaults (``weights_only=True``), and the
+    run continues exactly as from the state in memory."""
+    least_squares = family in LEAST_SQUARES
+    optimizer = SAVED_FAMILIES[family]()
+    params = make_params()
+    params, state = run_steps(optimizer, params, optimizer.init(params), 3, least_squares)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer)
+    assert_trees_equal(loaded, state)
+    assert type(loaded) is type(state)
+    expected = run_steps(optimizer, params, state, 2, least_squares)
+    assert_trees_equal(run_steps(optimizer, params, loaded, 2, least_squares), expected)
+
+
+def _package_state_types():
+    found = set()
+    for info in pkgutil.walk_packages(sf.__path__, "soo_func."):
+        module = importlib.import_module(info.name)
+        for name, obj in vars(module).items():
+            if (
+                isinstance(obj, type)
+                and issubclass(obj, tuple)
+                and hasattr(obj, "_fields")
+                and obj.__module__ == info.name
+                and name.endswith("State")
+                and not name.startswith("_")
+            ):
+                found.add(obj)
+    return found
+
+
+def test_every_state_type_of_the_package_is_a_safe_global():
+    registered = set(torch.serialization.get_safe_globals())
+    missing = _package_state_types() - set(sf.serialization.STATE_TYPES)
+    assert not missing, f"add these to soo_func/serialization.py: {missing}"
+    assert set(sf.serialization.STATE_TYPES) <= registered

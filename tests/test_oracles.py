@@ -229,3 +229,63 @@ def test_functional_loss_rejects_training_batchnorm():
     before = module.norm.running_mean.clone()
     value_fn(params, (torch.randn(2, 1, 4, 4), torch.tensor([0, 1])))
     assert torch.equal(module.norm.running_mean, before)
+
+
+class LazyOutput:
+    """An output that reads its module's parameters only when the loss asks for them, as a
+    GPyTorch ``ExactGP``'s lazy distribution does (issue 16, item 1)."""
+
+    def __init__(self, module: nn.Module, inputs: torch.Tensor) -> None:
+        self.module, self.inputs = module, inputs
+
+    def mean(self) -> torch.Tensor:
+        return torch.tanh(self.inputs @ self.module.weight) + self.module.bias
+
+    def log_scale(self) -> torch.Tensor:
+        return self.module.log_noise
+
+
+class LazyModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.tensor([0.7, -0.3], dtype=torch.float64))
+        self.bias = nn.Parameter(torch.tensor(0.2, dtype=torch.float64))
+        self.log_noise = nn.Parameter(torch.tensor(-0.5, dtype=torch.float64))
+
+    def forward(self, inputs: torch.Tensor) -> LazyOutput:
+        return LazyOutput(self, inputs)
+
+
+def lazy_negative_log_likelihood(out: LazyOutput, targets: torch.Tensor) -> torch.Tensor:
+    scale = torch.exp(out.log_scale())
+    return (0.5 * ((targets - out.mean()) / scale) ** 2 + out.log_scale()).sum()
+
+
+def test_functional_loss_differentiates_a_lazy_output_in_the_params():
+    """The loss runs while the params are bound: the gradient (and a Hessian product) of
+    a lazy output's loss agree with central differences of the value in the params."""
+    inputs = torch.randn(7, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    targets = torch.randn(7, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    module = LazyModel()
+    value_fn, params = sf.functional_loss(module, lazy_negative_log_likelihood)
+    params = {name: p + 0.1 for name, p in params.items()}  # away from the module's own values
+    batch = (inputs, targets)
+
+    def flat_value(x: torch.Tensor) -> torch.Tensor:
+        return value_fn(tree.unravel(x, params), batch)
+
+    value, grad = sf.value_and_grad(value_fn)(params, batch)
+    x = tree.ravel(params).flat
+    assert torch.allclose(value, flat_value(x), rtol=0, atol=0)
+    h = 1e-6
+    eye = torch.eye(x.numel(), dtype=x.dtype)
+    central = torch.stack([(flat_value(x + h * e) - flat_value(x - h * e)) / (2 * h) for e in eye])
+    assert central.abs().max() > 0.1  # every parameter matters
+    assert torch.allclose(tree.ravel(grad).flat, central, rtol=1e-7, atol=1e-8)
+    v = tree.unravel(torch.linspace(-1.0, 1.0, x.numel(), dtype=x.dtype), params)
+    hv = sf.hvp(lambda p: value_fn(p, batch), params, v)
+    shifted = [sf.value_and_grad(value_fn)(tree.unravel(x + s * 1e-5 * tree.ravel(v).flat, params),
+                                            batch)[1] for s in (1.0, -1.0)]  # fmt: skip
+    difference = (tree.ravel(shifted[0]).flat - tree.ravel(shifted[1]).flat) / 2e-5
+    assert torch.allclose(tree.ravel(hv).flat, difference, rtol=1e-6, atol=1e-7)
+    assert all(p.grad is None for p in module.parameters())  # the module is left alone

@@ -48,7 +48,7 @@ from typing import Any, NamedTuple
 import torch
 
 from soo_func import tree
-from soo_func.base import Transform
+from soo_func.base import Transform, guarded
 from soo_func.continuation.curve import Curve
 from soo_func.continuation.family import Anchor, default_curvature, make_family
 from soo_func.continuation.follower import Handoff, blank, follower, publish_handoff
@@ -147,7 +147,8 @@ def arclength_homotopy(
         krylov_max_iters=krylov_max_iters, solver=solver,
     )  # fmt: skip
     check_arclength_options(options)
-    return follower("arclength_homotopy", options, _init, _update, _publish)
+    transform = follower("arclength_homotopy", options, _init, _update, _publish)
+    return guarded("arclength_homotopy", transform, ArclengthState)
 
 
 def _init(options: ArclengthOptions, params: PyTree) -> ArclengthState:

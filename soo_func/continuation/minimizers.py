@@ -40,7 +40,7 @@ from typing import Any, NamedTuple
 import torch
 
 from soo_func import tree
-from soo_func.base import Transform
+from soo_func.base import Transform, guarded
 from soo_func.continuation.family import Anchor, Family, UserFamily, default_curvature, make_family
 from soo_func.continuation.follower import (
     ChargedObjective,
@@ -160,7 +160,9 @@ def minimizer_homotopy(
         predictor=predictor, tangent_rtol=tangent_rtol, tangent_max_iters=tangent_max_iters,
     )  # fmt: skip
     check_minimizer_path_options(options)
-    return follower("homotopy", options, _init, _update, _publish)
+    return guarded(
+        "homotopy", follower("homotopy", options, _init, _update, _publish), HomotopyState
+    )
 
 
 def _init(options: MinimizerPathOptions, params: PyTree) -> HomotopyState:

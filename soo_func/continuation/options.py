@@ -5,11 +5,11 @@ for a value out of range."""
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
 from soo_func.continuation.family import Family
+from soo_func.options import check_in, check_int_at_least, check_nonnegative, check_positive
 
 __all__ = [
     "ArclengthOptions",
@@ -66,8 +66,14 @@ class ArclengthOptions(NamedTuple):
 
 def _check_positive(who: str, numbers: dict[str, float]) -> None:
     for name, value in numbers.items():
-        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-            raise ValueError(f"{who}: {name} must be a positive finite number, got {value!r}")
+        check_positive(who, name, value)
+
+
+def _check_counts(who: str, counts: dict[str, int | None]) -> None:
+    """Integers >= 1 (``None``: the documented default)."""
+    for name, value in counts.items():
+        if value is not None:
+            check_int_at_least(who, name, value, 1)
 
 
 def fixed_schedule(schedule: str | Sequence[float]) -> tuple[float, ...] | None:
@@ -94,22 +100,25 @@ def check_minimizer_path_options(options: MinimizerPathOptions) -> None:
     o = options
     numbers = dict(
         stage_step=o.stage_step, max_step=o.max_step, min_step=o.min_step, grow=o.grow,
-        shrink=o.shrink, fast_steps=o.fast_steps, max_corrector_steps=o.max_corrector_steps,
-        final_gap=o.final_gap, tangent_rtol=o.tangent_rtol,
+        shrink=o.shrink, final_gap=o.final_gap, tangent_rtol=o.tangent_rtol,
     )  # fmt: skip
+    check_nonnegative("homotopy", "corrector_atol", o.corrector_atol)
     if o.corrector_atol == 0:
         numbers["corrector_rtol"] = o.corrector_rtol
+    else:
+        check_nonnegative("homotopy", "corrector_rtol", o.corrector_rtol)
     if o.anchor_curvature is not None:
         numbers["anchor_curvature"] = o.anchor_curvature
     _check_positive("homotopy", numbers)
+    _check_counts("homotopy", dict(
+        fast_steps=o.fast_steps, max_corrector_steps=o.max_corrector_steps,
+        tangent_max_iters=o.tangent_max_iters,
+    ))  # fmt: skip
     if o.grow < 1:
         raise ValueError(f"homotopy: grow must be >= 1, got {o.grow}")
     if not o.shrink < 1:
         raise ValueError(f"homotopy: shrink must be in (0, 1), got {o.shrink}")
-    if o.corrector_atol < 0 or o.corrector_rtol < 0:
-        raise ValueError("homotopy: corrector_rtol and corrector_atol must be >= 0")
-    if o.predictor not in ("tangent", "none"):
-        raise ValueError(f"homotopy: predictor must be 'tangent' or 'none', got {o.predictor!r}")
+    check_in("homotopy", "predictor", o.predictor, ("tangent", "none"))
 
 
 def check_arclength_options(options: ArclengthOptions) -> None:
@@ -119,14 +128,11 @@ def check_arclength_options(options: ArclengthOptions) -> None:
         initial_arclength=o.initial_arclength, max_step=o.max_step, min_step=o.min_step,
         corrector_tol=o.corrector_tol, krylov_rtol=o.krylov_rtol, descent_gtol=o.descent_gtol,
     ))  # fmt: skip
-    if o.solver not in ("auto", "dense", "minres"):
-        raise ValueError(f"{who}: solver must be 'auto', 'dense' or 'minres', got {o.solver!r}")
+    check_in(who, "solver", o.solver, ("auto", "dense", "minres"))
     if not o.min_step <= o.initial_arclength <= o.max_step:
         raise ValueError(f"{who}: need min_step <= initial_arclength <= max_step")
-    counts = dict(
+    _check_counts(who, dict(
         max_path_steps=o.max_path_steps, max_minimizers=o.max_minimizers,
         max_corrector_iters=o.max_corrector_iters, max_descent_steps=o.max_descent_steps,
-    )  # fmt: skip
-    for name, value in counts.items():
-        if not (isinstance(value, int) and value >= 1):
-            raise ValueError(f"{who}: {name} must be an integer >= 1, got {value!r}")
+        krylov_max_iters=o.krylov_max_iters,
+    ))  # fmt: skip

@@ -5,7 +5,7 @@ from __future__ import annotations
 import optree
 import torch
 
-from soo_func.base import Transform
+from soo_func.base import Transform, check_state
 
 __all__ = ["reset_at_stage_change"]
 
@@ -29,6 +29,7 @@ def reset_at_stage_change(direction: Transform) -> Transform:
             if params is None:
                 raise TypeError("reset_at_stage_change needs params to re-initialize the state")
             fresh = direction.init(params)
+            check_state("reset_at_stage_change's direction", state, type(fresh))
             state = optree.tree_map(lambda new, old: torch.where(restart, new, old), fresh, state)
         return direction.update(updates, state, params, **extra)
 

@@ -25,7 +25,8 @@ from typing import Any, NamedTuple
 import torch
 
 from soo_func import krylov, oracles, tree
-from soo_func.base import Transform, require_extras
+from soo_func.base import Transform, guarded, require_extras
+from soo_func.options import check_int_at_least, check_interval, check_nonnegative
 
 PyTree = Any
 
@@ -77,12 +78,12 @@ def gauss_newton(
         raise ValueError(
             "gauss_newton: loss_fn needs model_fn (the objective is loss_fn(model_fn(params)))"
         )
-    if damping < 0:
-        raise ValueError(f"gauss_newton: damping must be >= 0, got {damping}")
-    if not 0 < rtol < 1:
-        raise ValueError(f"gauss_newton: rtol must be in (0, 1), got {rtol}")
-    if max_iters is not None and (not isinstance(max_iters, int) or max_iters < 1):
-        raise ValueError(f"gauss_newton: max_iters must be a positive int, got {max_iters!r}")
+    check_nonnegative("gauss_newton", "damping", damping)
+    check_interval("gauss_newton", "rtol", rtol, 0, 1)
+    if max_iters is not None:
+        check_int_at_least("gauss_newton", "max_iters", max_iters, 1)
+    if check_every is not None:
+        check_int_at_least("gauss_newton", "check_every", check_every, 1)
 
     def operator(params: PyTree, extra: dict) -> Callable[[PyTree], PyTree]:
         if model_fn is None:
@@ -138,4 +139,4 @@ def gauss_newton(
             out["curvature"] = curvature
         return out
 
-    return Transform(init, update, publish)
+    return guarded("gauss_newton", Transform(init, update, publish), GaussNewtonState)

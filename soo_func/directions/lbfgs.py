@@ -17,6 +17,7 @@ from __future__ import annotations
 from soo_func.base import Transform
 from soo_func.directions.compact import two_loop_coefficients
 from soo_func.directions.limited_memory import LimitedMemoryState, limited_memory
+from soo_func.options import check_nonnegative, check_positive
 
 __all__ = ["LimitedMemoryState", "lbfgs", "two_loop_coefficients"]
 
@@ -52,10 +53,10 @@ def lbfgs(
     Publishes ``curvature``: ``v -> B v`` with ``B = H^{-1}`` by the compact BFGS
     formula (Byrd, Nocedal & Schnabel 1994, eq. 2.17), and ``step_hint``.
     """
-    if curvature_eps is not None and not curvature_eps >= 0:
-        raise ValueError(f"lbfgs: curvature_eps must be >= 0, got {curvature_eps}")
-    if initial_scaling is not None and not initial_scaling > 0:
-        raise ValueError(f"lbfgs: initial_scaling must be positive, got {initial_scaling}")
+    if curvature_eps is not None:
+        check_nonnegative("lbfgs", "curvature_eps", curvature_eps)
+    if initial_scaling is not None:
+        check_positive("lbfgs", "initial_scaling", initial_scaling)
     return limited_memory(
         "bfgs",
         memory_size,

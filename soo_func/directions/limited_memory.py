@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 import torch
 
 from soo_func import tree
-from soo_func.base import Transform
+from soo_func.base import Transform, guarded
 from soo_func.directions import pair_memory as pm
 from soo_func.directions.compact import (
     KERNELS,
@@ -258,4 +258,4 @@ def _transform(o: _Options, who: str) -> Transform:
         operator = kernel_operator(memory, kernel, sigma, params)
         return {"curvature": operator, "step_hint": state.step_hint}
 
-    return Transform(init, update, publish)
+    return guarded(who, Transform(init, update, publish), LimitedMemoryState)

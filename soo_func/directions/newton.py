@@ -34,7 +34,8 @@ from typing import Any, NamedTuple
 import torch
 
 from soo_func import krylov, oracles, tree
-from soo_func.base import Transform, require_extras
+from soo_func.base import Transform, guarded, require_extras
+from soo_func.options import check_in, check_int_at_least, check_interval, check_nonnegative
 
 PyTree = Any
 
@@ -134,29 +135,24 @@ def newton_krylov(
     diagnostics ``newton_forcing_term``, ``newton_krylov_iters``,
     ``newton_negative_curvature`` and ``newton_fallback``.
     """
-    if solver not in SOLVERS:
-        raise ValueError(f"newton_krylov: solver must be one of {SOLVERS}, got {solver!r}")
+    who = "newton_krylov"
+    check_in(who, "solver", solver, SOLVERS)
     if isinstance(forcing, str):
         if forcing not in FORCING:
             raise ValueError(
                 f"newton_krylov: forcing must be one of {FORCING} or a number in (0, 1), "
                 f"got {forcing!r}"
             )
-    elif not 0 < forcing < 1:
-        raise ValueError(f"newton_krylov: a constant forcing term must be in (0, 1), got {forcing}")
-    if not 0 < eta_initial < 1 or not 0 < eta_max < 1:
-        raise ValueError(
-            f"newton_krylov: eta_initial and eta_max must be in (0, 1), got {eta_initial}, "
-            f"{eta_max}"
-        )
-    if damping < 0:
-        raise ValueError(f"newton_krylov: damping must be >= 0, got {damping}")
-    if max_iters is not None and (not isinstance(max_iters, int) or max_iters < 1):
-        raise ValueError(f"newton_krylov: max_iters must be a positive int, got {max_iters!r}")
-    if hvp_mode not in oracles.HVP_MODES:
-        raise ValueError(
-            f"newton_krylov: hvp_mode must be one of {oracles.HVP_MODES}, got {hvp_mode!r}"
-        )
+    else:
+        check_interval(who, "forcing (a constant forcing term)", forcing, 0, 1)
+    check_interval(who, "eta_initial", eta_initial, 0, 1)
+    check_interval(who, "eta_max", eta_max, 0, 1)
+    check_nonnegative(who, "damping", damping)
+    if max_iters is not None:
+        check_int_at_least(who, "max_iters", max_iters, 1)
+    if check_every is not None:
+        check_int_at_least(who, "check_every", check_every, 1)
+    check_in(who, "hvp_mode", hvp_mode, oracles.HVP_MODES)
     solve = getattr(krylov, solver)
     setup_cost = int(hvp_mode == "linearize")  # the shared gradient pass, charged as a product
     options = {} if solver == "minres" else {"stop_on_negative_curvature": True}
@@ -212,4 +208,4 @@ def newton_krylov(
             )
         return out
 
-    return Transform(init, update, publish)
+    return guarded(who, Transform(init, update, publish), NewtonKrylovState)

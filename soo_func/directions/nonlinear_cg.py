@@ -33,7 +33,8 @@ from typing import Any, NamedTuple
 import torch
 
 from soo_func import tree
-from soo_func.base import Transform
+from soo_func.base import Transform, guarded
+from soo_func.options import check_in, check_int_at_least, check_positive
 
 PyTree = Any
 
@@ -116,16 +117,11 @@ def nonlinear_cg(
     Uses the ``grad`` extra when given (else the incoming updates) and ``params``
     (for the step hint). Publishes ``step_hint``, ``cg_beta`` and ``cg_restarted``.
     """
-    if beta not in BETAS:
-        raise ValueError(f"nonlinear_cg: beta must be one of {BETAS}, got {beta!r}")
-    if restart_every is not None and (not isinstance(restart_every, int) or restart_every < 1):
-        raise ValueError(
-            f"nonlinear_cg: restart_every must be a positive int or None, got {restart_every!r}"
-        )
-    if not restart_threshold > 0:
-        raise ValueError(f"nonlinear_cg: restart_threshold must be > 0, got {restart_threshold}")
-    if not max_step_hint > 0:
-        raise ValueError(f"nonlinear_cg: max_step_hint must be > 0, got {max_step_hint}")
+    check_in("nonlinear_cg", "beta", beta, BETAS)
+    if restart_every is not None:
+        check_int_at_least("nonlinear_cg", "restart_every", restart_every, 1)
+    check_positive("nonlinear_cg", "restart_threshold", restart_threshold, allow_inf=True)
+    check_positive("nonlinear_cg", "max_step_hint", max_step_hint, allow_inf=True)
 
     def init(params: PyTree) -> NonlinearCgState:
         ref = tree.leaves(params)[0]
@@ -178,4 +174,7 @@ def nonlinear_cg(
             "cg_restarted": state.restarted,
         }
 
-    return Transform(init, update, publish)
+    return guarded(
+        "nonlinear_cg", Transform(init, update, publish), NonlinearCgState,
+        like=lambda state: state.prev_params,
+    )  # fmt: skip

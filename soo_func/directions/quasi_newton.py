@@ -38,9 +38,10 @@ from typing import Any, NamedTuple
 import torch
 
 from soo_func import tree
-from soo_func.base import Transform
+from soo_func.base import Transform, guarded
 from soo_func.directions import pair_memory as pm
 from soo_func.directions.limited_memory import limited_memory
+from soo_func.options import check_in, check_interval, check_nonnegative, check_positive
 
 __all__ = ["METHODS", "DenseQuasiNewtonState", "bfgs", "broyden", "dense_update", "dfp", "sr1"]
 
@@ -244,7 +245,7 @@ def _dense(cfg: _Config, who: str) -> Transform:
 
         return {"curvature": curvature, "step_hint": state.step_hint}
 
-    return Transform(init, update, publish)
+    return guarded(who, Transform(init, update, publish), DenseQuasiNewtonState)
 
 
 def _make(
@@ -257,14 +258,13 @@ def _make(
     damping: bool = False,
     reset_on_ascent: bool = True,
 ) -> Transform:
-    if form not in FORMS:
-        raise ValueError(f"{method}: form must be 'inverse' or 'direct', got {form!r}")
-    if curvature_eps is not None and not curvature_eps >= 0:
-        raise ValueError(f"{method}: curvature_eps must be >= 0, got {curvature_eps}")
-    if initial_scaling is not None and not initial_scaling > 0:
-        raise ValueError(f"{method}: initial_scaling must be positive, got {initial_scaling}")
-    if sr1_rtol is not None and not 0 <= sr1_rtol < 1:
-        raise ValueError(f"{method}: sr1_rtol must be in [0, 1), got {sr1_rtol}")
+    check_in(method, "form", form, FORMS)
+    if curvature_eps is not None:
+        check_nonnegative(method, "curvature_eps", curvature_eps)
+    if initial_scaling is not None:
+        check_positive(method, "initial_scaling", initial_scaling)
+    if sr1_rtol is not None:
+        check_interval(method, "sr1_rtol", sr1_rtol, 0, 1, include_low=True)
     cfg = _Config(method, form, curvature_eps, sr1_rtol, damping, initial_scaling, reset_on_ascent)
     if memory_size is None:
         return _dense(cfg, method)

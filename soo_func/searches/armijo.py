@@ -12,7 +12,8 @@ from typing import Any
 import torch
 
 from soo_func import tree
-from soo_func.base import Transform, require_extras
+from soo_func.base import Transform, guarded, require_extras
+from soo_func.options import check_interval
 from soo_func.oracles import value_and_grad
 from soo_func.searches.line import (
     LineSearchState,
@@ -48,9 +49,10 @@ def _checked_options(
 ) -> tuple[float, int, Any]:
     """Validate the arguments shared by :func:`armijo` and :func:`armijo_sync_free`."""
     slope_rtol = resolve_alias(who, "slope_rtol", slope_rtol, "c1", c1, 1e-4)
-    if not 0 < slope_rtol < 1:
-        raise ValueError(f"{who}: slope_rtol (c1) must be in (0, 1), got {slope_rtol}")
-    if not 0 < min_shrink <= max_shrink < 1:
+    check_interval(who, "slope_rtol (c1)", slope_rtol, 0, 1)
+    check_interval(who, "min_shrink", min_shrink, 0, 1)
+    check_interval(who, "max_shrink", max_shrink, 0, 1)
+    if not min_shrink <= max_shrink:
         raise ValueError(
             f"{who}: need 0 < min_shrink <= max_shrink < 1, got "
             f"min_shrink={min_shrink}, max_shrink={max_shrink}"
@@ -160,7 +162,7 @@ def armijo(
             accepted = ray.value_and_slope(accepted.alpha)
         return finish(ray, state, extra["value"], extra["grad"], accepted, failed)
 
-    return Transform(init_search_state, update, publish_search)
+    return guarded("armijo", Transform(init_search_state, update, publish_search), LineSearchState)
 
 
 def _initial_step_tensor(
@@ -259,4 +261,5 @@ def armijo_sync_free(
         )
         return step, new_state
 
-    return Transform(init_search_state, update, publish_search)
+    search = Transform(init_search_state, update, publish_search)
+    return guarded("armijo_sync_free", search, LineSearchState)

@@ -50,7 +50,7 @@ from typing import Any, NamedTuple
 import torch
 
 from soo_func import tree
-from soo_func.base import Transform
+from soo_func.base import Transform, guarded
 from soo_func.searches.acceptance import accept_or_stay, gain_ratio
 from soo_func.searches.jacobian_cache import JacobianCache, empty_jacobian_cache, store
 from soo_func.searches.levenberg_options import LevenbergOptions
@@ -169,7 +169,7 @@ def _make(who: str, marquardt: bool, options: LevenbergOptions) -> Transform:
             "search_failed": state.search_failed,
         }
 
-    return Transform(init, update, publish)
+    return guarded(who, Transform(init, update, publish), LevenbergState)
 
 
 def levenberg(

@@ -3,7 +3,16 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+from soo_func.options import (
+    check_in,
+    check_int_at_least,
+    check_interval,
+    check_nonnegative,
+    check_positive,
+)
 
 __all__ = ["DAMPING_RULES", "SOLVERS", "LevenbergOptions"]
 
@@ -33,36 +42,22 @@ class LevenbergOptions:
     def check(self, who: str) -> None:
         """Raise ``ValueError`` naming ``who`` and the first bad option."""
         self._check_damping(who)
-        if not 0 <= self.accept_ratio < 1:
-            raise ValueError(f"{who}: accept_ratio must be in [0, 1), got {self.accept_ratio}")
-        if self.solver not in SOLVERS:
-            raise ValueError(f"{who}: solver must be one of {SOLVERS}, got {self.solver!r}")
-        if self.dense_max_params < 1:
-            raise ValueError(
-                f"{who}: dense_max_params must be at least 1, got {self.dense_max_params}"
-            )
-        if not 0 < self.cg_rtol < 1:
-            raise ValueError(f"{who}: cg_rtol must be in (0, 1), got {self.cg_rtol}")
-        if self.step_rtol < 0:
-            raise ValueError(f"{who}: step_rtol must be non-negative, got {self.step_rtol}")
+        check_interval(who, "accept_ratio", self.accept_ratio, 0, 1, include_low=True)
+        check_in(who, "solver", self.solver, SOLVERS)
+        check_int_at_least(who, "dense_max_params", self.dense_max_params, 1)
+        check_interval(who, "cg_rtol", self.cg_rtol, 0, 1)
+        check_nonnegative(who, "step_rtol", self.step_rtol)
 
     def _check_damping(self, who: str) -> None:
-        if self.tau <= 0:
-            raise ValueError(f"{who}: tau must be positive (typical 1e-6 to 1), got {self.tau}")
-        if self.initial_damping is not None and self.initial_damping <= 0:
-            raise ValueError(
-                f"{who}: initial_damping must be positive or None, got {self.initial_damping}"
-            )
-        if self.damping_rule not in DAMPING_RULES:
-            raise ValueError(
-                f"{who}: damping_rule must be one of {DAMPING_RULES}, got {self.damping_rule!r}"
-            )
-        if self.increase_factor <= 1 or self.decrease_factor <= 1:
-            raise ValueError(
-                f"{who}: increase_factor and decrease_factor must exceed 1, got "
-                f"{self.increase_factor} and {self.decrease_factor}"
-            )
-        if not 0 < self.min_damping < self.max_damping:
+        check_positive(who, "tau (typical 1e-6 to 1)", self.tau)
+        if self.initial_damping is not None:
+            check_positive(who, "initial_damping (or None)", self.initial_damping)
+        check_in(who, "damping_rule", self.damping_rule, DAMPING_RULES)
+        check_interval(who, "increase_factor", self.increase_factor, 1, math.inf)
+        check_interval(who, "decrease_factor", self.decrease_factor, 1, math.inf)
+        check_positive(who, "min_damping", self.min_damping)
+        check_positive(who, "max_damping", self.max_damping)
+        if not self.min_damping < self.max_damping:
             raise ValueError(
                 f"{who}: need 0 < min_damping < max_damping, got {self.min_damping} and "
                 f"{self.max_damping}"

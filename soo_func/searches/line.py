@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 import torch
 
 from soo_func import tree
+from soo_func.options import check_int_at_least
 from soo_func.oracles import value_and_grad
 
 PyTree = Any
@@ -265,9 +266,8 @@ def check_initial_step(who: str, initial_step: str | float) -> str | float:
 
 
 def check_max_steps(who: str, max_steps: int) -> int:
-    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
-        raise ValueError(f"{who}: max_steps must be an integer >= 1, got {max_steps!r}")
-    return max_steps
+    """Validate a ``max_steps`` argument: an integer >= 1."""
+    return check_int_at_least(who, "max_steps", max_steps, 1)
 
 
 def resolve_alias(who: str, name: str, value: float | None, alias: str, alias_value, default):

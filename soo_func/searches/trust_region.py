@@ -35,13 +35,21 @@ when the radius has collapsed below ``min_radius``: a rejected step is not a fai
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import torch
 
 from soo_func import tree
-from soo_func.base import Transform, require_extras
+from soo_func.base import Transform, guarded, require_extras
 from soo_func.krylov import steihaug
+from soo_func.options import (
+    check_in,
+    check_int_at_least,
+    check_interval,
+    check_nonnegative,
+    check_positive,
+)
 from soo_func.oracles import value_and_grad
 from soo_func.searches.acceptance import accept_or_stay, radius_update, rounding_safe_ratio
 
@@ -115,30 +123,34 @@ def dogleg_step(
 
 def _validate(
     *, solver, initial_radius, max_radius, min_radius, accept_ratio, shrink_below,
-    grow_above, shrink_factor, grow_factor,
+    grow_above, shrink_factor, grow_factor, max_iters, rtol,
 ):  # fmt: skip
     who = "trust_region"
-    if solver not in SOLVERS:
-        raise ValueError(f"{who}: solver must be one of {SOLVERS}, got {solver!r}")
-    if not 0 < initial_radius <= max_radius:
+    check_in(who, "solver", solver, SOLVERS)
+    check_positive(who, "initial_radius", initial_radius)
+    check_positive(who, "max_radius", max_radius, allow_inf=True)
+    check_nonnegative(who, "min_radius", min_radius)
+    check_interval(who, "accept_ratio (eta)", accept_ratio, 0, 1, include_low=True)
+    check_interval(who, "shrink_below", shrink_below, 0, 1)
+    check_interval(who, "grow_above", grow_above, 0, 1)
+    check_interval(who, "shrink_factor", shrink_factor, 0, 1)
+    check_interval(who, "grow_factor", grow_factor, 1, math.inf)
+    if max_iters is not None:
+        check_int_at_least(who, "max_iters", max_iters, 1)
+    check_interval(who, "rtol", rtol, 0, 1, include_low=True)
+    if not initial_radius <= max_radius:
         raise ValueError(
             f"{who}: need 0 < initial_radius <= max_radius, got {initial_radius} and {max_radius}"
         )
-    if not 0 <= min_radius < initial_radius:
+    if not min_radius < initial_radius:
         raise ValueError(
             f"{who}: need 0 <= min_radius < initial_radius, got {min_radius} and {initial_radius}"
         )
-    if not 0 <= accept_ratio < 1:
-        raise ValueError(f"{who}: accept_ratio (eta) must be in [0, 1), got {accept_ratio}")
-    if not 0 < shrink_below <= grow_above < 1:
+    if not shrink_below <= grow_above:
         raise ValueError(
             f"{who}: need 0 < shrink_below <= grow_above < 1 (N&W use 1/4 and 3/4), got "
             f"{shrink_below} and {grow_above}"
         )
-    if not 0 < shrink_factor < 1:
-        raise ValueError(f"{who}: shrink_factor must be in (0, 1), got {shrink_factor}")
-    if not grow_factor > 1:
-        raise ValueError(f"{who}: grow_factor must exceed 1, got {grow_factor}")
 
 
 def trust_region(
@@ -177,6 +189,7 @@ def trust_region(
         solver=solver, initial_radius=initial_radius, max_radius=max_radius,
         min_radius=min_radius, accept_ratio=accept_ratio, shrink_below=shrink_below,
         grow_above=grow_above, shrink_factor=shrink_factor, grow_factor=grow_factor,
+        max_iters=max_iters, rtol=rtol,
     )  # fmt: skip
 
     def init(params: PyTree) -> TrustRegionState:
@@ -244,4 +257,4 @@ def trust_region(
             "search_failed": state.search_failed,
         }
 
-    return Transform(init, update, publish)
+    return guarded("trust_region", Transform(init, update, publish), TrustRegionState)

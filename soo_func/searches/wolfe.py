@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-from soo_func.base import Transform, require_extras
+from soo_func.base import Transform, guarded, require_extras
+from soo_func.options import check_interval
 from soo_func.searches.line import (
     LineSearchState,
     Ray,
@@ -115,7 +116,9 @@ def wolfe(
     """
     c1 = resolve_alias("wolfe", "slope_rtol", slope_rtol, "c1", c1, 1e-4)
     c2 = resolve_alias("wolfe", "curvature_rtol", curvature_rtol, "c2", c2, 0.9)
-    if not 0 < c1 < c2 < 1:
+    check_interval("wolfe", "slope_rtol (c1)", c1, 0, 1)
+    check_interval("wolfe", "curvature_rtol (c2)", c2, 0, 1)
+    if not c1 < c2:
         raise ValueError(
             f"wolfe: need 0 < slope_rtol (c1) < curvature_rtol (c2) < 1, got c1={c1}, c2={c2}"
         )
@@ -209,4 +212,4 @@ def wolfe(
         accepted, failed = search(ray, start, origin)
         return finish(ray, state, value, grad, accepted, failed)
 
-    return Transform(init_search_state, update, publish_search)
+    return guarded("wolfe", Transform(init_search_state, update, publish_search), LineSearchState)

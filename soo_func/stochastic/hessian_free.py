@@ -36,8 +36,9 @@ from typing import Any, NamedTuple
 import torch
 
 from soo_func import tree
-from soo_func.base import Transform, require_extras
+from soo_func.base import Transform, guarded, require_extras
 from soo_func.krylov import cg
+from soo_func.options import check_int_at_least, check_interval, check_positive
 from soo_func.oracles import hvp
 
 PyTree = Any
@@ -94,11 +95,6 @@ class MartensProgress:
         return (phi < 0) & (relative < window * self.progress_tol)
 
 
-def _check_positive(name: str, value: float) -> None:
-    if not value > 0:
-        raise ValueError(f"hessian_free: {name} must be positive, got {value}")
-
-
 def hessian_free(
     damping: float = 1.0,
     max_cg_iters: int = 20,
@@ -124,22 +120,16 @@ def hessian_free(
     ``curvature`` (``v -> B v``, the protocol key that levenberg and trust_region read too;
     Hessian products of ``value_fn`` when absent).
     """
-    _check_positive("damping", damping)
-    _check_positive("progress_tol", progress_tol)
-    _check_positive("min_damping", min_damping)
-    if not isinstance(max_cg_iters, int) or max_cg_iters < 1:
-        raise ValueError(f"hessian_free: max_cg_iters must be an int >= 1, got {max_cg_iters!r}")
-    if not 0 <= warm_start_decay <= 1:
-        raise ValueError(
-            f"hessian_free: warm_start_decay must be in [0, 1], got {warm_start_decay}"
-        )
-    if not backtrack_gamma > 1:
-        raise ValueError(f"hessian_free: backtrack_gamma must be > 1, got {backtrack_gamma}")
-    if not (damping_increase > 1 and 0 < damping_decrease < 1):
-        raise ValueError(
-            "hessian_free: need damping_increase > 1 and 0 < damping_decrease < 1, got "
-            f"{damping_increase} and {damping_decrease}"
-        )
+    who = "hessian_free"
+    check_positive(who, "damping", damping)
+    check_positive(who, "progress_tol", progress_tol)
+    check_positive(who, "min_damping", min_damping)
+    check_int_at_least(who, "max_cg_iters", max_cg_iters, 1)
+    check_interval(who, "warm_start_decay", warm_start_decay, 0, 1, include_low=True,
+                   include_high=True)  # fmt: skip
+    check_interval(who, "backtrack_gamma", backtrack_gamma, 1, math.inf)
+    check_interval(who, "damping_increase", damping_increase, 1, math.inf)
+    check_interval(who, "damping_decrease", damping_decrease, 0, 1)
     kept_iterations = _backtrack_schedule(max_cg_iters, backtrack_gamma)
 
     def init(params: PyTree) -> HessianFreeState:
@@ -216,4 +206,4 @@ def hessian_free(
             "hessian_free_reduction_ratio": state.reduction_ratio,
         }
 
-    return Transform(init, update, publish)
+    return guarded(who, Transform(init, update, publish), HessianFreeState)

@@ -27,9 +27,10 @@ from typing import Any, NamedTuple
 import torch
 
 from soo_func import tree
-from soo_func.base import Transform, require_extras
+from soo_func.base import Transform, guarded, require_extras
 from soo_func.directions import pair_memory as pm
 from soo_func.directions.compact import newest_gamma, two_loop_coefficients
+from soo_func.options import check_nonnegative, check_positive
 from soo_func.oracles import value_and_grad
 
 PyTree = Any
@@ -81,10 +82,8 @@ def multi_batch_lbfgs(
     Each step costs two gradients on the overlap.
     """
     pm.check_memory_size("multi_batch_lbfgs", memory_size)
-    if not learning_rate > 0:
-        raise ValueError(f"multi_batch_lbfgs: learning_rate must be positive, got {learning_rate}")
-    if not curvature_eps >= 0:
-        raise ValueError(f"multi_batch_lbfgs: curvature_eps must be >= 0, got {curvature_eps}")
+    check_positive("multi_batch_lbfgs", "learning_rate", learning_rate)
+    check_nonnegative("multi_batch_lbfgs", "curvature_eps", curvature_eps)
 
     def accept_rule(gram: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Berahas et al.'s skip rule: keep the new pair when ``s^T y > eps s^T s``."""
@@ -116,7 +115,7 @@ def multi_batch_lbfgs(
         )
         return step, MultiBatchLBFGSState(memory, state.num_skipped + (~accepted).long())
 
-    return Transform(init, update)
+    return guarded("multi_batch_lbfgs", Transform(init, update), MultiBatchLBFGSState)
 
 
 def inverse_hessian_product(memory: pm.PairMemory, grad: torch.Tensor) -> torch.Tensor:

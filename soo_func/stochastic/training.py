@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from soo_func import oracles, tree
-from soo_func.base import Transform, apply_updates
+from soo_func.base import Transform, apply_updates, check_transform
 from soo_func.oracles import value_and_grad
 
 PyTree = Any
@@ -163,6 +163,7 @@ def training_step(
     ``curvature`` operator on a subsample, an ``overlap_value_fn``) are passed on. Pure: no
     input is modified.
     """
+    check_transform("training_step", optimizer)
     value_fn = bind_batch(loss_fn, batch)
     value, grad = value_and_grad(value_fn)(params)
     updates, state = optimizer.update(
