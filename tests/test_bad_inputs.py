@@ -345,7 +345,7 @@ HYPER = [
     ("homotopy", lambda **k: sf.homotopy("convex", **k), {"corrector_rtol": NAN,
      "corrector_atol": 1e-6}, "corrector_rtol"),
     ("homotopy", lambda **k: sf.homotopy("convex", **k), {"final_gap": NAN}, "final_gap"),
-    ("homotopy", lambda **k: sf.homotopy("convex", **k), {"scale": NAN}, "scale"),
+    ("homotopy", lambda **k: sf.homotopy("convex", **k), {"anchor_curvature": NAN}, "anchor_curvature"),
     ("homotopy", lambda **k: sf.homotopy("convex", **k), {"tangent_rtol": NAN}, "tangent_rtol"),
     ("homotopy", lambda **k: sf.homotopy("convex", **k), {"tangent_max_iters": 0},
      "tangent_max_iters"),
