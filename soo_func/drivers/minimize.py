@@ -37,8 +37,8 @@ from soo_func.drivers.stopping import (
     UNBOUNDED_RATIO,
     StepNumbers,
     StopRules,
+    Streaks,
     check_finite_start,
-    coarsest_eps,
     host_norm,
     read_scalars,
     read_step,
@@ -168,13 +168,12 @@ class _Run:
     state: Any
     history: list[dict[str, Any]]
     num_steps: int = 0
-    failed_in_a_row: int = 0
+    streaks: Streaks = field(default_factory=Streaks)
 
     def commit(self, params, value, grad, state, numbers: StepNumbers) -> dict[str, Any]:
         """Move to the step's new point; return its history row."""
         self.params, self.value, self.grad, self.state = params, value, grad, state
         self.value_host, self.num_steps = numbers.value, self.num_steps + 1
-        self.failed_in_a_row = self.failed_in_a_row + 1 if numbers.search_failed else 0
         row_numbers = (numbers.value, numbers.grad_norm, numbers.step_norm, numbers.diagnostics)
         row = _history_row(self.num_steps, row_numbers, self.objective)
         self.history.append(row)
@@ -215,14 +214,14 @@ def attach_partial_result(err: BaseException, partial: MinimizeResult) -> None:
         err._soo_func_noted = True
 
 
-def _start_rules(value_host, grad_inf, gtol, gtol_rel, ftol, xtol, params) -> StopRules:
+def _start_rules(value_host, grad_inf, gtol, gtol_rel, ftol, xtol, eps: float) -> StopRules:
     tiny = torch.finfo(torch.float64).tiny
     return StopRules(
         gtol=gtol,
         gtol_rel_bound=gtol_rel * max(grad_inf, tiny) if gtol_rel > 0 else 0.0,
         ftol=ftol,
         xtol=xtol,
-        eps=coarsest_eps(params),
+        eps=eps,
         value_floor=-UNBOUNDED_RATIO * max(abs(value_host), 1.0),
     )
 
@@ -242,7 +241,7 @@ def _run_steps(run, optimizer, extra, rules, max_steps, callback, show, device):
         reuse = _reusable(published, objective, new_params)
         new_value, new_grad = reuse if reuse is not None else value_and_grad(objective)(new_params)
         numbers = read_step(
-            new_value, new_grad, updates, new_params, published, rules.xtol > 0, device
+            new_value, new_grad, updates, new_params, params, published, rules.xtol > 0, device
         )
         if not math.isfinite(numbers.value):
             run.num_steps += 1
@@ -256,11 +255,14 @@ def _run_steps(run, optimizer, extra, rules, max_steps, callback, show, device):
         old_value = run.value_host
         row = run.commit(new_params, new_value, new_grad, state, numbers)
         show(row)
-        reason, converged = stop_reason(numbers, old_value, rules, run.failed_in_a_row)
-        if reason is not None:
-            return reason, converged, incumbent
+        run.streaks = run.streaks.after(numbers, old_value, rules.eps)
+        reason, converged = stop_reason(numbers, old_value, rules, run.streaks)
+        if reason is not None and not converged:
+            return reason, False, incumbent
         if callback is not None and callback(row, run.params):
-            return "callback", False, incumbent
+            return "callback", converged, incumbent  # it sees the converged step too
+        if converged:
+            return reason, True, incumbent
     return "max_steps", False, incumbent
 
 
@@ -316,7 +318,8 @@ def minimize(
     value_host, grad_norm, grad_inf = read_scalars(
         [value, tree.norm(grad), tree.norm(grad, math.inf)], device
     )
-    rules = _start_rules(value_host, grad_inf, gtol, gtol_rel, ftol, xtol, params)
+    eps = torch.finfo(value.dtype).eps
+    rules = _start_rules(value_host, grad_inf, gtol, gtol_rel, ftol, xtol, eps)
     history = [_history_row(0, (value_host, host_norm(grad, grad_norm), 0.0, {}), objective)]
     run = _Run(objective, params, value, grad, value_host, state, history)
     if grad_inf <= gtol or grad_inf <= rules.gtol_rel_bound:

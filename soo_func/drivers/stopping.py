@@ -13,13 +13,21 @@ gradient's 2- and infinity norms, the step's norms and the optimizer's flags
 * ``unbounded``: ``f_{k+1} < -max(|f_0|, 1) / eps_64`` (``eps_64`` the float64 machine
   epsilon, a floor of about ``-4.5e15 max(|f_0|, 1)``): a decrease of sixteen orders of
   magnitude beyond the start's scale is taken as an objective unbounded below.
-* ``search_failed``: the search published a failure and its step made no progress beyond
-  rounding: a zero step, a step with ``||s||_inf <= eps ||x||_inf`` (the params did not
-  change at working precision, ``eps`` of the params' coarsest dtype), or a decrease
-  ``f_k - f_{k+1} <= 16 eps max(|f_k|, |f_{k+1}|)`` (the value did not change beyond its
-  rounding, the tie rule of :func:`~soo_func.searches.wolfe`); or ``MAX_FAILED_SEARCHES``
-  searches in a row failed. A failed search that still lowers the value beyond rounding
-  lets the run go on.
+* ``search_failed`` / ``stalled``, one rule for steps below rounding, for optimizers with a
+  search (those that publish ``search_failed``): a step that leaves the params unchanged
+  at working precision (``x + s == x`` in every entry), or a failed search whose step did
+  not lower the value beyond its rounding, ``f_k - f_{k+1} <= 16 eps max(|f_k|, |f_{k+1}|)``
+  (``eps`` of the value's dtype; the tie rule of :func:`~soo_func.searches.wolfe`), stops:
+  "search_failed" when the search failed, "stalled" when it accepted a step that does not
+  change the params. Also ``MAX_FAILED_SEARCHES`` failed searches in a row stop, and so do
+  ``MAX_STALLED_STEPS`` non-zero steps in a row that neither lower the value beyond its
+  rounding nor halve the gradient's infinity norm (a search accepting ties while its
+  direction points into a wall of NaN, say; under Hager & Zhang's approximate Wolfe
+  conditions the ties go on while the gradient keeps shrinking, which is progress). A failed
+  search that still lowers the value beyond rounding lets the run go on; a zero step that
+  did not fail (a rejected trust-region step) is not a stall. The value rules are not
+  applied while the optimizer publishes ``converged_ok=False`` (a homotopy's steps lower
+  its deformed objective, not ``f``).
 
 The driver itself stops on a non-finite value (``-inf`` reads as unbounded), on
 ``max_steps`` and on a ``callback`` returning ``True``.
@@ -38,12 +46,13 @@ PyTree = Any
 
 __all__ = [
     "MAX_FAILED_SEARCHES",
+    "MAX_STALLED_STEPS",
     "ROUNDING_ULPS",
     "UNBOUNDED_RATIO",
     "StepNumbers",
     "StopRules",
+    "Streaks",
     "check_finite_start",
-    "coarsest_eps",
     "host_norm",
     "read_scalars",
     "read_step",
@@ -52,6 +61,9 @@ __all__ = [
 
 MAX_FAILED_SEARCHES = 10
 """Searches failing this many steps in a row stop the run (each may cost tens of evaluations)."""
+
+MAX_STALLED_STEPS = 10
+"""Non-zero steps in a row without progress (see the module docstring) that stop the run."""
 
 ROUNDING_ULPS = 16
 """A decrease within this many units of rounding of the value is no decrease."""
@@ -65,6 +77,9 @@ SEARCH_FAILED = (
 )
 
 
+STALLED = "stalled: the accepted step does not change the params at working precision (x + s == x)"
+
+
 class StopRules(NamedTuple):
     """The tolerances of one run, fixed at its start."""
 
@@ -72,7 +87,7 @@ class StopRules(NamedTuple):
     gtol_rel_bound: float  # gtol_rel * max(||g_0||_inf, tiny); 0 disables
     ftol: float
     xtol: float
-    eps: float  # the machine epsilon of the params' coarsest dtype
+    eps: float  # the machine epsilon of the value's dtype
     value_floor: float  # -UNBOUNDED_RATIO * max(|f_0|, 1)
 
 
@@ -84,8 +99,8 @@ class StepNumbers(NamedTuple):
     grad_inf: float
     step_norm: float
     params_norm: float  # NaN unless xtol > 0
-    step_inf: float  # NaN unless the optimizer publishes search_failed
-    params_inf: float  # likewise
+    has_search: bool  # the optimizer publishes search_failed
+    params_changed: bool  # x + s != x somewhere (True unless the optimizer has a search)
     may_converge: bool  # False while the optimizer publishes converged_ok=False
     search_failed: bool
     diagnostics: dict[str, float]
@@ -108,9 +123,10 @@ def host_norm(x: PyTree, read: float) -> float:
     return read
 
 
-def coarsest_eps(params: PyTree) -> float:
-    """The largest machine epsilon among the floating leaves of ``params``."""
-    return max(torch.finfo(leaf.dtype).eps for leaf in tree.leaves(params))
+def changed(new: PyTree, old: PyTree) -> torch.Tensor:
+    """0-d bool: some entry of ``new`` differs from ``old`` (no host sync)."""
+    flags = [(a != b).any() for a, b in zip(tree.leaves(new), tree.leaves(old), strict=True)]
+    return torch.stack(flags).any() if len(flags) > 1 else flags[0]
 
 
 def check_finite_start(value: torch.Tensor, grad: PyTree) -> None:
@@ -133,6 +149,7 @@ def read_step(
     grad: PyTree,
     updates: PyTree,
     params: PyTree,
+    old_params: PyTree,
     published: dict[str, Any],
     with_params_norm: bool,
     device: torch.device,
@@ -142,16 +159,16 @@ def read_step(
     diagnostics = publication.recorded(published)
     flags = [published.get(k) for k in ("converged_ok", "search_failed")]
     flags = [f if isinstance(f, torch.Tensor) else None for f in flags]
-    with_inf = flags[1] is not None
+    with_search = flags[1] is not None
     scalars = [value, tree.norm(grad), tree.norm(grad, math.inf), tree.norm(updates)]
     scalars += [tree.norm(params)] if with_params_norm else []
-    scalars += [tree.norm(updates, math.inf), tree.norm(params, math.inf)] if with_inf else []
+    scalars += [changed(params, old_params)] if with_search else []
     scalars += [f for f in flags if f is not None] + list(diagnostics.values())
     numbers = read_scalars(scalars, device)
     value_host, grad_norm, grad_inf, step_norm = numbers[:4]
     rest = numbers[4:]
     params_norm = host_norm(params, rest.pop(0)) if with_params_norm else math.nan
-    step_inf, params_inf = (rest.pop(0), rest.pop(0)) if with_inf else (math.nan, math.nan)
+    params_changed = bool(rest.pop(0)) if with_search else True
     may_converge = bool(rest.pop(0)) if flags[0] is not None else True
     failed = bool(rest.pop(0)) if flags[1] is not None else False
     return StepNumbers(
@@ -160,8 +177,8 @@ def read_step(
         grad_inf,
         host_norm(updates, step_norm),
         params_norm,
-        step_inf,
-        params_inf,
+        with_search,
+        params_changed,
         may_converge,
         failed,
         dict(zip(diagnostics, rest, strict=True)),
@@ -183,19 +200,38 @@ def _converged(numbers: StepNumbers, old_value: float, rules: StopRules) -> str 
     return None
 
 
-def no_progress(numbers: StepNumbers, old_value: float, eps: float) -> bool:
-    """Whether a step changed neither the params nor the value beyond rounding."""
-    if not numbers.step_norm > 0.0 or numbers.step_inf <= eps * numbers.params_inf:
-        return True
+def no_decrease(numbers: StepNumbers, old_value: float, eps: float) -> bool:
+    """Whether the value did not fall beyond its rounding."""
     value = numbers.value
     return old_value - value <= ROUNDING_ULPS * eps * max(abs(old_value), abs(value))
 
 
+class Streaks(NamedTuple):
+    """Steps in a row without progress, for the rules of the module docstring."""
+
+    failed: int = 0  # failed searches in a row
+    stalled: int = 0  # non-zero search steps in a row without progress
+    grad_ref: float = math.inf  # ||g||_inf where the stalled streak (re)started
+
+    def after(self, numbers: StepNumbers, old_value: float, eps: float) -> Streaks:
+        """The streaks after the step read in ``numbers``."""
+        failed = self.failed + 1 if numbers.search_failed else 0
+        if not numbers.may_converge:  # a continuation's steps need not lower f itself
+            return Streaks(failed)
+        if not numbers.has_search or not numbers.step_norm > 0.0:
+            return self._replace(failed=failed)
+        if not no_decrease(numbers, old_value, eps):
+            return Streaks(failed)
+        if self.stalled == 0 or numbers.grad_inf < 0.5 * self.grad_ref:
+            return Streaks(failed, 1, numbers.grad_inf)
+        return Streaks(failed, self.stalled + 1, self.grad_ref)
+
+
 def stop_reason(
-    numbers: StepNumbers, old_value: float, rules: StopRules, failed_in_a_row: int
+    numbers: StepNumbers, old_value: float, rules: StopRules, streaks: Streaks
 ) -> tuple[str | None, bool]:
     """``(reason, converged)`` by the rules of the module docstring, in their order;
-    ``(None, False)`` to go on. ``failed_in_a_row`` counts this step's failure."""
+    ``(None, False)`` to go on. ``streaks`` include this step."""
     if numbers.may_converge:
         reason = _converged(numbers, old_value, rules)
         if reason is not None:
@@ -205,10 +241,18 @@ def stop_reason(
             f"unbounded: the value fell below {rules.value_floor:.3g} "
             f"(-max(|f0|, 1) / eps); the objective looks unbounded below"
         ), False
-    if numbers.search_failed and no_progress(numbers, old_value, rules.eps):
+    no_lower = numbers.may_converge and no_decrease(numbers, old_value, rules.eps)
+    if numbers.search_failed and (not numbers.params_changed or no_lower):
         return SEARCH_FAILED, False
-    if failed_in_a_row >= MAX_FAILED_SEARCHES:
+    if numbers.step_norm > 0.0 and not numbers.params_changed:
+        return STALLED, False
+    if streaks.failed >= MAX_FAILED_SEARCHES:
         return (
-            f"search_failed: {failed_in_a_row} searches in a row found no acceptable step"
+            f"search_failed: {streaks.failed} searches in a row found no acceptable step"
+        ), False
+    if streaks.stalled >= MAX_STALLED_STEPS:
+        return (
+            f"stalled: {streaks.stalled} steps in a row lowered neither the value beyond "
+            "rounding nor the gradient norm by half"
         ), False
     return None, False
