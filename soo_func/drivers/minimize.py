@@ -1,4 +1,4 @@
-"""The driver :func:`minimize`, its result and stopping rules.
+"""The driver :func:`minimize` and its result.
 
 The drivers own the host-side loop: they evaluate the objective, call the
 optimizer's ``update``, apply the updates and decide when to stop. They never
@@ -214,7 +214,17 @@ def attach_partial_result(err: BaseException, partial: MinimizeResult) -> None:
         err._soo_func_noted = True
 
 
-def _start_rules(value_host, grad_inf, gtol, gtol_rel, ftol, xtol, eps: float) -> StopRules:
+def _start_rules(
+    value_host: float,
+    grad_inf: float,
+    gtol: float,
+    gtol_rel: float,
+    ftol: float,
+    xtol: float,
+    eps: float,
+) -> StopRules:
+    """The run's tolerances from the start's value and gradient (module
+    :mod:`soo_func.drivers.stopping`)."""
     tiny = torch.finfo(torch.float64).tiny
     return StopRules(
         gtol=gtol,
@@ -226,8 +236,22 @@ def _start_rules(value_host, grad_inf, gtol, gtol_rel, ftol, xtol, eps: float) -
     )
 
 
-def _run_steps(run, optimizer, extra, rules, max_steps, callback, show, device):
-    """The loop of :func:`minimize` from ``run``'s point; ``(reason, converged, incumbent)``."""
+_MINUS_INF = "unbounded: the value reached -inf; returned the last finite point"
+
+
+def _run_steps(
+    run: _Run,
+    optimizer: Transform,
+    extra: dict[str, Any],
+    rules: StopRules,
+    max_steps: int,
+    callback: Callable[[dict[str, float], PyTree], bool | None] | None,
+    show: Callable[[dict[str, float]], None],
+    device: torch.device,
+) -> tuple[str, bool, tuple | None]:
+    """The loop of :func:`minimize` from ``run``'s point, which it moves step by step;
+    ``(reason, converged, incumbent)``. ``run`` is left at the last good point when
+    anything raises."""
     incumbent = None  # the best point an exploring optimizer published (params, value)
     while run.num_steps < max_steps:
         params, objective = run.params, run.objective
@@ -246,12 +270,8 @@ def _run_steps(run, optimizer, extra, rules, max_steps, callback, show, device):
         if not math.isfinite(numbers.value):
             run.num_steps += 1
             if numbers.value == -math.inf:
-                return (
-                    "unbounded: the value reached -inf; returned the last finite point",
-                    False,
-                    None,
-                )
-            return "non-finite value: returned the last finite point", False, None
+                return _MINUS_INF, False, incumbent
+            return "non-finite value: returned the last finite point", False, incumbent
         old_value = run.value_host
         row = run.commit(new_params, new_value, new_grad, state, numbers)
         show(row)
