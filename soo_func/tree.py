@@ -11,6 +11,7 @@ one flat vector.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -23,6 +24,7 @@ __all__ = [
     "PyTree",
     "Raveled",
     "add",
+    "all_finite",
     "axpy",
     "check_same_structure",
     "check_tensor_leaves",
@@ -33,6 +35,7 @@ __all__ = [
     "ones_like",
     "ravel",
     "scale",
+    "scaled_norm",
     "structure",
     "sub",
     "sum_of_squares",
@@ -184,15 +187,40 @@ def norm(x: PyTree, ord: float | str = 2) -> torch.Tensor:
         return torch.sqrt(sum_of_squares(x))
     if ord in (float("inf"), "inf"):
         # max(max x, -min x): two reads of each leaf (the second from cache), no |x| temporary.
+        # Zero-size leaves have no maximum and contribute nothing.
         parts = leaves(x)
         if not parts:
             raise ValueError("cannot reduce an empty pytree: params must hold at least one tensor")
-        if any(a.is_complex() for a in parts):
-            return torch.stack([a.abs().amax() for a in parts]).amax()
-        highs = torch.stack([a.amax() for a in parts]).amax()
-        lows = torch.stack([a.amin() for a in parts]).amin()
+        filled = [a for a in parts if a.numel() > 0]
+        if not filled:
+            return torch.zeros((), dtype=parts[0].real.dtype, device=parts[0].device)
+        if any(a.is_complex() for a in filled):
+            return torch.stack([a.abs().amax() for a in filled]).amax()
+        highs = torch.stack([a.amax() for a in filled]).amax()
+        lows = torch.stack([a.amin() for a in filled]).amin()
         return torch.maximum(highs, -lows)
     raise ValueError(f"norm supports ord=2 and ord=inf, got {ord!r}")
+
+
+def scaled_norm(x: PyTree) -> torch.Tensor:
+    """The 2-norm of all leaves without overflow: ``m * ||x / m||`` with ``m = ||x||_inf``
+    (LAPACK's ``dnrm2`` idea: the squares of ``x / m`` are at most 1), 0 when ``x`` is 0.
+
+    Two passes over the leaves instead of one: :func:`norm` is the hot-path norm; this
+    one is for values read once (a driver's stopping numbers when :func:`norm`
+    overflowed, float32 gradients above ~1e19)."""
+    big = norm(x, math.inf)
+    safe = torch.where(big > 0, big, torch.ones_like(big))
+    return big * norm(scale(1 / safe, x))
+
+
+def all_finite(x: PyTree) -> torch.Tensor:
+    """0-d bool: every entry of every leaf is finite (no squares, so no overflow)."""
+    parts = leaves(x)
+    flags = [torch.isfinite(a).all() for a in parts]
+    if not flags:
+        return torch.ones((), dtype=torch.bool)
+    return torch.stack(flags).all() if len(flags) > 1 else flags[0]
 
 
 def zeros_like(x: PyTree) -> PyTree:

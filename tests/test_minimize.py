@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 
 import soo_func as sf
 from soo_func import tree
+from soo_func.drivers.stopping import MAX_FAILED_SEARCHES, UNBOUNDED_RATIO
 
 DIAG = torch.tensor([1.0, 4.0, 9.0], dtype=torch.float64)
 
@@ -231,3 +233,179 @@ def test_a_run_stopped_early_returns_a_lower_published_incumbent():
     high = torch.tensor([10.0], dtype=torch.float64)
     result = sf.minimize(loss, start, _explorer(high), max_steps=2, gtol=1e-12)
     assert "incumbent" not in result.reason and float(result.params) == 2.5
+
+
+# --- reliability (issue 16) ----------------------------------------------------------------
+
+A2 = torch.tensor([[3.0, 1.0], [1.0, 2.0]], dtype=torch.float64)
+
+
+def scaled_quadratic(p):
+    """The issue's 1e-20-scaled quadratic: Wolfe's trials tie phi(0) to rounding."""
+    x = p["x"] - 1
+    return 1e-20 * 0.5 * x @ A2 @ x
+
+
+def test_failed_search_below_rounding_stops_in_bounded_evaluations():
+    params = {"x": torch.zeros(2, dtype=torch.float64)}
+    opt = sf.chain(sf.lbfgs(), sf.wolfe())
+    result = sf.minimize(scaled_quadratic, params, opt, gtol=1e-30)
+    # before: max_steps after 25,001 evaluations
+    assert result.reason.startswith("search_failed") and not result.converged
+    assert result.num_value_evals <= 100 and result.num_steps <= 3
+    assert float(result.value) <= float(scaled_quadratic(params))
+
+
+def flaky_descent(step: float, fails: Callable[[int], bool]) -> sf.Transform:
+    """Gradient descent with a fixed step that publishes ``search_failed`` when ``fails(k)``."""
+
+    def update(updates, state, params=None, **extra):
+        return tree.scale(-step, updates), state + 1
+
+    def publish(state, params=None, **extra):
+        return {"search_failed": torch.tensor(fails(int(state)))}
+
+    return sf.Transform(lambda p: torch.zeros((), dtype=torch.int64), update, publish)
+
+
+def test_failed_search_that_makes_progress_goes_on():
+    result = sf.minimize(quadratic, start(), flaky_descent(0.1, lambda k: k <= 5), gtol=1e-6)
+    assert result.converged and result.reason == "gtol" and result.num_steps > 20
+
+
+def test_failed_searches_in_a_row_stop():
+    result = sf.minimize(quadratic, start(), flaky_descent(0.1, lambda k: True), gtol=1e-12)
+    assert not result.converged and "in a row" in result.reason
+    assert result.num_steps == MAX_FAILED_SEARCHES
+
+
+def test_failed_search_whose_step_is_below_rounding_of_the_params_stops():
+    far = {"x": torch.full((3,), 1e6, dtype=torch.float64), "y": torch.ones(1, dtype=torch.float64)}
+    # a step of 1e-30 * grad at |x| = 1e6 does not change the params: stop at once
+    result = sf.minimize(quadratic, far, flaky_descent(1e-30, lambda k: True), gtol=0.0)
+    assert result.reason.startswith("search_failed") and result.num_steps == 1
+
+
+@pytest.mark.parametrize("direction", ["lbfgs", "bfgs", "nonlinear_cg"])
+def test_unbounded_below_stops_quickly(direction):
+    def linear(p):
+        return -p["x"].sum()
+
+    params = {"x": torch.zeros(2, dtype=torch.float64)}
+    result = sf.minimize(linear, params, sf.chain(getattr(sf, direction)(), sf.wolfe()))
+    # before: max_steps after 25,000+ evaluations at f = -1e29
+    assert result.reason.startswith("unbounded") and not result.converged
+    assert result.num_value_evals <= 100
+    assert float(result.value) < -UNBOUNDED_RATIO
+
+
+def test_minus_inf_reads_as_unbounded_and_returns_the_last_finite_point():
+    def falls(p):
+        x = p["x"]
+        return torch.where(x.sum() > 3.5, torch.tensor(-math.inf, dtype=x.dtype), -x.sum())
+
+    result = sf.minimize(falls, {"x": torch.zeros(2, dtype=torch.float64)}, sf.sgd(1.0))
+    assert result.reason.startswith("unbounded") and float(result.value) == -2.0
+
+
+def test_huge_float32_gradient_is_not_rejected_and_norms_do_not_overflow():
+    def huge(p):
+        return 1e25 * ((p["x"] - 1) ** 2).sum()
+
+    params = {"x": torch.zeros(3)}
+    result = sf.minimize(huge, params, sf.sgd(1e-26), max_steps=200, gtol=0.0, gtol_rel=1e-5)
+    assert result.reason == "gtol_rel" and result.converged  # before: rejected as NaN/inf
+    assert result.history[0]["grad_norm"] == pytest.approx(2e25 * math.sqrt(3), rel=1e-6)
+    assert all(math.isfinite(row["grad_norm"]) for row in result.history)
+    assert math.isfinite(float(result.grad_norm))
+    opt = sf.chain(sf.newton_krylov(), sf.armijo())
+    result = sf.minimize(huge, params, opt, max_steps=20)  # before: ValueError at the start
+    assert math.isfinite(result.history[0]["grad_norm"])
+
+
+def rosenbrock(p):
+    x = p["x"]
+    return ((1 - x[:-1]) ** 2).sum() + 100 * ((x[1:] - x[:-1] ** 2) ** 2).sum()
+
+
+def raises_at(fn: Callable, call: int, error: BaseException) -> Callable:
+    calls = [0]
+
+    def wrapped(p):
+        calls[0] += 1
+        if calls[0] == call:
+            raise error
+        return fn(p)
+
+    return wrapped
+
+
+@pytest.mark.parametrize("error", [RuntimeError("boom"), KeyboardInterrupt()])
+def test_exception_attaches_the_partial_result_and_a_resume_follows_the_same_path(error):
+    params = {"x": torch.tensor([-1.2, 1.0, -0.5], dtype=torch.float64)}
+    opt = sf.chain(sf.lbfgs(), sf.wolfe())
+    whole = sf.minimize(rosenbrock, params, opt, max_steps=15, gtol=0.0)
+    with pytest.raises(type(error)) as caught:
+        sf.minimize(raises_at(rosenbrock, 12, error), params, opt, max_steps=15, gtol=0.0)
+    partial = caught.value.partial_result
+    assert partial.reason == f"interrupted: {type(error).__name__}" and not partial.converged
+    assert 0 < partial.num_steps < 15 and len(partial.history) == partial.num_steps + 1
+    assert float(partial.value) <= float(rosenbrock(params))
+    assert float(partial.value) == float(rosenbrock(partial.params))
+    left = 15 - partial.num_steps
+    resumed = sf.minimize(
+        rosenbrock, partial.params, opt, state=partial.state, max_steps=left, gtol=0.0
+    )
+    assert resumed.num_steps == left
+    torch.testing.assert_close(resumed.params["x"], whole.params["x"], rtol=0, atol=1e-12)
+
+
+def test_least_squares_attaches_its_partial_result_and_resumes():
+    def residuals(p):
+        return torch.stack([10 * (p["x"][1] - p["x"][0] ** 2), 1 - p["x"][0]])
+
+    params = {"x": torch.tensor([-1.2, 1.0], dtype=torch.float64)}
+    whole = sf.least_squares(residuals, params, max_steps=6, gtol=0.0)
+    with pytest.raises(RuntimeError) as caught:
+        sf.least_squares(raises_at(residuals, 6, RuntimeError("x")), params, max_steps=6, gtol=0.0)
+    partial = caught.value.partial_result
+    assert partial.reason == "interrupted: RuntimeError" and partial.num_residual_evals > 0
+    left = 6 - partial.num_steps
+    resumed = sf.least_squares(
+        residuals, partial.params, state=partial.state, max_steps=left, gtol=0.0
+    )
+    torch.testing.assert_close(resumed.params["x"], whole.params["x"], rtol=0, atol=1e-12)
+
+
+def test_params_that_require_grad_come_back_as_plain_leaves():
+    params = {k: v.clone().requires_grad_(True) for k, v in start().items()}
+    result = sf.minimize(quadratic, params, sf.chain(sf.lbfgs(), sf.wolfe()))
+    assert result.converged
+    for leaf in tree.leaves(result.params):
+        assert leaf.grad_fn is None and not leaf.requires_grad and leaf.is_leaf
+    assert result.value.grad_fn is None
+    assert all(leaf.requires_grad for leaf in tree.leaves(params))
+    assert torch.equal(params["x"].detach(), start()["x"])
+
+
+def test_gtol_rel_is_scale_free_and_gtol_stays_absolute():
+    def tiny(p):
+        return 1e-30 * quadratic(p)
+
+    result = sf.minimize(tiny, start(), sf.chain(sf.lbfgs(), sf.wolfe()))
+    assert result.reason == "gtol" and result.num_steps == 0  # the absolute rule, unchanged
+    result = sf.minimize(tiny, start(), sf.sgd(1e29), gtol=0.0, gtol_rel=1e-8)
+    g0 = float(tree.norm(sf.value_and_grad(tiny)(start())[1], math.inf))
+    assert result.reason == "gtol_rel" and result.converged
+    assert float(tree.norm(result.grad, math.inf)) <= 1e-8 * g0
+    assert float(tree.norm(result.params, math.inf)) <= 1e-6
+
+
+def test_a_returned_incumbent_comes_without_the_last_points_state():
+    def loss(x):
+        return (x**2).sum()
+
+    start_x = torch.tensor([0.5], dtype=torch.float64)
+    result = sf.minimize(loss, start_x + 1.0, _explorer(start_x), max_steps=3, gtol=1e-12)
+    assert "incumbent" in result.reason and result.state is None
+    assert "state is None" in result.reason

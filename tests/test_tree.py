@@ -126,3 +126,29 @@ def test_non_tensor_leaf_is_named():
 def test_empty_tree_reduction():
     with pytest.raises(ValueError, match="empty"):
         tree.vdot({}, {})
+
+
+def test_norms_of_trees_with_zero_size_leaves():
+    x = {
+        "w": torch.tensor([1.0, -2.0], dtype=torch.float64),
+        "e": torch.zeros(0, dtype=torch.float64),
+    }
+    assert float(tree.norm(x, math.inf)) == 2.0  # before: amax() on the empty leaf raised
+    assert float(tree.norm(x)) == pytest.approx(math.sqrt(5.0), rel=1e-15)
+    assert float(tree.sum_of_squares(x)) == 5.0 and float(tree.scaled_norm(x)) == pytest.approx(
+        math.sqrt(5.0), rel=1e-15
+    )
+    empty = {"e": torch.zeros(0), "f": torch.zeros(0, 3)}
+    assert float(tree.norm(empty, math.inf)) == 0.0 and float(tree.norm(empty)) == 0.0
+    assert bool(tree.all_finite(empty))
+
+
+def test_scaled_norm_does_not_overflow_and_all_finite_does_not_square():
+    x = {"a": torch.tensor([3e25, -4e25]), "b": torch.tensor([0.0])}
+    assert math.isinf(float(tree.norm(x)))  # the hot-path norm squares (float32 max ~3.4e38)
+    assert float(tree.scaled_norm(x)) == pytest.approx(5e25, rel=1e-6)
+    assert bool(tree.all_finite(x))
+    assert not bool(tree.all_finite({"a": torch.tensor([1.0, math.nan]), "b": torch.ones(1)}))
+    assert not bool(tree.all_finite(torch.tensor([math.inf])))
+    zero = torch.zeros(3, dtype=torch.float64)
+    assert float(tree.scaled_norm(zero)) == 0.0

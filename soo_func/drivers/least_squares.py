@@ -38,7 +38,8 @@ def least_squares(
     ``num_hvp_evals``. The objective's own values (``0.5 |r|^2``, from the raw
     ``residual_fn``) are ``num_value_evals`` as in :func:`minimize`. When ``optimizer``
     is ``None`` it is ``levenberg_marquardt()``. Other keyword arguments go to
-    :func:`minimize`.
+    :func:`minimize` (``state=`` resumes a run; an exception carries
+    ``err.partial_result`` with these counts, as there).
     """
     if optimizer is None:
         optimizer = levenberg_marquardt()
@@ -49,9 +50,19 @@ def least_squares(
         return 0.5 * tree.sum_of_squares(raw(p))
 
     extra = dict(kwargs.pop("extra", None) or {}, residual_fn=counted)
-    result = minimize(value_fn, params, optimizer, extra=extra, **kwargs)
-    return dataclasses.replace(
-        result,
-        num_hvp_evals=result.num_hvp_evals + counted.num_hvp_evals,
-        num_residual_evals=counted.num_value_evals,
-    )
+
+    def with_residual_counts(result: MinimizeResult) -> MinimizeResult:
+        return dataclasses.replace(
+            result,
+            num_hvp_evals=result.num_hvp_evals + counted.num_hvp_evals,
+            num_residual_evals=counted.num_value_evals,
+        )
+
+    try:
+        result = minimize(value_fn, params, optimizer, extra=extra, **kwargs)
+    except BaseException as err:
+        partial = getattr(err, "partial_result", None)
+        if isinstance(partial, MinimizeResult):
+            err.partial_result = with_residual_counts(partial)
+        raise
+    return with_residual_counts(result)

@@ -1,4 +1,4 @@
-"""The driver :func:`minimize`, its result and stopping rules.
+"""The driver :func:`minimize` and its result.
 
 The drivers own the host-side loop: they evaluate the objective, call the
 optimizer's ``update``, apply the updates and decide when to stop. They never
@@ -8,16 +8,17 @@ accepted point), those are reused; when they belong to a rewritten objective (th
 published ``value_fn``) that also publishes ``recover_objective``, the driver's value
 and gradient are recovered from them. See ``docs/design.md``.
 
-Stopping rules (checked in this order after each step):
+The stopping rules (gtol, gtol_rel, ftol, xtol, unbounded, search_failed) are those of
+:mod:`soo_func.drivers.stopping`. The driver also stops on a non-finite value (the last
+finite point is returned; ``-inf`` reads as unbounded), on ``max_steps`` and on a
+``callback`` returning ``True``.
 
-* ``gtol``: ``||grad||_inf <= gtol`` (scipy's BFGS / L-BFGS-B convention), only when
-  the optimizer does not publish ``converged_ok=False`` (homotopy before t = 1).
-* ``ftol``: ``f_k - f_{k+1} <= ftol * max(|f_k|, |f_{k+1}|, 1)`` (L-BFGS-B's ``factr`` rule),
-  tested on non-zero steps only (a rejected trust-region step is not a stall).
-* ``xtol``: a non-zero step with ``||s|| <= xtol * (||x|| + xtol)`` (scipy's least_squares rule).
-* ``search_failed``: the search published a failure and returned a zero step.
-* ``non-finite``: the objective became NaN/inf; the last finite point is returned.
-* ``max_steps``; ``callback`` returning ``True``.
+Params are detached first: the result's params are plain tensors without a graph, and the
+caller's params are never touched. When ``value_fn`` (or the optimizer) raises, including
+``KeyboardInterrupt``, the same exception propagates with the run so far attached as
+``err.partial_result`` (a :class:`MinimizeResult` at the last good point, reason
+``"interrupted: <ExcType>"``); ``minimize(value_fn, partial.params, optimizer,
+state=partial.state)`` resumes it on the same trajectory.
 """
 
 from __future__ import annotations
@@ -26,12 +27,23 @@ import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
-from soo_func import publication, tree
+from soo_func import tree
 from soo_func.base import Transform, apply_updates, check_params, update_and_publish
+from soo_func.drivers.stopping import (
+    UNBOUNDED_RATIO,
+    StepNumbers,
+    StopRules,
+    Streaks,
+    check_finite_start,
+    host_norm,
+    read_scalars,
+    read_step,
+    stop_reason,
+)
 from soo_func.oracles import CountedObjective, value_and_grad
 
 PyTree = Any
@@ -46,6 +58,10 @@ class MinimizeResult:
     ``history`` holds one dict per step (``step``, ``value``, ``grad_norm``,
     ``step_norm``, evaluation counts, and any 0-d diagnostics the optimizer
     published, e.g. ``continuation_t``); entry 0 is the starting point.
+
+    ``state`` is the optimizer's state at ``params``: ``minimize(value_fn, result.params,
+    optimizer, state=result.state)`` continues the run. It is ``None`` when the driver
+    returned an optimizer's incumbent (the state belongs to the last point, not to it).
     """
 
     params: PyTree
@@ -58,18 +74,9 @@ class MinimizeResult:
     num_hvp_evals: int
     converged: bool
     reason: str
-    state: Any = None
+    state: Any = None  # the optimizer's state at ``params`` (None: see ``reason``)
     history: list[dict[str, float]] = field(default_factory=list)
     num_residual_evals: int = 0  # least_squares: residual_fn evaluations by the optimizer
-
-
-def _read_scalars(scalars: list[torch.Tensor], device: torch.device) -> list[float]:
-    """Read many 0-d tensors on the host in one synchronisation (as float64)."""
-    if not scalars:
-        return []
-    return torch.stack(
-        [t.detach().to(device=device, dtype=torch.float64) for t in scalars]
-    ).tolist()
 
 
 def _reusable(published: dict[str, Any], objective: CountedObjective, new_params: PyTree):
@@ -109,19 +116,6 @@ def _incumbent_if_better(incumbent, value_host: float, objective: CountedObjecti
     return params, value, grad
 
 
-def _check_finite_start(value: torch.Tensor, grad: PyTree) -> None:
-    if not bool(torch.isfinite(value)):
-        raise ValueError(
-            f"the objective is {float(value)} at the starting params: start from a point where "
-            "value_fn is finite"
-        )
-    if not bool(torch.isfinite(tree.norm(grad))):
-        raise ValueError(
-            "the gradient has NaN/inf entries at the starting params: check value_fn for "
-            "log(0), division by zero or overflow there"
-        )
-
-
 def _progress_printer(enabled: bool) -> Callable[[dict[str, float]], None]:
     if not enabled:
         return lambda row: None
@@ -147,81 +141,6 @@ def _progress_printer(enabled: bool) -> Callable[[dict[str, float]], None]:
     return show
 
 
-class _StepNumbers(NamedTuple):
-    """What the stopping rules and the history read after a step, on the host."""
-
-    value: float
-    grad_norm: float
-    grad_inf: float
-    step_norm: float
-    params_norm: float  # NaN unless xtol > 0
-    may_converge: bool  # False while the optimizer publishes converged_ok=False
-    search_failed: bool
-    diagnostics: dict[str, float]
-
-
-def _read_step(
-    value: torch.Tensor,
-    grad: PyTree,
-    updates: PyTree,
-    params: PyTree,
-    published: dict[str, Any],
-    with_params_norm: bool,
-    device: torch.device,
-) -> _StepNumbers:
-    """Everything the stopping rules and the history read, in one host sync."""
-    diagnostics = publication.recorded(published)
-    flags = [published.get(k) for k in ("converged_ok", "search_failed")]
-    flags = [f if isinstance(f, torch.Tensor) else None for f in flags]
-    scalars = [value, tree.norm(grad), tree.norm(grad, math.inf), tree.norm(updates)]
-    scalars += [tree.norm(params)] if with_params_norm else []
-    scalars += [f for f in flags if f is not None] + list(diagnostics.values())
-    numbers = _read_scalars(scalars, device)
-    value_host, grad_norm, grad_inf, step_norm = numbers[:4]
-    rest = numbers[4:]
-    params_norm = rest.pop(0) if with_params_norm else math.nan
-    may_converge, failed = True, False
-    if flags[0] is not None:
-        may_converge = bool(rest.pop(0))
-    if flags[1] is not None:
-        failed = bool(rest.pop(0))
-    return _StepNumbers(
-        value_host,
-        grad_norm,
-        grad_inf,
-        step_norm,
-        params_norm,
-        may_converge,
-        failed,
-        dict(zip(diagnostics, rest, strict=True)),
-    )
-
-
-_SEARCH_FAILED = (
-    "search_failed: no acceptable step (the point cannot be improved at this precision or "
-    "along this direction)"
-)
-
-
-def _stop_reason(
-    numbers: _StepNumbers, old_value: float, gtol: float, ftol: float, xtol: float
-) -> tuple[str | None, bool]:
-    """``(reason, converged)`` by the rules of the module docstring, in their order;
-    ``(None, False)`` to go on."""
-    moved = numbers.step_norm > 0.0
-    value = numbers.value
-    if numbers.may_converge:
-        if numbers.grad_inf <= gtol:
-            return "gtol", True
-        if moved and ftol > 0 and old_value - value <= ftol * max(abs(old_value), abs(value), 1):
-            return "ftol", True
-        if moved and xtol > 0 and numbers.step_norm <= xtol * (numbers.params_norm + xtol):
-            return "xtol", True
-    if numbers.search_failed and not moved:
-        return _SEARCH_FAILED, False
-    return None, False
-
-
 def _history_row(step: int, numbers: tuple, objective: CountedObjective) -> dict[str, Any]:
     value, grad_norm, step_norm, diagnostics = numbers
     return {
@@ -236,6 +155,137 @@ def _history_row(step: int, numbers: tuple, objective: CountedObjective) -> dict
     }
 
 
+@dataclass
+class _Run:
+    """The last good point of a run: what the result, or a partial result attached to an
+    exception, returns."""
+
+    objective: CountedObjective
+    params: PyTree
+    value: torch.Tensor
+    grad: PyTree
+    value_host: float
+    state: Any
+    history: list[dict[str, Any]]
+    num_steps: int = 0
+    streaks: Streaks = field(default_factory=Streaks)
+
+    def commit(self, params, value, grad, state, numbers: StepNumbers) -> dict[str, Any]:
+        """Move to the step's new point; return its history row."""
+        self.params, self.value, self.grad, self.state = params, value, grad, state
+        self.value_host, self.num_steps = numbers.value, self.num_steps + 1
+        row_numbers = (numbers.value, numbers.grad_norm, numbers.step_norm, numbers.diagnostics)
+        row = _history_row(self.num_steps, row_numbers, self.objective)
+        self.history.append(row)
+        return row
+
+    def result(self, reason: str, converged: bool) -> MinimizeResult:
+        grad_norm = tree.norm(self.grad)
+        if not bool(torch.isfinite(grad_norm)) and bool(tree.all_finite(self.grad)):
+            grad_norm = tree.scaled_norm(self.grad)
+        return MinimizeResult(
+            params=self.params,
+            value=self.value,
+            grad=self.grad,
+            grad_norm=grad_norm,
+            num_steps=self.num_steps,
+            num_value_evals=self.objective.num_value_evals,
+            num_grad_evals=self.objective.num_grad_evals,
+            num_hvp_evals=self.objective.num_hvp_evals,
+            converged=converged,
+            reason=reason,
+            state=self.state,
+            history=self.history,
+        )
+
+
+def attach_partial_result(err: BaseException, partial: MinimizeResult) -> None:
+    """Attach ``partial`` to ``err`` as ``err.partial_result`` (with a note saying so),
+    where the exception type allows attributes."""
+    try:
+        err.partial_result = partial
+    except (AttributeError, TypeError):  # pragma: no cover - exceptions with __slots__
+        return
+    if hasattr(err, "add_note") and not getattr(err, "_soo_func_noted", False):
+        err.add_note(
+            f"soo_func: the run so far ({partial.num_steps} steps) is err.partial_result; "
+            "resume with minimize(value_fn, partial.params, optimizer, state=partial.state)"
+        )
+        err._soo_func_noted = True
+
+
+def _start_rules(
+    value_host: float,
+    grad_inf: float,
+    gtol: float,
+    gtol_rel: float,
+    ftol: float,
+    xtol: float,
+    eps: float,
+) -> StopRules:
+    """The run's tolerances from the start's value and gradient (module
+    :mod:`soo_func.drivers.stopping`)."""
+    tiny = torch.finfo(torch.float64).tiny
+    return StopRules(
+        gtol=gtol,
+        gtol_rel_bound=gtol_rel * max(grad_inf, tiny) if gtol_rel > 0 else 0.0,
+        ftol=ftol,
+        xtol=xtol,
+        eps=eps,
+        value_floor=-UNBOUNDED_RATIO * max(abs(value_host), 1.0),
+    )
+
+
+_MINUS_INF = "unbounded: the value reached -inf; returned the last finite point"
+
+
+def _run_steps(
+    run: _Run,
+    optimizer: Transform,
+    extra: dict[str, Any],
+    rules: StopRules,
+    max_steps: int,
+    callback: Callable[[dict[str, float], PyTree], bool | None] | None,
+    show: Callable[[dict[str, float]], None],
+    device: torch.device,
+) -> tuple[str, bool, tuple | None]:
+    """The loop of :func:`minimize` from ``run``'s point, which it moves step by step;
+    ``(reason, converged, incumbent)``. ``run`` is left at the last good point when
+    anything raises."""
+    incumbent = None  # the best point an exploring optimizer published (params, value)
+    while run.num_steps < max_steps:
+        params, objective = run.params, run.objective
+        kwargs = dict(extra, value=run.value, grad=run.grad, value_fn=objective)
+        updates, state, published = update_and_publish(
+            optimizer, run.grad, run.state, params, **kwargs
+        )
+        if "incumbent_params" in published:
+            incumbent = (published["incumbent_params"], published.get("incumbent_value"))
+        new_params = apply_updates(params, updates)
+        reuse = _reusable(published, objective, new_params)
+        new_value, new_grad = reuse if reuse is not None else value_and_grad(objective)(new_params)
+        numbers = read_step(
+            new_value, new_grad, updates, new_params, params, published, rules.xtol > 0, device
+        )
+        if not math.isfinite(numbers.value):
+            run.num_steps += 1
+            if numbers.value == -math.inf:
+                return _MINUS_INF, False, incumbent
+            return "non-finite value: returned the last finite point", False, incumbent
+        old_value = run.value_host
+        row = run.commit(new_params, new_value, new_grad, state, numbers)
+        show(row)
+        run.streaks = run.streaks.after(numbers, old_value, rules.eps)
+        reason, converged = stop_reason(numbers, old_value, rules, run.streaks)
+        if reason is not None and not converged:
+            return reason, False, incumbent
+        if callback is not None and callback(row, run.params):
+            return "callback", converged, incumbent  # it sees the converged step too
+        if converged:
+            return reason, True, incumbent
+    return "max_steps", False, incumbent
+
+
 def minimize(
     value_fn: Callable[[PyTree], torch.Tensor],
     params: PyTree,
@@ -243,8 +293,10 @@ def minimize(
     *,
     max_steps: int = 1000,
     gtol: float = 1e-5,
+    gtol_rel: float = 0.0,
     ftol: float = 0.0,
     xtol: float = 0.0,
+    state: Any = None,
     callback: Callable[[dict[str, float], PyTree], bool | None] | None = None,
     progress: bool = False,
     extra: dict[str, Any] | None = None,
@@ -253,75 +305,60 @@ def minimize(
 
     Args:
       value_fn: params -> 0-d loss tensor (bind data with ``functools.partial``).
-      params: the starting pytree of floating tensors (not modified).
+      params: the starting pytree of floating tensors (not modified; detached).
       optimizer: a :class:`~soo_func.Transform`, e.g. ``chain(lbfgs(), wolfe())``.
-      max_steps: the most optimizer steps.
-      gtol: stop when the gradient's infinity norm is at most ``gtol``.
+      max_steps: the most optimizer steps (of this call, a resumed run counts afresh).
+      gtol: stop when the gradient's infinity norm is at most ``gtol`` (absolute).
+      gtol_rel: stop when the gradient's infinity norm is at most ``gtol_rel`` times the
+        start's (0 disables): the scale-free rule, for objectives far from unit scale
+        (pass ``gtol=0`` with it, as an objective scaled by 1e-30 meets any absolute
+        ``gtol`` at the start).
       ftol: stop when the relative decrease of the value is at most ``ftol`` (0 disables).
         Steps that a trust region or Levenberg-Marquardt rejected (zero steps) are not tested.
       xtol: stop when an accepted step is at most ``xtol * (||params|| + xtol)``
         (``scipy.optimize.least_squares``' rule; 0 disables).
+      state: the optimizer's state at ``params`` to continue from (a previous result's or
+        an exception's ``partial_result.state``); ``None``: ``optimizer.init(params)``.
       callback: ``callback(row, params)`` after each step; returning ``True`` stops.
       progress: show a progress bar (tqdm) with the value and gradient norm.
       extra: more keyword extras for ``update`` (e.g. ``residual_fn``).
+
+    The stopping rules and their order are those of :mod:`soo_func.drivers.stopping`.
+    An exception raised by ``value_fn`` or the optimizer (``KeyboardInterrupt`` too)
+    propagates with ``err.partial_result``, the :class:`MinimizeResult` at the last good
+    point (reason ``"interrupted: <ExcType>"``).
     """
     check_params(params)
+    params = tree.map(torch.Tensor.detach, params)
     objective = CountedObjective(value_fn)
-    extra = dict(extra or {})
-    state = optimizer.init(params)
+    state = optimizer.init(params) if state is None else state
     value, grad = value_and_grad(objective)(params)
-    _check_finite_start(value, grad)
-    show = _progress_printer(progress)
+    check_finite_start(value, grad)
     device = tree.leaves(params)[0].device
-    value_host, grad_norm, grad_inf = _read_scalars(
+    value_host, grad_norm, grad_inf = read_scalars(
         [value, tree.norm(grad), tree.norm(grad, math.inf)], device
     )
-    history = [_history_row(0, (value_host, grad_norm, 0.0, {}), objective)]
-    reason, converged, num_steps = "max_steps", grad_inf <= gtol, 0
-    reason = "gtol" if converged else reason
-    incumbent = None  # the best point an exploring optimizer published (params, value)
-    while not converged and num_steps < max_steps:
-        kwargs = dict(extra, value=value, grad=grad, value_fn=objective)
-        updates, state, published = update_and_publish(optimizer, grad, state, params, **kwargs)
-        if "incumbent_params" in published:
-            incumbent = (published["incumbent_params"], published.get("incumbent_value"))
-        new_params = apply_updates(params, updates)
-        reuse = _reusable(published, objective, new_params)
-        new_value, new_grad = reuse if reuse is not None else value_and_grad(objective)(new_params)
-        num_steps += 1
-        numbers = _read_step(new_value, new_grad, updates, new_params, published, xtol > 0, device)
-        if not math.isfinite(numbers.value):
-            reason = "non-finite value: returned the last finite point"
-            break
-        old_value = value_host
-        params, value, grad, value_host = new_params, new_value, new_grad, numbers.value
-        row_numbers = (numbers.value, numbers.grad_norm, numbers.step_norm, numbers.diagnostics)
-        row = _history_row(num_steps, row_numbers, objective)
-        history.append(row)
-        show(row)
-        stop, converged = _stop_reason(numbers, old_value, gtol, ftol, xtol)
-        if stop is not None:
-            reason = stop
-            if not converged:
-                break
-        if callback is not None and callback(row, params):
-            reason = "callback"
-            break
-    better = None if converged else _incumbent_if_better(incumbent, value_host, objective)
-    if better is not None:
-        params, value, grad = better
-        reason += "; returned the optimizer's incumbent (its best point, lower than the last)"
-    return MinimizeResult(
-        params=params,
-        value=value,
-        grad=grad,
-        grad_norm=tree.norm(grad),
-        num_steps=num_steps,
-        num_value_evals=objective.num_value_evals,
-        num_grad_evals=objective.num_grad_evals,
-        num_hvp_evals=objective.num_hvp_evals,
-        converged=converged,
-        reason=reason,
-        state=state,
-        history=history,
+    eps = torch.finfo(value.dtype).eps
+    rules = _start_rules(value_host, grad_inf, gtol, gtol_rel, ftol, xtol, eps)
+    history = [_history_row(0, (value_host, host_norm(grad, grad_norm), 0.0, {}), objective)]
+    run = _Run(objective, params, value, grad, value_host, state, history)
+    if grad_inf <= gtol or grad_inf <= rules.gtol_rel_bound:
+        return run.result("gtol" if grad_inf <= gtol else "gtol_rel", True)
+    try:
+        reason, converged, incumbent = _run_steps(
+            run, optimizer, dict(extra or {}), rules, max_steps, callback,
+            _progress_printer(progress), device,
+        )  # fmt: skip
+    except BaseException as err:
+        attach_partial_result(err, run.result(f"interrupted: {type(err).__name__}", False))
+        raise
+    better = None if converged else _incumbent_if_better(incumbent, run.value_host, objective)
+    if better is None:
+        return run.result(reason, converged)
+    run.params, run.value, run.grad = better
+    run.state = None
+    return run.result(
+        reason + "; returned the optimizer's incumbent (its best point, lower than the last); "
+        "state is None (the optimizer's state belongs to the last point)",
+        False,
     )
