@@ -255,7 +255,7 @@ def ravel(x: PyTree) -> Raveled:
     dtypes = {leaf.dtype for leaf in flat_leaves}
     if len(dtypes) > 1:
         raise TypeError(
-            f"ravel needs one dtype across leaves, got {sorted(map(str, dtypes))}; cast the "
+            f"ravel needs one dtype across leaves, got {sorted(str(d) for d in dtypes)}; cast the "
             "params to a common dtype first"
         )
     shapes = tuple(leaf.shape for leaf in flat_leaves)

@@ -503,11 +503,6 @@ def test_functional_loss_refuses_a_non_scalar_loss_and_batchnorm_in_training():
         sf.functional_loss(torch.nn.BatchNorm1d(2), lambda out, y: out.sum())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="soo_func/tree.py ravel formats the dtypes with tree.map (its own map shadows "
-    "the built-in), so the message lists characters; fix there: sorted(str(d) for d in dtypes)",
-)
 def test_mixed_dtype_least_squares_lists_the_dtypes():
     params = {"a": torch.ones(2, dtype=D), "b": torch.ones(2, dtype=torch.float32)}
     with pytest.raises(TypeError, match=r"one dtype across leaves, got \['torch\.float32', "):

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from soo_func import tree
-from soo_func.base import Transform
+from soo_func.base import Transform, check_transform
 from soo_func.drivers.minimize import MinimizeResult, minimize
 from soo_func.oracles import CountedObjective, raw_function
 from soo_func.searches.levenberg import levenberg_marquardt
@@ -41,8 +41,8 @@ def least_squares(
     :func:`minimize` (``state=`` resumes a run; an exception carries
     ``err.partial_result`` with these counts, as there).
     """
-    if optimizer is None:
-        optimizer = levenberg_marquardt()
+    optimizer = levenberg_marquardt() if optimizer is None else optimizer
+    check_transform("least_squares", optimizer)
     raw = raw_function(residual_fn)
     counted = CountedObjective(raw)
 

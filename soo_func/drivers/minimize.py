@@ -32,7 +32,13 @@ from typing import Any
 import torch
 
 from soo_func import tree
-from soo_func.base import Transform, apply_updates, check_params, update_and_publish
+from soo_func.base import (
+    Transform,
+    apply_updates,
+    check_params,
+    check_transform,
+    update_and_publish,
+)
 from soo_func.drivers.stopping import (
     UNBOUNDED_RATIO,
     StepNumbers,
@@ -329,6 +335,7 @@ def minimize(
     point (reason ``"interrupted: <ExcType>"``).
     """
     check_params(params)
+    check_transform("minimize", optimizer)
     params = tree.map(torch.Tensor.detach, params)
     objective = CountedObjective(value_fn)
     state = optimizer.init(params) if state is None else state
