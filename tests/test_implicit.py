@@ -205,3 +205,76 @@ def test_bad_options_are_refused():
         implicit.root(lambda x: x, x, rtol=0.0)
     with pytest.raises(ValueError, match="solver"):
         implicit.minimizer(lambda x: x.sum(), x, solver="normal_cg")
+
+
+# --- the drivers' args= and adjoint="implicit" ---------------------------------------------
+
+
+def test_minimize_implicit_adjoint_matches_the_ridge_closed_form():
+    a, b = ridge_problem(seed=4)
+    inputs = [t.clone().requires_grad_(True) for t in (a, b, torch.tensor(0.4, dtype=D))]
+    result = sf.minimize(
+        ridge_value,
+        torch.zeros(a.shape[1], dtype=D),
+        sf.chain(sf.lbfgs(), sf.wolfe()),
+        args=tuple(inputs),
+        adjoint="implicit",
+        gtol=1e-11,
+    )
+    assert result.converged, result.reason
+    probe = torch.arange(1.0, a.shape[1] + 1, dtype=D)
+    grads = torch.autograd.grad(result.params @ probe + result.value, inputs)
+    ref_inputs = [t.detach().clone().requires_grad_(True) for t in inputs]
+    x_ref = ridge_closed_form(*ref_inputs)
+    ref = x_ref @ probe + ridge_value(x_ref, *ref_inputs)
+    for got, want in zip(grads, torch.autograd.grad(ref, ref_inputs), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-9)
+
+
+def test_minimize_without_adjoint_returns_a_detached_solution():
+    a, b = ridge_problem()
+    lam = torch.tensor(0.4, dtype=D, requires_grad=True)
+    result = sf.minimize(
+        ridge_value, torch.zeros(a.shape[1], dtype=D), sf.chain(sf.lbfgs(), sf.wolfe()),
+        args=(a, b, lam),
+    )  # fmt: skip
+    assert result.params.grad_fn is None and not result.params.requires_grad
+
+
+def test_implicit_gradient_of_an_unconverged_solve_raises():
+    a, b = ridge_problem()
+    lam = torch.tensor(0.4, dtype=D, requires_grad=True)
+    result = sf.minimize(
+        ridge_value, torch.zeros(a.shape[1], dtype=D), sf.chain(sf.lbfgs(), sf.wolfe()),
+        args=(a, b, lam), adjoint="implicit", max_steps=2, gtol=1e-12,
+    )  # fmt: skip
+    assert result.reason == "max_steps"
+    with pytest.raises(ValueError, match="not a root"):
+        torch.autograd.grad(result.params.sum(), lam)
+
+
+def test_least_squares_implicit_adjoint_against_finite_differences():
+    t = torch.linspace(0, 4, 30, dtype=D)
+    y = 2.0 * torch.exp(-1.3 * t) + 0.5 + 0.01 * torch.sin(7 * t)
+    start = {k: torch.tensor(v, dtype=D) for k, v in (("a", 1.0), ("b", 1.0), ("c", 0.0))}
+
+    def solve(y, **kw):
+        return sf.least_squares(decay_residuals, start, args=(t, y), gtol=1e-10, **kw)
+
+    y_req = y.clone().requires_grad_(True)
+    result = solve(y_req, adjoint="implicit")
+    assert result.converged, result.reason
+    (grad,) = torch.autograd.grad(result.params["b"], y_req)
+    h = 1e-6
+    for i in (0, 11, 29):
+        step = torch.zeros_like(y)
+        step[i] = h
+        fd = (solve(y + step).params["b"] - solve(y - step).params["b"]) / (2 * h)
+        assert abs(float(grad[i]) - float(fd)) <= 1e-5 * max(abs(float(fd)), 1e-2), (i, grad[i], fd)
+
+
+def test_bad_adjoint_options_are_refused():
+    with pytest.raises(ValueError, match="adjoint"):
+        sf.minimize(lambda p: (p**2).sum(), torch.ones(2, dtype=D), sf.lbfgs(), adjoint="unroll")
+    with pytest.raises(TypeError, match="args must be a tuple"):
+        sf.minimize(lambda p, a: (p**2).sum(), torch.ones(2, dtype=D), sf.lbfgs(), args=[1.0])

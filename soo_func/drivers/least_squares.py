@@ -12,6 +12,7 @@ import torch
 
 from soo_func import tree
 from soo_func.base import Transform, check_transform
+from soo_func.drivers.adjoint import bind_args, check_adjoint
 from soo_func.drivers.minimize import MinimizeResult, minimize
 from soo_func.oracles import CountedObjective, raw_function
 from soo_func.searches.levenberg import levenberg_marquardt
@@ -25,6 +26,8 @@ def least_squares(
     residual_fn: Callable[[PyTree], PyTree],
     params: PyTree,
     optimizer: Transform | None = None,
+    *,
+    args: tuple = (),
     **kwargs: Any,
 ) -> MinimizeResult:
     """Minimize ``0.5 * ||residual_fn(params)||^2``.
@@ -39,15 +42,18 @@ def least_squares(
     ``residual_fn``) are ``num_value_evals`` as in :func:`minimize`. When ``optimizer``
     is ``None`` it is ``levenberg_marquardt()``. Other keyword arguments go to
     :func:`minimize` (``state=`` resumes a run; an exception carries
-    ``err.partial_result`` with these counts, as there).
+    ``err.partial_result`` with these counts, as there; ``args`` are extra arguments of
+    ``residual_fn(params, *args)``, and ``adjoint="implicit"`` differentiates the solution
+    with respect to them through ``J^T r = 0``, see :mod:`soo_func.drivers.adjoint`).
     """
     optimizer = levenberg_marquardt() if optimizer is None else optimizer
     check_transform("least_squares", optimizer)
+    check_adjoint("least_squares", kwargs.get("adjoint"), args)
     raw = raw_function(residual_fn)
-    counted = CountedObjective(raw)
+    counted = CountedObjective(bind_args(raw, args))
 
-    def value_fn(p: PyTree) -> torch.Tensor:
-        return 0.5 * tree.sum_of_squares(raw(p))
+    def value_fn(p: PyTree, *a: Any) -> torch.Tensor:
+        return 0.5 * tree.sum_of_squares(raw(p, *a))
 
     extra = dict(kwargs.pop("extra", None) or {}, residual_fn=counted)
 
@@ -59,7 +65,7 @@ def least_squares(
         )
 
     try:
-        result = minimize(value_fn, params, optimizer, extra=extra, **kwargs)
+        result = minimize(value_fn, params, optimizer, extra=extra, args=args, **kwargs)
     except BaseException as err:
         partial = getattr(err, "partial_result", None)
         if isinstance(partial, MinimizeResult):

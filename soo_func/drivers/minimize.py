@@ -39,6 +39,7 @@ from soo_func.base import (
     check_transform,
     update_and_publish,
 )
+from soo_func.drivers.adjoint import bind_args, check_adjoint, with_adjoint
 from soo_func.drivers.stopping import (
     UNBOUNDED_RATIO,
     StepNumbers,
@@ -306,6 +307,8 @@ def minimize(
     callback: Callable[[dict[str, float], PyTree], bool | None] | None = None,
     progress: bool = False,
     extra: dict[str, Any] | None = None,
+    args: tuple = (),
+    adjoint: str | None = None,
 ) -> MinimizeResult:
     """Minimize the scalar ``value_fn(params)`` with ``optimizer`` from ``params``.
 
@@ -328,6 +331,11 @@ def minimize(
       callback: ``callback(row, params)`` after each step; returning ``True`` stops.
       progress: show a progress bar (tqdm) with the value and gradient norm.
       extra: more keyword extras for ``update`` (e.g. ``residual_fn``).
+      args: extra arguments of the objective, ``value_fn(params, *args)`` (tensors or
+        pytrees); the solve sees them detached.
+      adjoint: ``None`` (a detached result) or ``"implicit"``: ``result.params`` and
+        ``result.value`` differentiable with respect to ``args`` through the optimality
+        condition (:mod:`soo_func.drivers.adjoint`).
 
     The stopping rules and their order are those of :mod:`soo_func.drivers.stopping`.
     An exception raised by ``value_fn`` or the optimizer (``KeyboardInterrupt`` too)
@@ -336,8 +344,9 @@ def minimize(
     """
     check_params(params)
     check_transform("minimize", optimizer)
+    check_adjoint("minimize", adjoint, args)
     params = tree.map(torch.Tensor.detach, params)
-    objective = CountedObjective(value_fn)
+    objective = CountedObjective(bind_args(value_fn, args))
     state = optimizer.init(params) if state is None else state
     value, grad = value_and_grad(objective)(params)
     check_finite_start(value, grad)
@@ -350,7 +359,8 @@ def minimize(
     history = [_history_row(0, (value_host, host_norm(grad, grad_norm), 0.0, {}), objective)]
     run = _Run(objective, params, value, grad, value_host, state, history)
     if grad_inf <= gtol or grad_inf <= rules.gtol_rel_bound:
-        return run.result("gtol" if grad_inf <= gtol else "gtol_rel", True)
+        result = run.result("gtol" if grad_inf <= gtol else "gtol_rel", True)
+        return with_adjoint(result, value_fn, args, adjoint)
     try:
         reason, converged, incumbent = _run_steps(
             run, optimizer, dict(extra or {}), rules, max_steps, callback,
@@ -361,11 +371,12 @@ def minimize(
         raise
     better = None if converged else _incumbent_if_better(incumbent, run.value_host, objective)
     if better is None:
-        return run.result(reason, converged)
+        return with_adjoint(run.result(reason, converged), value_fn, args, adjoint)
     run.params, run.value, run.grad = better
     run.state = None
-    return run.result(
+    result = run.result(
         reason + "; returned the optimizer's incumbent (its best point, lower than the last); "
         "state is None (the optimizer's state belongs to the last point)",
         False,
     )
+    return with_adjoint(result, value_fn, args, adjoint)
