@@ -7,6 +7,8 @@ import io
 import os
 import re
 
+import torch
+
 import soo_func as sf
 
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
@@ -66,3 +68,20 @@ def test_algorithm_table_matches_the_package():
             assert not present, (
                 f"README lists {present} as planned but it exists: mark it available"
             )
+
+
+def test_implicit_adjoint_block_gives_the_closed_form_hyper_gradient():
+    blocks = python_blocks(read_readme())
+    block = next(b for b in blocks if 'adjoint="implicit"' in b)
+    namespace: dict = {"__name__": "readme"}
+    exec(compile(blocks[0], "README.md", "exec"), namespace)  # imports
+    with contextlib.redirect_stdout(io.StringIO()):
+        exec(compile(block, "README.md", "exec"), namespace)
+    a, b, lam = namespace["A"], namespace["b"], namespace["lam"]
+    assert namespace["fit"].converged
+    # d/dlam |x*(lam) - x_valid|^2 with x* = (A^T A + lam I)^{-1} A^T b
+    lam_ref = lam.detach().clone().requires_grad_(True)
+    eye = torch.eye(a.shape[1], dtype=a.dtype)
+    x_star = torch.linalg.solve(a.T @ a + lam_ref * eye, a.T @ b)
+    ((x_star - namespace["x_valid"]) ** 2).sum().backward()
+    torch.testing.assert_close(lam.grad, lam_ref.grad, rtol=1e-5, atol=1e-8)
