@@ -66,19 +66,16 @@ class SteihaugResult(NamedTuple):
 
 
 def _warm_start(matvec: MatVec, grad: PyTree, x0: PyTree, radius: torch.Tensor, sync: bool):
-    """``(z0, r0 = B z0 + grad, products)``: ``x0`` when it lies in the region, does not
-    raise the model (``m(x0) <= m(0)``, finite) and has positive curvature
-    (``<x0, B x0> > 0``: a fallback along negative curvature is left to CG, which takes it
-    to the boundary), else ``(0, grad)``. One product, skipped
+    """``(z0, r0 = B z0 + grad, products)``: ``x0`` when it lies in the region and does not
+    raise the model (``m(x0) <= m(0)``, finite), else ``(0, grad)``. One product, skipped
     (one host read) when ``sync`` and ``x0`` lies outside."""
     tree.check_same_structure(grad, x0, names=("grad", "x0"))
     inside = tree.norm(x0) <= radius
     if sync and not bool(inside):
         return tree.zeros_like(grad), grad, 0
     bx = matvec(x0)
-    curv = tree.vdot(x0, bx)
-    change = tree.vdot(grad, x0) + 0.5 * curv
-    usable = torch.isfinite(change) & (change <= 0) & (curv > 0) & inside
+    change = tree.vdot(grad, x0) + 0.5 * tree.vdot(x0, bx)
+    usable = torch.isfinite(change) & (change <= 0) & inside
     z = tree.where(usable, x0, tree.zeros_like(grad))
     return z, tree.where(usable, tree.add(bx, grad), grad), 1
 
@@ -108,8 +105,8 @@ def steihaug(
     and finite.
 
     ``x0`` (a warm start, e.g. an upstream direction's own solve of the same model)
-    replaces ``z0 = 0`` when it lies in the region, lowers the model and has positive
-    curvature (one product, not made for an ``x0`` outside the region when
+    replaces ``z0 = 0`` when it lies in the region and lowers the model (one product,
+    not made for an ``x0`` outside the region when
     ``check_every`` allows a host read); CG then continues from it (every step keeps the
     model decreasing, and one leaving the region stops on the boundary), and returns at
     once when its residual meets the tolerance. ``x0_solves_model``: ``x0`` is the
