@@ -47,7 +47,14 @@ from soo_func.searches.acceptance import accept_or_stay, radius_update, rounding
 
 PyTree = Any
 
-__all__ = ["SOLVERS", "TrustRegionState", "dogleg_step", "steihaug_rtol", "trust_region"]
+__all__ = [
+    "SOLVERS",
+    "TrustRegionState",
+    "dogleg_step",
+    "moves_nothing",
+    "steihaug_rtol",
+    "trust_region",
+]
 
 SOLVERS = ("steihaug", "dogleg")
 
@@ -111,6 +118,12 @@ def dogleg_step(
     use_sd = (~positive) | (cauchy_norm >= radius)
     step = tree.where(use_newton & positive, newton, tree.where(use_sd, boundary_sd, dog))
     return step, g_curv
+
+
+def moves_nothing(params: PyTree, trial: PyTree) -> torch.Tensor:
+    """0-d bool: ``trial == params`` in every coordinate (a step below rounding, or 0)."""
+    same = [(a == b).all() for a, b in zip(tree.leaves(params), tree.leaves(trial), strict=True)]
+    return torch.stack(same).all()  # on the device: no host read
 
 
 def steihaug_rtol(grad_norm: torch.Tensor) -> torch.Tensor:
@@ -232,9 +245,14 @@ def trust_region(
         # A model whose curvature is not finite along the step (an upstream quasi-Newton
         # matrix with a degenerate pair, an overflow) is judged as the linear model.
         predicted = torch.where(torch.isfinite(predicted), predicted, -tree.vdot(grad, step))
-        trial_value, trial_grad = value_and_grad(value_fn)(tree.add(params, step))
+        trial = tree.add(params, step)
+        trial_value, trial_grad = value_and_grad(value_fn)(trial)
+        # A step below the rounding of every coordinate (x + p == x) cannot make progress:
+        # reported as a failed search with a zero step, the run's honest stop at the
+        # precision limit (else the radius random-walks on rounding noise forever).
+        stuck = moves_nothing(params, trial)
         ratio = rounding_safe_ratio(value, trial_value, predicted)
-        accepted = ratio > accept_ratio
+        accepted = (ratio > accept_ratio) & ~stuck
         radius = radius_update(
             state.radius,
             ratio,
@@ -250,7 +268,7 @@ def trust_region(
             radius=radius,
             ratio=ratio,
             step_accepted=accepted,
-            search_failed=~accepted & (radius < min_radius),
+            search_failed=(~accepted & (radius < min_radius)) | stuck,
             next_value=decision.next_value,
             next_grad=decision.next_grad,
         )
