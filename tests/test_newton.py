@@ -65,7 +65,7 @@ def test_update_is_pure_and_counts_products(solver, dtype):
     value_fn, params = make_problem(dtype)
     counted = sf.CountedObjective(value_fn)
     value, grad = sf.value_and_grad(value_fn)(params)
-    opt = newton_krylov(solver, max_iters=7)
+    opt = newton_krylov(solver, max_iters=7, check_every=None)  # the host-sync-free path
     _, state = assert_update_is_pure(opt, params, grad, value=value, value_fn=counted)
     # 3 steps, each update called twice by the helper, 7 (+1 for CR) products per solve
     # plus the shared gradient pass of the default hvp_mode="linearize".
@@ -74,6 +74,23 @@ def test_update_is_pure_and_counts_products(solver, dtype):
     assert int(state.num_hvps) == 3 * per_solve
     assert counted.num_hvp_evals == 6 * per_solve
     assert int(state.count) == 3
+
+
+def test_default_solve_stops_at_its_tolerance_and_shares_the_published_operator():
+    """The default (``check_every=1``) makes the products the solve needs, not
+    ``max_iters``; no fallback product when the solve gives descent; and
+    ``update_and_publish`` publishes the operator the solve linearized (one gradient
+    pass per update, not two)."""
+    value_fn, params = make_problem(torch.float64)
+    counted = sf.CountedObjective(value_fn)
+    _value, grad = sf.value_and_grad(value_fn)(params)
+    opt = newton_krylov("cg", forcing=0.5)
+    d, state, out = sf.update_and_publish(opt, grad, opt.init(params), params, value_fn=counted)
+    iters = int(state.krylov_iters)
+    assert not bool(state.fallback) and iters < 10  # max_iters = min(2 n, 100), n = 5
+    assert int(state.num_hvps) == iters + 1 == counted.num_hvp_evals
+    out["curvature"](d)
+    assert counted.num_hvp_evals == iters + 2  # one more product, no second linearization
 
 
 def test_check_every_gives_the_same_direction_with_fewer_products():
@@ -254,7 +271,7 @@ def test_hvp_operator_linear_function_and_inside_vmap():
 def test_update_makes_no_host_sync(solver):
     value_fn, params = make_problem(torch.float64)
     value, grad = sf.value_and_grad(value_fn)(params)
-    opt = newton_krylov(solver, forcing="eisenstat_walker_1")
+    opt = newton_krylov(solver, forcing="eisenstat_walker_1", check_every=None)
     state = opt.init(params)
     with no_host_sync():
         for _ in range(2):

@@ -289,3 +289,76 @@ def test_radius_does_not_collapse_at_the_rounding_floor():
         params = sf.apply_updates(params, updates)
     radius = sf.publish(opt, state, params, value=value, grad=grad, value_fn=fn)["radius"]
     assert float(radius) >= 1.0
+
+
+def nan_model_direction() -> sf.Transform:
+    """A direction whose published curvature is NaN (as SR1's compact matrix is after a
+    pair with a zero denominator ``(y - B s)^T s = 0``): the direction itself is -g."""
+
+    def init(params):
+        return _Empty()
+
+    def update(updates, state, params=None, **extra):
+        return -updates, state
+
+    def publish(state, params=None, **extra):
+        return {"curvature": lambda v: torch.full_like(v, torch.nan)}
+
+    return sf.Transform(init, update, publish)
+
+
+@pytest.mark.parametrize("solver", ["steihaug", "dogleg"])
+def test_a_nan_model_never_makes_the_radius_nan(solver):
+    """Issue 16 item 9: a NaN model gave a NaN step, hence radius = 0.25 min(NaN, r) = NaN,
+    which no min_radius test catches (the run spun). The radius stays finite and positive,
+    and the step is judged on the linear model, so the run still moves downhill."""
+    opt = sf.chain(nan_model_direction(), trust_region(solver=solver))
+    x = torch.tensor([2.0, 1.0], dtype=torch.float64)
+    state = opt.init(x)
+    for _ in range(6):
+        updates, state, value, _ = _step(opt, state, x)
+        tr = state.states[1]
+        assert torch.isfinite(tr.radius) and float(tr.radius) > 0
+        assert all(torch.isfinite(u) for u in updates)
+        x = x + updates
+    assert float(quadratic(x)) < float(value) or bool(tr.step_accepted)
+
+
+def test_radius_update_is_finite_and_positive_on_bad_steps():
+    from soo_func.searches.acceptance import radius_update
+
+    rule = dict(shrink_below=0.25, grow_above=0.75, shrink_factor=0.25, grow_factor=2.0)
+    radius = torch.tensor(2.0, dtype=torch.float64)
+    for norm in (torch.nan, torch.inf, 0.0):
+        for ratio in (-torch.inf, torch.nan, 0.1):
+            new = radius_update(
+                radius, torch.tensor(ratio), torch.tensor(norm), max_radius=10.0, **rule
+            )
+            assert float(new) == 0.5, (norm, ratio)
+
+
+def test_sr1_trust_region_on_the_issue_quadratic_stops_honestly():
+    """Issue 16 item 9's reproducer family: ``sr1(memory_size=5)`` + ``trust_region`` on
+    1-D quadratics ``0.5 a x^2 + b x``. No radius is NaN or negative, and every run stops
+    on the gradient test (the upstream SR1 matrix is NaN after its first, degenerate pair
+    in 1-D: ``y = B0 s`` exactly)."""
+    cases = [
+        (52127.24, -0.29343, -2.17879),
+        (0.007742301898688491, -2.150786995022341, -1.0188166884120087),
+        (31959.492578560028, -0.20292040312320642, -1.8324542659060088),
+        (8.082514996479407, 0.995301683348794, 2.799638206624553),
+    ]
+    for a, b, x0 in cases:
+
+        def fn(p, a=a, b=b):
+            return 0.5 * a * p["x"][0] ** 2 + b * p["x"][0]
+
+        params = {"x": torch.tensor([x0], dtype=torch.float64)}
+        opt = sf.chain(sf.sr1(memory_size=5), trust_region())
+        result = sf.minimize(fn, params, opt, max_steps=200)
+        radii = torch.tensor([row["radius"] for row in result.history[1:]])
+        assert bool(torch.isfinite(radii).all() and (radii > 0).all()), (a, b, x0)
+        assert result.reason == "gtol", (a, b, x0, result.reason)
+        # 1-D: |x - x*| = |g| / a exactly (up to rounding)
+        error = abs(float(result.params["x"][0]) + b / a)
+        assert error <= 1.01 * float(result.grad_norm) / a + 1e-12, (a, b, x0)

@@ -21,9 +21,20 @@ the iterate reached before it (N&W Algorithm 7.1, Newton-CG; Dahito & Orban 2019
 CR). When no step was taken (negative curvature at the first iteration), or whenever the
 result is not a descent direction (``<g, d> >= 0``, possible with MINRES), the direction
 falls back to ``-(|g|^2 / |g^T B g|) g`` (N&W use ``-g``; the scaling, as in scipy's
-Newton-CG, lets a unit first trial step be reasonable; it costs one product per update,
-made whether or not it is needed so that no host sync decides it). All of this is ``torch.where`` on 0-d tensors: no host sync in
-``update`` unless ``check_every`` asks for it.
+Newton-CG, lets a unit first trial step be reasonable; it costs one product, made only
+when the fallback is taken, or on every update with ``check_every=None``, where no host
+read decides it).
+
+Host reads: by default (``check_every=1``) the solve reads its convergence test on the
+host after each iteration and stops there, as every Krylov solver's stopping rule needs;
+``check_every=None`` makes ``update`` free of host syncs (everything is ``torch.where`` on
+0-d tensors) at the price of ``max_iters`` products per update (frozen iterations still
+cost one each).
+
+Followed by :func:`~soo_func.searches.trust_region`, the published ``curvature`` is the
+operator the solve used (one linearization per update, see ``update_and_publish``) and
+the direction is the trust region's warm start: a step inside the region is taken as
+it is, so the model is not solved twice.
 """
 
 from __future__ import annotations
@@ -108,7 +119,7 @@ def newton_krylov(
     eta_initial: float = 0.5,
     eta_max: float = 0.9,
     max_iters: int | None = None,
-    check_every: int | None = None,
+    check_every: int | None = 1,
     hvp_mode: str = "linearize",
 ) -> Transform:
     """The inexact Newton direction ``d ~ -(H + damping I)^{-1} g`` from a Krylov solve.
@@ -121,9 +132,9 @@ def newton_krylov(
         ``"nocedal_wright"`` or a constant in (0, 1): the solve's relative tolerance.
       eta_initial, eta_max: ``eta_0`` of the EW choices and the cap on every ``eta``.
       max_iters: the most Krylov iterations per update (default ``min(2 n, 100)``).
-      check_every: ``None`` (default) never syncs: the solve runs ``max_iters``
-        iterations, frozen once converged (each frozen one still costs a product);
-        an int ``k`` checks convergence on the host every ``k`` iterations.
+      check_every: an int ``k`` (default 1) checks convergence on the host every ``k``
+        iterations and stops there; ``None`` never syncs: the solve runs ``max_iters``
+        iterations, frozen once converged (each frozen one still costs a product).
       hvp_mode: how ``H v`` is computed (:func:`~soo_func.oracles.hvp_operator`):
         ``"linearize"`` (default: one gradient pass per update whose graph every
         product reuses, charged as one extra Hessian product), ``"forward-over-reverse"``
@@ -164,15 +175,14 @@ def newton_krylov(
         false = torch.zeros((), dtype=torch.bool, device=ref.device)
         return NewtonKrylovState(zero, zero, zero, count, count, false, false, count)
 
-    def update(updates: PyTree, state: NewtonKrylovState, params: PyTree = None, **extra: Any):
-        require_extras("newton_krylov", extra, "value_fn")
-        if params is None:
-            raise TypeError("newton_krylov needs params in update(updates, state, params, ...)")
+    def operator(params: PyTree, extra: dict) -> Any:
+        return oracles.hvp_operator(extra["value_fn"], params, mode=hvp_mode, damping=damping)
+
+    def update_with(matvec, updates: PyTree, state: NewtonKrylovState, params, extra: dict):
         grad = extra.get("grad")
         grad = updates if grad is None else grad
         n = sum(leaf.numel() for leaf in tree.leaves(grad))
         iters = min(2 * n, 100) if max_iters is None else max_iters
-        matvec = oracles.hvp_operator(extra["value_fn"], params, mode=hvp_mode, damping=damping)
         grad_norm = tree.norm(grad)
         eta = _forcing(forcing, state, grad_norm, eta_initial, eta_max)
         result = solve(
@@ -180,14 +190,16 @@ def newton_krylov(
         )
         slope = tree.vdot(grad, result.x)
         fallback = ~(slope < 0)  # no step taken, ascent, or NaN
-        direction = tree.where(
-            fallback, tree.scale(_steepest_scale(matvec, grad, grad_norm), tree.neg(grad)), result.x
-        )
+        # The fallback's length costs a product: made on the device unless the solve
+        # already syncs (check_every), where the host skips it when it is not needed.
+        needed = check_every is None or bool(fallback)
+        scale = _steepest_scale(matvec, grad, grad_norm) if needed else torch.ones_like(eta)
+        direction = tree.where(fallback, tree.scale(scale, tree.neg(grad)), result.x)
         new_state = NewtonKrylovState(
             forcing_term=eta,
             grad_norm=grad_norm,
             linear_residual=torch.where(fallback, grad_norm, result.residual_norm),
-            num_hvps=state.num_hvps + result.num_matvecs + setup_cost + 1,
+            num_hvps=state.num_hvps + result.num_matvecs + setup_cost + int(needed),
             krylov_iters=result.num_iters,
             negative_curvature=result.negative_curvature,
             fallback=fallback,
@@ -195,17 +207,35 @@ def newton_krylov(
         )
         return direction, new_state
 
-    def publish(state: NewtonKrylovState, params: PyTree = None, **extra: Any) -> dict:
-        out = {
+    def checked(params: PyTree, extra: dict) -> None:
+        require_extras("newton_krylov", extra, "value_fn")
+        if params is None:
+            raise TypeError("newton_krylov needs params in update(updates, state, params, ...)")
+
+    def update(updates: PyTree, state: NewtonKrylovState, params: PyTree = None, **extra: Any):
+        checked(params, extra)
+        return update_with(operator(params, extra), updates, state, params, extra)
+
+    def diagnostics(state: NewtonKrylovState) -> dict:
+        return {
             "newton_forcing_term": state.forcing_term,
             "newton_krylov_iters": state.krylov_iters,
             "newton_negative_curvature": state.negative_curvature,
             "newton_fallback": state.fallback,
         }
+
+    def publish(state: NewtonKrylovState, params: PyTree = None, **extra: Any) -> dict:
+        out = diagnostics(state)
         if params is not None and extra.get("value_fn") is not None:
-            out["curvature"] = oracles.hvp_operator(
-                extra["value_fn"], params, mode=hvp_mode, damping=damping
-            )
+            out["curvature"] = operator(params, extra)
         return out
 
-    return guarded(who, Transform(init, update, publish), NewtonKrylovState)
+    def update_and_publish(updates, state: NewtonKrylovState, params: PyTree = None, **extra):
+        """``update`` then ``publish``, with one operator (one linearization) for both: the
+        published ``curvature`` is the operator the solve used."""
+        checked(params, extra)
+        matvec = operator(params, extra)
+        direction, new_state = update_with(matvec, updates, state, params, extra)
+        return direction, new_state, {**diagnostics(new_state), "curvature": matvec}
+
+    return guarded(who, Transform(init, update, publish, update_and_publish), NewtonKrylovState)

@@ -84,12 +84,20 @@ def radius_update(
     new radius above a short interior step that failed). ``rho > grow_above`` (3/4) and
     the step on the boundary (``||p|| >= (1 - boundary_rtol) radius``):
     ``radius <- min(grow_factor * radius, max_radius)``. Otherwise unchanged.
+
+    Safeguards (the radius stays finite and positive for a finite positive ``radius``):
+    a step whose norm is not finite (a NaN or overflowing model) shrinks the radius
+    itself, ``shrink_factor * radius``; a zero step (nothing left to try: the subproblem
+    returned ``p = 0``) does too, so that a ``min_radius`` test stops a run that cannot
+    move instead of reading a radius of 0. A NaN ``ratio`` counts as a rejection.
     """
+    usable = torch.isfinite(step_norm) & (step_norm > 0)
+    step_norm = torch.where(usable, step_norm, radius)
     on_boundary = step_norm >= (1 - boundary_rtol) * radius
     shrunk = shrink_factor * torch.minimum(step_norm, radius)
     grown = torch.clamp(grow_factor * radius, max=max_radius)
     new = torch.where(ratio > grow_above, torch.where(on_boundary, grown, radius), radius)
-    return torch.where(ratio < shrink_below, shrunk, new)
+    return torch.where((ratio < shrink_below) | torch.isnan(ratio), shrunk, new)
 
 
 class Decision(NamedTuple):

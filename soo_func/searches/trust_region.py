@@ -55,7 +55,14 @@ from soo_func.searches.acceptance import accept_or_stay, radius_update, rounding
 
 PyTree = Any
 
-__all__ = ["SOLVERS", "TrustRegionState", "dogleg_step", "trust_region"]
+__all__ = [
+    "SOLVERS",
+    "TrustRegionState",
+    "dogleg_step",
+    "moves_nothing",
+    "steihaug_rtol",
+    "trust_region",
+]
 
 SOLVERS = ("steihaug", "dogleg")
 
@@ -121,6 +128,17 @@ def dogleg_step(
     return step, g_curv
 
 
+def moves_nothing(params: PyTree, trial: PyTree) -> torch.Tensor:
+    """0-d bool: ``trial == params`` in every coordinate (a step below rounding, or 0)."""
+    same = [(a == b).all() for a, b in zip(tree.leaves(params), tree.leaves(trial), strict=True)]
+    return torch.stack(same).all()  # on the device: no host read
+
+
+def steihaug_rtol(grad_norm: torch.Tensor) -> torch.Tensor:
+    """N&W eq. (7.3): ``eta_k = min(0.5, sqrt(||g_k||))``, Steihaug-CG's relative tolerance."""
+    return torch.clamp(torch.sqrt(grad_norm), max=0.5)
+
+
 def _validate(
     *, solver, initial_radius, max_radius, min_radius, accept_ratio, shrink_below,
     grow_above, shrink_factor, grow_factor, max_iters, rtol,
@@ -165,7 +183,8 @@ def trust_region(
     shrink_factor: float = 0.25,
     grow_factor: float = 2.0,
     max_iters: int | None = None,
-    rtol: float = 1e-5,
+    rtol: float | None = None,
+    warm_start: bool = True,
 ) -> Transform:
     """A trust region around the upstream direction's quadratic model (N&W Algorithm 4.1).
 
@@ -181,7 +200,15 @@ def trust_region(
       grow_above: ``rho`` above this with the step on the boundary grows it (N&W: 3/4).
       shrink_factor: the shrunk radius is ``shrink_factor * min(|p|, radius)`` (N&W: 1/4).
       grow_factor: the grown radius is ``min(grow_factor * radius, max_radius)`` (N&W: 2).
-      max_iters, rtol: passed to the Steihaug-CG solver.
+      max_iters: the most Steihaug-CG iterations per update (default ``2 n``).
+      rtol: Steihaug-CG's relative tolerance ``||B p + g|| <= rtol ||g||``; ``None``
+        (default): the forcing sequence ``min(0.5, sqrt(||g||))`` of N&W eq. (7.3)
+        (superlinear near a minimizer, and no over-solving far from it).
+      warm_start: Steihaug-CG starts from the upstream direction (the direction's own
+        solve of the same model: ``-B^{-1} g`` for a quasi-Newton or Gauss-Newton
+        direction, the truncated Newton-Krylov solution) when it lies in the region and
+        lowers the model; CG continues from there, so a direction that already solved
+        the model costs one product here. ``False``: from ``0`` (N&W Algorithm 7.2).
 
     Needs the extras ``value``, ``grad``, ``value_fn`` and the published ``curvature``.
     """
@@ -204,10 +231,17 @@ def trust_region(
             next_grad=tree.zeros_like(params),
         )
 
-    def subproblem(updates, grad, curvature, radius) -> PyTree:
+    def subproblem(updates, grad, curvature, radius) -> tuple[PyTree, torch.Tensor]:
+        """The step and its predicted reduction ``m(0) - m(p)``."""
         if solver == "dogleg":
-            return dogleg_step(grad, updates, curvature, radius)[0]
-        return steihaug(curvature, grad, radius, max_iters=max_iters, rtol=rtol).x
+            step = dogleg_step(grad, updates, curvature, radius)[0]
+            return step, -(tree.vdot(grad, step) + 0.5 * tree.vdot(step, curvature(step)))
+        tol = steihaug_rtol(tree.norm(grad)) if rtol is None else rtol
+        warm = updates if warm_start else None
+        result = steihaug(
+            curvature, grad, radius, max_iters=max_iters, rtol=tol, x0=warm, x0_solves_model=True
+        )
+        return result.x, -result.model_change
 
     def update(updates, state: TrustRegionState, params=None, **extra):
         require_extras("trust_region", extra, "value_fn", "grad")
@@ -220,11 +254,18 @@ def trust_region(
         value = extra.get("value")
         if value is None:
             value = value_fn(params)
-        step = subproblem(updates, grad, curvature, state.radius)
-        predicted = -(tree.vdot(grad, step) + 0.5 * tree.vdot(step, curvature(step)))
-        trial_value, trial_grad = value_and_grad(value_fn)(tree.add(params, step))
+        step, predicted = subproblem(updates, grad, curvature, state.radius)
+        # A model whose curvature is not finite along the step (an upstream quasi-Newton
+        # matrix with a degenerate pair, an overflow) is judged as the linear model.
+        predicted = torch.where(torch.isfinite(predicted), predicted, -tree.vdot(grad, step))
+        trial = tree.add(params, step)
+        trial_value, trial_grad = value_and_grad(value_fn)(trial)
+        # A step below the rounding of every coordinate (x + p == x) cannot make progress:
+        # reported as a failed search with a zero step, the run's honest stop at the
+        # precision limit (else the radius random-walks on rounding noise forever).
+        stuck = moves_nothing(params, trial)
         ratio = rounding_safe_ratio(value, trial_value, predicted)
-        accepted = ratio > accept_ratio
+        accepted = (ratio > accept_ratio) & ~stuck
         radius = radius_update(
             state.radius,
             ratio,
@@ -240,7 +281,7 @@ def trust_region(
             radius=radius,
             ratio=ratio,
             step_accepted=accepted,
-            search_failed=~accepted & (radius < min_radius),
+            search_failed=(~accepted & (radius < min_radius)) | stuck,
             next_value=decision.next_value,
             next_grad=decision.next_grad,
         )
