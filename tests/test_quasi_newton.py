@@ -4,6 +4,8 @@ damping and skip rules, purity, no host synchronisation."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from helpers import assert_update_is_pure
@@ -377,3 +379,19 @@ def test_bfgs_memory_is_lbfgs_with_the_two_norm_first_step(dtype):
     ours, _ = run(bfgs(memory_size=3), seq)
     reference, _ = run(sf.lbfgs(3, first_step_norm=2), seq)
     torch.testing.assert_close(torch.stack(ours), torch.stack(reference), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("memory_size", [None, 5])
+def test_sr1_refuses_a_pair_with_a_zero_denominator(memory_size):
+    # In 1-D the first pair of a quadratic fits the identity-scaled start exactly
+    # (y = B s): s^T (y - B s) = 0, and the update's 0/0 made the published curvature NaN.
+    a, b = 3.0, -1.0
+
+    def value_fn(x):
+        return 0.5 * a * x[0] ** 2 + b * x[0]
+
+    opt = sf.chain(sf.sr1(memory_size=memory_size), sf.trust_region())
+    result = sf.minimize(value_fn, torch.tensor([2.0], dtype=torch.float64), opt, gtol=1e-10)
+    assert result.converged, result.reason
+    torch.testing.assert_close(result.params, torch.tensor([-b / a], dtype=torch.float64))
+    assert all(math.isfinite(row.get("radius", 0.0)) for row in result.history)

@@ -65,7 +65,7 @@ def first_step_hint(
 
 
 def _sr1_rule(gram, valid, kernel_fn, identity_coef, rtol, a_col, b_col):
-    """N&W eq. 6.26, ``|a^T (b - M a)| >= rtol |a| |b - M a|``, for the new pair (last slot)
+    """N&W eq. 6.26, ``|a^T (b - M a)| > rtol |a| |b - M a|``, for the new pair (last slot)
     against the matrix ``M`` of the retained pairs: ``(a, b) = (s, y)`` with ``M = B``, or the
     dual ``(y, s)`` with ``M = H`` (the denominator of the inverse update)."""
     old = torch.cat([valid[:-1], torch.zeros_like(valid[-1:])])
@@ -82,7 +82,7 @@ def _sr1_rule(gram, valid, kernel_fn, identity_coef, rtol, a_col, b_col):
     b_ma = identity_coef * ab + w_b @ z
     ma_ma = identity_coef * identity_coef * aa + 2 * identity_coef * (w_a @ z) + z @ (old_gram @ z)
     residual_sq = torch.clamp(bb - 2 * b_ma + ma_ma, min=0)
-    return torch.abs(ab - a_ma) >= rtol * torch.sqrt(aa * residual_sq)
+    return torch.abs(ab - a_ma) > rtol * torch.sqrt(aa * residual_sq)
 
 
 def _curvature_rule(curvature_eps: float | None):

@@ -130,10 +130,10 @@ def _sr1_default_rtol(dtype: torch.dtype) -> float:
 
 
 def _sr1_rule(a, b, m_a, rtol):
-    """N&W eq. 6.26: ``|a^T (b - M a)| >= rtol |a| |b - M a|``."""
+    """N&W eq. 6.26: ``|a^T (b - M a)| > rtol |a| |b - M a|``."""
     residual = b - m_a
     norms = torch.linalg.vector_norm(a) * torch.linalg.vector_norm(residual)
-    return torch.abs(a @ residual) >= rtol * norms
+    return torch.abs(a @ residual) > rtol * norms
 
 
 def _accept(cfg: _Config, matrix, s, y, b_s, h_y) -> torch.Tensor:
@@ -325,8 +325,8 @@ def sr1(
 ) -> Transform:
     """The symmetric rank-one direction (N&W eqs. 6.24 / 6.25).
 
-    A pair is used only when ``|s^T (y - B s)| >= sr1_rtol |s| |y - B s|`` (eq. 6.26), and its dual
-    ``|y^T (s - H y)| >= sr1_rtol |y| |s - H y|``; ``sr1_rtol`` defaults to the square root
+    A pair is used only when ``|s^T (y - B s)| > sr1_rtol |s| |y - B s|`` (eq. 6.26), and its dual
+    ``|y^T (s - H y)| > sr1_rtol |y| |s - H y|``; ``sr1_rtol`` defaults to the square root
     of the dtype's machine epsilon (N&W's ``1e-8`` in float64, ``3.5e-4`` in float32). SR1
     matrices may be indefinite: where ``-H g`` is not a descent direction the direction is
     ``-g`` (a line search after it gets a descent direction) and the matrix is kept, so

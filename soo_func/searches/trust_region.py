@@ -155,7 +155,8 @@ def _validate(
     check_interval(who, "grow_factor", grow_factor, 1, math.inf)
     if max_iters is not None:
         check_int_at_least(who, "max_iters", max_iters, 1)
-    check_interval(who, "rtol", rtol, 0, 1, include_low=True)
+    if rtol is not None:
+        check_interval(who, "rtol", rtol, 0, 1, include_low=True)
     if not initial_radius <= max_radius:
         raise ValueError(
             f"{who}: need 0 < initial_radius <= max_radius, got {initial_radius} and {max_radius}"
