@@ -86,7 +86,7 @@ def scale_by_schedule(schedule: Schedule) -> Transform:
         multiplier = torch.as_tensor(  # float64 so a number keeps its digits for float64 leaves
             schedule(state.count), dtype=torch.float64, device=state.count.device
         )
-        scaled = tree.map(lambda u: u * multiplier.to(u.dtype), updates)
+        scaled = tree.map_leaves(lambda u: u * multiplier.to(u.dtype), updates)
         return scaled, ScaleByScheduleState(state.count + 1)
 
     return guarded("scale_by_schedule", Transform(init, update), ScaleByScheduleState)

@@ -29,7 +29,7 @@ __all__ = [
     "check_same_structure",
     "check_tensor_leaves",
     "leaves",
-    "map",
+    "map_leaves",
     "neg",
     "norm",
     "ones_like",
@@ -88,7 +88,7 @@ def _path_str(path: tuple) -> str:
     return "root" if not path else "".join(f"[{k!r}]" for k in path)
 
 
-def map(fn: Callable[..., Any], tree: PyTree, *rest: PyTree) -> PyTree:
+def map_leaves(fn: Callable[..., Any], tree: PyTree, *rest: PyTree) -> PyTree:
     """``optree.tree_map`` with a structure check that shows both trees on mismatch."""
     if rest:
         check_same_structure(tree, *rest)
@@ -132,7 +132,7 @@ def sub(x: PyTree, y: PyTree) -> PyTree:
 
 def neg(x: PyTree) -> PyTree:
     """``-x`` leafwise."""
-    return map(torch.neg, x)
+    return map_leaves(torch.neg, x)
 
 
 def scale(alpha: float | torch.Tensor, x: PyTree) -> PyTree:
@@ -146,7 +146,7 @@ def scale(alpha: float | torch.Tensor, x: PyTree) -> PyTree:
 def axpy(alpha: float | torch.Tensor, x: PyTree, y: PyTree) -> PyTree:
     """``alpha * x + y`` leafwise (BLAS ``axpy``)."""
     if isinstance(alpha, torch.Tensor):
-        return map(lambda a, b: torch.addcmul(b, a, alpha.to(a.dtype)), x, y)
+        return map_leaves(lambda a, b: torch.addcmul(b, a, alpha.to(a.dtype)), x, y)
     return _foreach_binary(
         lambda xs, ys: torch._foreach_add(ys, xs, alpha=alpha),
         lambda a, b: torch.add(b, a, alpha=alpha),
@@ -225,17 +225,17 @@ def all_finite(x: PyTree) -> torch.Tensor:
 
 def zeros_like(x: PyTree) -> PyTree:
     """A pytree of zeros shaped, typed and placed like ``x``."""
-    return map(torch.zeros_like, x)
+    return map_leaves(torch.zeros_like, x)
 
 
 def ones_like(x: PyTree) -> PyTree:
     """A pytree of ones shaped, typed and placed like ``x``."""
-    return map(torch.ones_like, x)
+    return map_leaves(torch.ones_like, x)
 
 
 def where(condition: torch.Tensor, x: PyTree, y: PyTree) -> PyTree:
     """Select ``x`` where the 0-d boolean ``condition`` holds, else ``y``, without a host sync."""
-    return map(lambda a, b: torch.where(condition, a, b), x, y)
+    return map_leaves(lambda a, b: torch.where(condition, a, b), x, y)
 
 
 class Raveled(NamedTuple):

@@ -199,7 +199,7 @@ def test_apply_updates_errors():
     params = make_params()
     with pytest.raises(ValueError, match="structures differ"):
         sf.apply_updates(params, {"w": torch.zeros(3, 2)})
-    wrong_dtype = tree.map(lambda t: t.float(), params)
+    wrong_dtype = tree.map_leaves(lambda t: t.float(), params)
     with pytest.raises(TypeError, match="dtype"):
         sf.apply_updates(params, wrong_dtype)
     wrong_shape = dict(params, w=torch.zeros(2, 3, dtype=torch.float64))

@@ -73,7 +73,7 @@ class Probe:
             return self.fn(params)
         modes: list[bool] = []
         self._eager.append(modes)
-        aliases = tree.map(lambda t: t * 1.0, params)  # a node that every backward crosses
+        aliases = tree.map_leaves(lambda t: t * 1.0, params)  # a node that every backward crosses
         tree.leaves(aliases)[0].register_hook(lambda g: modes.append(torch.is_grad_enabled()))
         return self.fn(aliases)
 

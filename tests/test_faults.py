@@ -67,7 +67,7 @@ def poisoned(bad: Callable[[dict], torch.Tensor], poison: float) -> Callable:
 
     def fn(p):
         out = residuals(p)
-        return tree.map(lambda r: torch.where(bad(p), torch.full_like(r, poison), r), out)
+        return tree.map_leaves(lambda r: torch.where(bad(p), torch.full_like(r, poison), r), out)
 
     return fn
 

@@ -167,9 +167,9 @@ def test_bad_arguments_raise():
 
 def test_nonlinear_cg_on_device(device):
     _value_fn, _a, _b, split = quadratic(6, torch.float64)
-    params = sf.tree.map(lambda t: t.to(device), split(torch.ones(6, dtype=torch.float64)))
+    params = sf.tree.map_leaves(lambda t: t.to(device), split(torch.ones(6, dtype=torch.float64)))
     opt = nonlinear_cg()
-    grad = sf.tree.map(torch.ones_like, params)
+    grad = sf.tree.map_leaves(torch.ones_like, params)
     d, state = opt.update(grad, opt.init(params), params)
     assert d["u"].device.type == device.type and state.count.device.type == device.type
 

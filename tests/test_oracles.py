@@ -57,7 +57,7 @@ def reference_hvp(params, v):
 @pytest.mark.parametrize("mode", ["forward-over-reverse", "reverse-over-reverse"])
 def test_hvp_matches_autograd_functional(mode):
     params = mlp_params()
-    v = tree.map(torch.randn_like, params)
+    v = tree.map_leaves(torch.randn_like, params)
     hv = sf.hvp(mlp_loss, params, v, mode=mode)
     assert tree.structure(hv) == tree.structure(params)
     assert torch.allclose(tree.ravel(hv).flat, reference_hvp(params, v), rtol=0, atol=1e-10)
@@ -73,7 +73,7 @@ def test_linearize_grad_matches_references():
     ref_grad_flat = torch.autograd.functional.jacobian(f, raveled.flat)
     assert torch.allclose(tree.ravel(grad).flat, ref_grad_flat, rtol=0, atol=1e-12)
     for _ in range(3):
-        v = tree.map(torch.randn_like, params)
+        v = tree.map_leaves(torch.randn_like, params)
         assert torch.allclose(
             tree.ravel(hvp_fn(v)).flat, reference_hvp(params, v), rtol=0, atol=1e-10
         )
@@ -104,7 +104,7 @@ def test_ggn_vp_matches_dense_jacobian():
 
     raveled = tree.ravel(params)
     jac = torch.autograd.functional.jacobian(flat_residuals, raveled.flat)
-    v = tree.map(torch.randn_like, params)
+    v = tree.map_leaves(torch.randn_like, params)
     out = sf.ggn_vp(mlp_residuals, params, v)
     expected = jac.T @ (jac @ tree.ravel(v).flat)
     assert torch.allclose(tree.ravel(out).flat, expected, rtol=0, atol=1e-10)
@@ -211,7 +211,7 @@ def test_functional_loss_matches_module_and_leaves_it_alone():
     for (name, _), e in zip(module.named_parameters(), expected_grads, strict=True):
         assert torch.allclose(grad[name], e, rtol=1e-12, atol=1e-14)
     # moving the params does not move the module
-    moved = tree.map(lambda t: t + 1, params)
+    moved = tree.map_leaves(lambda t: t + 1, params)
     value_fn(moved, (inputs, targets))
     for key, tensor in module.state_dict().items():
         assert torch.equal(tensor, before[key])

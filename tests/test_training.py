@@ -96,7 +96,7 @@ def test_cross_entropy_ggn_residual_factors_the_ggn(dtype, device):
     params, batch, apply_fn, _ = _mlp_problem(dtype, device)
     residual_fn = training.cross_entropy_ggn_residual(apply_fn, params, batch[0])
     ggn = training.ggn_operator(apply_fn, cross_entropy, params, batch)
-    v = sf.tree.map(
+    v = sf.tree.map_leaves(
         lambda t: torch.cos(torch.arange(t.numel(), dtype=dtype, device=device)).reshape(t.shape),
         params,
     )

@@ -90,7 +90,7 @@ class Curve(NamedTuple):
         hess, raveled = dense_matrix(h_x, x)
         flat = tree.ravel(rhs).flat
         if not bool(torch.isfinite(hess).all() & torch.isfinite(flat).all()):
-            return tree.map(lambda r: torch.full_like(r, math.nan), rhs)
+            return tree.map_leaves(lambda r: torch.full_like(r, math.nan), rhs)
         return tree.unravel(torch.linalg.pinv(hess) @ flat, raveled)
 
     def tangent(self, x, t, grad, prev_x, prev_w):
@@ -143,7 +143,7 @@ class Curve(NamedTuple):
         value = value_and_grad(self.base)(x)[0]
         n = sum(leaf.numel() for leaf in tree.leaves(x))
         gen = torch.Generator().manual_seed(0)
-        probe = tree.map(lambda p: torch.randn(p.shape, generator=gen, dtype=torch.float64)
+        probe = tree.map_leaves(lambda p: torch.randn(p.shape, generator=gen, dtype=torch.float64)
                          .to(p), x)  # fmt: skip
         low, high = ritz_extremes(lambda v: hvp(self.base, x, v), probe, min(n, 100))
         eps = torch.finfo(value.dtype).eps

@@ -42,7 +42,7 @@ def path_tangent(
 
     _, dgrad_dt = tf.jvp(grad_at, (t,), (torch.ones_like(t),))
     # forward AD through Python-scalar products can promote float32 tangents to float64
-    dgrad_dt = tree.map(lambda d, p: d.to(p.dtype), dgrad_dt, x)
+    dgrad_dt = tree.map_leaves(lambda d, p: d.to(p.dtype), dgrad_dt, x)
     charge(family_fn, hvp=1)
 
     def objective_t(p):
@@ -50,7 +50,7 @@ def path_tangent(
 
     def matvec(v):
         charge(family_fn, hvp=1)
-        return tree.map(lambda hv, p: hv.to(p.dtype), hvp(objective_t, x, v), x)
+        return tree.map_leaves(lambda hv, p: hv.to(p.dtype), hvp(objective_t, x, v), x)
 
     n = sum(leaf.numel() for leaf in tree.leaves(x))
     iters = max_iters if max_iters is not None else min(2 * n, 200)

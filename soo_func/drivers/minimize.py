@@ -345,7 +345,7 @@ def minimize(
     check_params(params)
     check_transform("minimize", optimizer)
     check_adjoint("minimize", adjoint, args)
-    params = tree.map(torch.Tensor.detach, params)
+    params = tree.map_leaves(torch.Tensor.detach, params)
     objective = CountedObjective(bind_args(value_fn, args))
     state = optimizer.init(params) if state is None else state
     value, grad = value_and_grad(objective)(params)

@@ -158,12 +158,12 @@ def krylov_damped_step(
     """
 
     def damped(v: PyTree) -> PyTree:
-        return tree.add(operator(v), tree.map(lambda s, x: damping * s * x, damping_diag, v))
+        return tree.add(operator(v), tree.map_leaves(lambda s, x: damping * s * x, damping_diag, v))
 
     result = cg(damped, tree.neg(grad), rtol=rtol)
     p = result.x
     g_p = tree.vdot(grad, p)
-    p_scaled_p = tree.vdot(tree.map(lambda s, x: s * x, damping_diag, p), p)
+    p_scaled_p = tree.vdot(tree.map_leaves(lambda s, x: s * x, damping_diag, p), p)
     curvature = -g_p - damping * p_scaled_p
     return DampedModel(
         step=p,

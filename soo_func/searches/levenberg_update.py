@@ -191,7 +191,7 @@ def matrix_free_trial(
         jac, _ = dense_jacobian(point.residual_fn, params)
         charge_jacobian(point, jac.shape[1])
         column_sq = tree.unravel((jac * jac).sum(0), params)
-        damping_diag = tree.map(marquardt_diag, damping_diag, column_sq)
+        damping_diag = tree.map_leaves(marquardt_diag, damping_diag, column_sq)
     operator = model_operator(params, point.value_fn, point.residual_fn, point.curvature)
     if marquardt:  # the damping is relative to D: no product needed for the first one
         estimate = torch.full_like(damping, options.tau)
@@ -240,6 +240,8 @@ def search_failed(
     stalled = step_norm <= options.step_rtol * (tree.norm(params) + options.step_rtol)
     failed = ~accepted & ((damping >= options.max_damping) | stalled)
     if rule == "more":
-        scaled_x = tree.norm(tree.map(lambda s, x: torch.sqrt(s) * x, model.damping_diag, params))
+        scaled_x = tree.norm(
+            tree.map_leaves(lambda s, x: torch.sqrt(s) * x, model.damping_diag, params)
+        )
         failed = failed | (~accepted & (radius <= options.step_rtol * scaled_x))
     return failed

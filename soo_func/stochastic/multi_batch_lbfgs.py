@@ -69,7 +69,7 @@ def overlapping_batches(
 
 def batch_overlap(batch: Any, overlap: int) -> Any:
     """The last ``overlap`` examples of ``batch``: the overlap ``O_k`` with the next batch."""
-    return tree.map(lambda t: t[-overlap:] if isinstance(t, torch.Tensor) else t, batch)
+    return tree.map_leaves(lambda t: t[-overlap:] if isinstance(t, torch.Tensor) else t, batch)
 
 
 def multi_batch_lbfgs(

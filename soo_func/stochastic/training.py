@@ -81,7 +81,7 @@ def subsample(batch: Batch, size: int | float) -> Batch:
     if size < 1:
         raise ValueError(f"subsample size must be >= 1, got {size}")
     size = min(size, n)
-    return tree.map(lambda t: t[:size] if isinstance(t, torch.Tensor) else t, batch)
+    return tree.map_leaves(lambda t: t[:size] if isinstance(t, torch.Tensor) else t, batch)
 
 
 def hessian_operator(
