@@ -315,3 +315,14 @@ def test_minres_reports_the_true_residual_of_an_inconsistent_singular_system():
         true_residual = torch.linalg.norm(b - a @ result.x)
         torch.testing.assert_close(result.residual_norm, true_residual)
         assert float(result.residual_norm) > 0.5
+
+
+@pytest.mark.parametrize("name", ["cg", "cr", "minres"])
+def test_a_right_hand_side_near_float32_overflow_is_solved(name):
+    # r^T r of b = 3e25 overflows float32 (1e51 > 3.4e38): the solvers work on b / 2^k
+    # (exact), so the answer is b / 2 and the residual norm finite.
+    b = torch.full((3,), 3e25)
+    result = getattr(krylov, name)(lambda v: 2 * v, b)
+    torch.testing.assert_close(result.x, b / 2)
+    assert torch.isfinite(result.residual_norm)
+    assert float(result.residual_norm) <= 1e-5 * float(torch.linalg.norm(b.double()))

@@ -68,6 +68,31 @@ def check_options(who: str, max_iters, rtol, atol, check_every) -> None:
         )
 
 
+class UnitScale(NamedTuple):
+    """A power of two ``s >= 1`` with ``max |b / s| < 2`` when ``max |b| >= 2`` (else 1).
+
+    The solvers work on ``A (x / s) = b / s``: dividing by a power of two is exact in binary
+    floating point, and every operation of a solve is linear in ``b``, so the iterates are
+    the unscaled ones divided by ``s``, bit for bit, while the squares and dot products
+    (``r^T r``, ``r^T A r``) stay far from overflow (a float32 gradient of 1e25).
+    """
+
+    s: torch.Tensor
+
+    @staticmethod
+    def of(b: PyTree) -> UnitScale:
+        big = tree.norm(b, float("inf"))
+        _, exponent = torch.frexp(big)
+        power = torch.ldexp(torch.ones_like(big), exponent - 1)
+        return UnitScale(torch.where(torch.isfinite(big) & (big >= 2), power, torch.ones_like(big)))
+
+    def down(self, x: PyTree | None) -> PyTree | None:
+        return None if x is None else tree.map_leaves(lambda t: t / self.s, x)
+
+    def up(self, x: PyTree) -> PyTree:
+        return tree.map_leaves(lambda t: t * self.s, x)
+
+
 def tolerance(b_norm: torch.Tensor, rtol: float, atol: float) -> torch.Tensor:
     return torch.clamp(rtol * b_norm, min=atol)
 

@@ -12,6 +12,7 @@ from soo_func.krylov._common import (
     KrylovResult,
     MatVec,
     PyTree,
+    UnitScale,
     check_options,
     counter,
     first_leaf,
@@ -65,7 +66,9 @@ def cg(
     check_options("cg", max_iters, rtol, atol, check_every)
     ref = first_leaf(b)
     max_iters = 2 * total_size(b) if max_iters is None else max_iters
-    tol = tolerance(tree.norm(b), rtol, atol)
+    unit = UnitScale.of(b)
+    b, x0 = unit.down(b), unit.down(x0)
+    tol = tolerance(tree.norm(b), rtol, atol / unit.s)
     x, r, used = initial_residual(matvec, b, x0)
     rr = tree.sum_of_squares(r)
     false = torch.zeros((), dtype=torch.bool, device=ref.device)
@@ -91,14 +94,14 @@ def cg(
     if on_iteration is not None:
 
         def monitor(k: int, s: _CgState) -> torch.Tensor:
-            return on_iteration(k, s.x, s.r)
+            return on_iteration(k, unit.up(s.x), unit.up(s.r))
 
     state, trips = iterate(step, state, max_iters, check_every, monitor)
     return KrylovResult(
-        x=state.x,
+        x=unit.up(state.x),
         num_iters=state.iters,
         num_matvecs=counter(ref, used + trips),
-        residual_norm=torch.sqrt(state.rr),
+        residual_norm=torch.sqrt(state.rr) * unit.s,
         negative_curvature=state.negative,
         hit_boundary=false,
     )
@@ -146,7 +149,9 @@ def cr(
     check_options("cr", max_iters, rtol, atol, check_every)
     ref = first_leaf(b)
     max_iters = 2 * total_size(b) if max_iters is None else max_iters
-    tol = tolerance(tree.norm(b), rtol, atol)
+    unit = UnitScale.of(b)
+    b, x0 = unit.down(b), unit.down(x0)
+    tol = tolerance(tree.norm(b), rtol, atol / unit.s)
     x, r, used = initial_residual(matvec, b, x0)
     ar = matvec(r)
     used += 1
@@ -177,10 +182,10 @@ def cr(
 
     state, trips = iterate(step, state, max_iters, check_every)
     return KrylovResult(
-        x=state.x,
+        x=unit.up(state.x),
         num_iters=state.iters,
         num_matvecs=counter(ref, used + trips),
-        residual_norm=torch.sqrt(state.rr),
+        residual_norm=torch.sqrt(state.rr) * unit.s,
         negative_curvature=state.negative,
         hit_boundary=false,
     )

@@ -11,6 +11,7 @@ from soo_func.krylov._common import (
     KrylovResult,
     MatVec,
     PyTree,
+    UnitScale,
     check_options,
     counter,
     first_leaf,
@@ -65,7 +66,9 @@ def minres(
     check_options("minres", max_iters, rtol, atol, check_every)
     ref = first_leaf(b)
     max_iters = 2 * total_size(b) if max_iters is None else max_iters
-    tol = tolerance(tree.norm(b), rtol, atol)
+    unit = UnitScale.of(b)
+    b, x0 = unit.down(b), unit.down(x0)
+    tol = tolerance(tree.norm(b), rtol, atol / unit.s)
     x, r, used = initial_residual(matvec, b, x0)
     beta1 = tree.norm(r)
     zero = torch.zeros_like(beta1)
@@ -105,10 +108,10 @@ def minres(
 
     state, trips = iterate(step, state, max_iters, check_every)
     return KrylovResult(
-        x=state.x,
+        x=unit.up(state.x),
         num_iters=state.iters,
         num_matvecs=counter(ref, used + trips),
-        residual_norm=state.phibar.abs(),
+        residual_norm=state.phibar.abs() * unit.s,
         negative_curvature=state.negative,
         hit_boundary=false,
     )
