@@ -10,7 +10,7 @@ Problems (dims 1-20, condition number ``kappa`` up to 1e6, float32 and float64):
 
 Every direction runs with its natural search and every direction that publishes a model
 with ``trust_region``. Each run must stop in ``MAX_STEPS`` steps (``max_steps`` is a
-failure) on one of two documented reasons:
+failure) on one of the documented reasons:
 
 * ``gtol``: ``||g||_inf <= gtol``. For a convex quadratic ``x - x* = A^{-1} g``, so
   ``||x - x*|| <= ||g|| / lambda_min``; the test asserts
@@ -21,7 +21,11 @@ failure) on one of two documented reasons:
   the rounding floor of a search that judges steps by ``f``. From a point with gradient
   ``g`` the best decrease is ``0.5 g^T A^{-1} g >= ||g||^2 / (2 lambda_max)``, invisible
   once below the rounding ``eps |f*|`` of ``f``: the test asserts
-  ``||g||_inf <= 10 max(gtol, sqrt(2 lambda_max eps |f*|))`` and the same bound.
+  ``||g||_inf <= 10 max(gtol, sqrt(2 lambda_max eps |f*|))`` and the same bound. The
+  driver's ``stalled`` (ten steps in a row that lower ``f`` by no more than its rounding
+  and do not halve ``||g||_inf``) is the same floor reached without a failed search, and
+  is held to the same bound. Which of the three a float32 run ends on can change with the
+  BLAS thread count; the bounds do not.
 
 ``gtol`` is set per problem above the rounding floor of the gradient in the dtype:
 ``gtol = max(1e-9 scale, 100 eps (lambda_max ||x*||_inf + ||b||_inf))``, where ``scale``
@@ -125,7 +129,7 @@ class Case:
             f"|g|_inf={float(g.abs().max()):.3g} gtol={self.gtol:.3g}"
         )
         assert result.reason != "max_steps", where
-        if result.reason.startswith("search_failed"):
+        if result.reason.startswith(("search_failed", "stalled")):
             assert float(g.abs().max()) <= 10 * max(self.gtol, self.value_floor), where
         else:
             assert result.reason == "gtol", where
