@@ -158,11 +158,7 @@ LEAST_SQUARES = {
 #: Families with a defect outside the trust region found by these properties (reported to
 #: the lead; strict, so a fix shows up as an XPASS to remove here).
 KNOWN_DEFECTS: dict[str, str] = {
-    "dfp+wolfe": "dfp: float32 kappa=1e4 search_failed at |g| 3.66 (gtol 0.06), 307 steps; "
-    "a float64 case runs to max_steps (n=3)",
     "broyden+wolfe": "broyden: float32 kappa=1e5 search_failed at |g| 36 (gtol 0.64) after 6 steps",
-    "dfp+trust_region": "dfp: float64 n=20 kappa=3.5e4 runs to max_steps (3000) at |g| 37 "
-    "(its published model stays poor)",
     "nonlinear_cg+wolfe": "nonlinear_cg: float32 n=9 kappa=591 search_failed at |g| 0.14, "
     "above the value-rounding floor",
 }

@@ -28,7 +28,9 @@ can only happen through rounding or non-finite pairs), SR1 and Broyden keep it b
 after them reads the matrix through the published ``curvature``). A non-finite direction
 always resets the matrix. Before the first
 update the initial matrix is rescaled to ``H0 = (y^T s / y^T y) I`` (eq. 6.20) unless
-``initial_scaling`` fixes ``H0``.
+``initial_scaling`` fixes ``H0``; DFP keeps sizing ``H`` that way before every update
+(Oren & Luenberger's ``tau = s^T y / y^T H y``): without it DFP corrects a too-small ``H``
+only slowly (N&W section 6.1) and crawls along nearly orthogonal directions.
 """
 
 from __future__ import annotations
@@ -163,6 +165,17 @@ def _scalable(s, y) -> torch.Tensor:
     return (sy > 0) & (yy > 0) & torch.isfinite(sy)
 
 
+def _sized(matrix, s, y, h_y, ok, inverse: bool) -> torch.Tensor:
+    """Oren & Luenberger's sizing before the update: ``H <- tau H`` (``B <- B / tau``) with
+    ``tau = s^T y / y^T H y``, so that ``H`` matches the newest curvature along ``y`` (eq. 6.20
+    at every step; Contreras & Tapia, JOTA 78, 1993, for DFP). Skipped unless ``ok`` and
+    ``tau`` is positive and finite."""
+    sy, yhy = s @ y, y @ h_y
+    usable = ok & (sy > 0) & (yhy > 0) & torch.isfinite(sy / yhy)
+    tau = torch.where(usable, _ratio(sy, yhy, usable), torch.ones_like(sy))
+    return matrix * tau if inverse else matrix / tau
+
+
 def _powell_damped(s, y, b_s) -> torch.Tensor:
     """N&W Procedure 18.2: ``r = theta y + (1 - theta) B s`` so that ``s^T r >= 0.2 s^T B s``."""
     sbs, sy = s @ b_s, s @ y
@@ -211,6 +224,8 @@ def _dense(cfg: _Config, who: str) -> Transform:
             y = _powell_damped(s, y, b_s)
         h_y = matrix @ y if inverse else _solve(matrix, y)
         ok = state.has_prev & _accept(cfg, matrix, s, y, b_s, h_y)
+        if cfg.method == "dfp" and cfg.initial_scaling is None:
+            matrix = _sized(matrix, s, y, h_y, ok & state.scaled, inverse)
         matrix = dense_update(cfg.method, cfg.form, matrix, s, y, ok)
         scaled = state.scaled | ok | (state.has_prev & _scalable(s, y))
         direction = -(matrix @ g) if inverse else -_solve(matrix, g)
@@ -311,7 +326,11 @@ def dfp(
     curvature_eps: float | None = None,
     initial_scaling: float | None = None,
 ) -> Transform:
-    """The DFP direction (N&W eqs. 6.13 / 6.15); arguments as :func:`bfgs`."""
+    """The DFP direction (N&W eqs. 6.13 / 6.15); arguments as :func:`bfgs`.
+
+    Unless ``initial_scaling`` fixes ``H0``, the dense matrix is sized before every update,
+    ``H <- (s^T y / y^T H y) H`` (Oren & Luenberger 1974; Contreras & Tapia 1993), the
+    remedy for DFP's weak self-correction of a too-small ``H``."""
     return _make("dfp", memory_size, form, curvature_eps, initial_scaling)
 
 
