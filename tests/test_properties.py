@@ -158,7 +158,6 @@ LEAST_SQUARES = {
 #: Families with a defect outside the trust region found by these properties (reported to
 #: the lead; strict, so a fix shows up as an XPASS to remove here).
 KNOWN_DEFECTS: dict[str, str] = {
-    "broyden+wolfe": "broyden: float32 kappa=1e5 search_failed at |g| 36 (gtol 0.64) after 6 steps",
     "nonlinear_cg+wolfe": "nonlinear_cg: float32 n=9 kappa=591 search_failed at |g| 0.14, "
     "above the value-rounding floor",
 }
