@@ -338,6 +338,33 @@ def test_ascent_gives_minus_g_and_keeps_the_matrix_unless_reset(method, form, me
             assert torch.equal(new_state.gamma, state.gamma)
 
 
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("method", ["sr1", "broyden"])
+def test_second_ascent_after_a_step_along_minus_g_resets_the_dense_matrix(method, form):
+    """On A = diag(2, -1), once B = A, x with g = (0, 1) gives an ascent: -g, matrix kept.
+    A step along that -g (a line search's) to another ascent point resets the matrix (the
+    pair (s, y) is exact, so it changed nothing); a step not along -g keeps it."""
+    a = torch.diag(torch.tensor([2.0, -1.0], dtype=torch.float64))
+    gen = torch.Generator().manual_seed(3)
+    xs = [torch.randn(2, generator=gen, dtype=torch.float64) for _ in range(4)]
+    probe = torch.tensor([0.3, -0.7], dtype=torch.float64)
+    transform = CONSTRUCTORS[method](form=form)
+    state = transform.init(xs[0])
+    for x in xs:
+        _, state = transform.update(a @ x, state, x)
+    x = torch.linalg.solve(a, torch.tensor([0.0, 1.0], dtype=torch.float64))
+    d, state = transform.update(a @ x, state, x)
+    assert torch.allclose(d, -(a @ x)) and bool(state.ascent)
+    for step, expected in (((0.0, -0.5), probe), ((0.1, -0.5), a @ probe)):
+        x_next = x + torch.tensor(step, dtype=torch.float64)
+        _, new_state = transform.update(a @ x_next, state, x_next)
+        curvature = transform.publish(new_state, x_next)["curvature"]
+        if method == "sr1":  # Broyden's B need not equal A: only the reset is checked
+            assert torch.allclose(curvature(probe), expected, atol=1e-8), (step, curvature(probe))
+        elif step[0] == 0.0:
+            assert torch.allclose(curvature(probe), probe, atol=1e-8)
+
+
 @pytest.mark.parametrize(
     "make",
     [

@@ -25,10 +25,14 @@ BFGS offers Powell's damping (N&W Procedure 18.2). When the direction is not a
 descent direction it is replaced by ``-g``; BFGS and DFP also reset the matrix then (it
 can only happen through rounding or non-finite pairs), SR1 and Broyden keep it by default
 (``reset_on_ascent=False``: their matrices are indefinite by design, and a trust region
-after them reads the matrix through the published ``curvature``). A non-finite direction
+after them reads the matrix through the published ``curvature``), except on a second ascent
+in a row after a step along that ``-g`` (a line search took it, and its pair did not repair
+the matrix: kept, it would give ``-g`` for ever, steepest descent). A non-finite direction
 always resets the matrix. Before the first
 update the initial matrix is rescaled to ``H0 = (y^T s / y^T y) I`` (eq. 6.20) unless
-``initial_scaling`` fixes ``H0``.
+``initial_scaling`` fixes ``H0``; DFP keeps sizing ``H`` that way before every update
+(Oren & Luenberger's ``tau = s^T y / y^T H y``): without it DFP corrects a too-small ``H``
+only slowly (N&W section 6.1) and crawls along nearly orthogonal directions.
 """
 
 from __future__ import annotations
@@ -52,13 +56,15 @@ FORMS = ("inverse", "direct")
 class DenseQuasiNewtonState(NamedTuple):
     """``matrix``: ``H`` or ``B`` (``n x n``; float32 for bfloat16/float16 params); ``prev_point``: flat params and gradient at the
     last update (``[2, n]``); ``has_prev``, ``scaled`` (``H0`` rescaled yet): 0-d bools;
-    ``step_hint``: a step-length hint for the search (``1 / |g|`` while ``matrix`` is ``H0``)."""
+    ``step_hint``: a step-length hint for the search (``1 / |g|`` while ``matrix`` is ``H0``);
+    ``ascent``: 0-d bool, the last direction was the ``-g`` fallback."""
 
     matrix: torch.Tensor
     prev_point: torch.Tensor
     has_prev: torch.Tensor
     scaled: torch.Tensor
     step_hint: torch.Tensor
+    ascent: torch.Tensor
 
 
 def _ratio(num: torch.Tensor | float, den: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
@@ -163,6 +169,22 @@ def _scalable(s, y) -> torch.Tensor:
     return (sy > 0) & (yy > 0) & torch.isfinite(sy)
 
 
+def _sized(matrix, s, y, h_y, ok, inverse: bool) -> torch.Tensor:
+    """Oren & Luenberger's sizing ``H <- tau H`` (``B <- B / tau``), ``tau = s^T y / y^T H y``
+    (eq. 6.20 at every step; Contreras & Tapia, JOTA 78, 1993), where ``ok`` and ``tau > 0``."""
+    sy, yhy = s @ y, y @ h_y
+    usable = ok & (sy > 0) & (yhy > 0) & torch.isfinite(sy / yhy)
+    tau = torch.where(usable, _ratio(sy, yhy, usable), torch.ones_like(sy))
+    return matrix * tau if inverse else matrix / tau
+
+
+def _along(s: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """Whether ``s != 0`` was taken along ``d``: ``s^T d >= (1 - sqrt(eps)) |s| |d|``."""
+    tol = 1 - torch.finfo(s.dtype).eps ** 0.5
+    norms = torch.linalg.vector_norm(s) * torch.linalg.vector_norm(d)
+    return (norms > 0) & (s @ d >= tol * norms)
+
+
 def _powell_damped(s, y, b_s) -> torch.Tensor:
     """N&W Procedure 18.2: ``r = theta y + (1 - theta) B s`` so that ``s^T r >= 0.2 s^T B s``."""
     sbs, sy = s @ b_s, s @ y
@@ -187,6 +209,7 @@ def _dense(cfg: _Config, who: str) -> Transform:
             has_prev=torch.zeros((), dtype=torch.bool, device=device),
             scaled=torch.full((), cfg.initial_scaling is not None, device=device),
             step_hint=one,
+            ascent=torch.zeros((), dtype=torch.bool, device=device),
         )
 
     def initial_matrix(state, s, y):
@@ -211,13 +234,16 @@ def _dense(cfg: _Config, who: str) -> Transform:
             y = _powell_damped(s, y, b_s)
         h_y = matrix @ y if inverse else _solve(matrix, y)
         ok = state.has_prev & _accept(cfg, matrix, s, y, b_s, h_y)
+        if cfg.method == "dfp" and cfg.initial_scaling is None:
+            matrix = _sized(matrix, s, y, h_y, ok & state.scaled, inverse)
         matrix = dense_update(cfg.method, cfg.form, matrix, s, y, ok)
         scaled = state.scaled | ok | (state.has_prev & _scalable(s, y))
         direction = -(matrix @ g) if inverse else -_solve(matrix, g)
         slope = g @ direction
         finite = torch.isfinite(slope)
         descent = finite & (slope < 0)
-        keep = descent if cfg.reset_on_ascent else finite
+        repeated = state.ascent & _along(s, -state.prev_point[1])
+        keep = descent if cfg.reset_on_ascent else finite & (descent | ~repeated)
         h0 = torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
         if cfg.initial_scaling is not None:
             h0 = h0 * (cfg.initial_scaling if inverse else 1.0 / cfg.initial_scaling)
@@ -228,7 +254,7 @@ def _dense(cfg: _Config, who: str) -> Transform:
         first = torch.clamp(torch.rsqrt(gg), max=1.0)
         hint = torch.where(~scaled & (gg > 0), first, torch.ones_like(first))
         new_state = DenseQuasiNewtonState(
-            matrix, point, torch.ones_like(state.has_prev), scaled, hint
+            matrix, point, torch.ones_like(state.has_prev), scaled, hint, ~descent
         )
         like = tree.leaves(params)[0]
         return tree.unravel(direction.to(like.dtype), params), new_state
@@ -311,7 +337,7 @@ def dfp(
     curvature_eps: float | None = None,
     initial_scaling: float | None = None,
 ) -> Transform:
-    """The DFP direction (N&W eqs. 6.13 / 6.15); arguments as :func:`bfgs`."""
+    """The DFP direction (N&W eqs. 6.13 / 6.15), sized (module docstring); args as :func:`bfgs`."""
     return _make("dfp", memory_size, form, curvature_eps, initial_scaling)
 
 
@@ -334,7 +360,8 @@ def sr1(
     published, possibly indefinite, curvature (N&W Algorithm 6.2), not the direction.
     ``reset_on_ascent=True`` also resets the matrix to ``H0`` there (the classic line-search
     safeguard; each reset throws the model away, so the next steps are steepest-descent
-    steps). Only non-finite directions always reset it.
+    steps). Non-finite directions always reset it, and so does (dense) a second ascent in a
+    row after a step along ``-g`` (see the module docstring).
     """
     return _make(
         "sr1",
