@@ -37,7 +37,10 @@ def venv_kernel(tmp_path, monkeypatch):
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path) + (os.pathsep + old if old else ""))
     monkeypatch.setenv("SOO_FUNC_SMALL", "1")
     monkeypatch.setenv("MPLBACKEND", "Agg")
-    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
+    # One thread: the notebooks' small models gain nothing from two, and on a loaded machine
+    # two OpenMP threads on one free core spin at every barrier (a hessian_free cell went
+    # from 30 s to over 120 s with the other core busy).
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     return KERNEL_NAME
 
 
