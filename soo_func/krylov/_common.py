@@ -15,7 +15,10 @@ MatVec = Callable[[PyTree], PyTree]
 
 
 class KrylovResult(NamedTuple):
-    """What a Krylov solver returns (all scalars are 0-d tensors on ``b``'s device)."""
+    """What a Krylov solver returns (all scalars are 0-d tensors on ``b``'s device).
+
+    ``model_change`` is set by Steihaug-CG only: ``m(x) - m(0)`` of the trust-region model.
+    """
 
     x: PyTree
     num_iters: torch.Tensor
@@ -23,6 +26,7 @@ class KrylovResult(NamedTuple):
     residual_norm: torch.Tensor
     negative_curvature: torch.Tensor
     hit_boundary: torch.Tensor
+    model_change: torch.Tensor | None = None
 
 
 # --------------------------------------------------------------------------- helpers

@@ -8,6 +8,7 @@ import torch
 
 from soo_func import tree
 from soo_func.krylov._common import (
+    KrylovResult,
     MatVec,
     PyTree,
     as_scalar,
@@ -48,23 +49,6 @@ def _boundary_steps(z: PyTree, d: PyTree, radius: torch.Tensor):
     return torch.minimum(root_a, root_b), torch.maximum(root_a, root_b)
 
 
-class SteihaugResult(NamedTuple):
-    """:class:`~soo_func.krylov.KrylovResult`'s fields and the model change at ``x``.
-
-    ``model_change = <grad, x> + 0.5 <x, B x>`` (``m(x) - m(0)``), from the residual the
-    solver maintains (``r = B x + grad``: ``0.5 (<grad, x> + <x, r>)``), so the caller's
-    predicted reduction costs no product.
-    """
-
-    x: PyTree
-    num_iters: torch.Tensor
-    num_matvecs: torch.Tensor
-    residual_norm: torch.Tensor
-    negative_curvature: torch.Tensor
-    hit_boundary: torch.Tensor
-    model_change: torch.Tensor
-
-
 def _warm_start(matvec: MatVec, grad: PyTree, x0: PyTree, radius: torch.Tensor, sync: bool):
     """``(z0, r0 = B z0 + grad, products)``: ``x0`` when it lies in the region and does not
     raise the model (``m(x0) <= m(0)``, finite), else ``(0, grad)``. One product, skipped
@@ -91,7 +75,7 @@ def steihaug(
     check_every: int | None = 1,
     x0: PyTree | None = None,
     x0_solves_model: bool = False,
-) -> SteihaugResult:
+) -> KrylovResult:
     """CG-Steihaug: approximately ``argmin_d <grad, d> + 0.5 <d, B d>`` s.t. ``||d|| <= radius``.
 
     Nocedal & Wright Alg. 7.2 with ``B = matvec``: CG on ``B d = -grad`` from
@@ -154,7 +138,7 @@ def steihaug(
         return _SteihaugState(z, r, d, rr, hit | converged, s.iters + 1, s.negative | negative, hit)
 
     state, trips = iterate(step, state, max_iters, check_every)
-    return SteihaugResult(
+    return KrylovResult(
         x=state.z,
         num_iters=state.iters,
         num_matvecs=counter(ref, trips + warm_products),
