@@ -107,6 +107,11 @@ def _flatten_alike(*trees: PyTree) -> tuple[list[list[Any]], optree.PyTreeSpec]:
 
 
 def _all_tensors(leaves: list[Any]) -> bool:
+    """Whether the multi-tensor ``torch._foreach_*`` kernels apply to ``leaves``: all are
+    tensors and no ``torch.func`` transform is active (``vmap`` has no batching rule for
+    them; the per-leaf ops it falls back to give the same values)."""
+    if torch._C._are_functorch_transforms_active():
+        return False
     return all(isinstance(leaf, torch.Tensor) for leaf in leaves)
 
 
@@ -180,7 +185,7 @@ def norm(x: PyTree, ord: float | str = 2) -> torch.Tensor:
     """The 2-norm (default) or infinity-norm (``ord=inf``) of all leaves together, 0-d."""
     if ord == 2:
         parts = leaves(x)
-        if len(parts) > 1 and not any(a.is_complex() for a in parts):
+        if len(parts) > 1 and _all_tensors(parts) and not any(a.is_complex() for a in parts):
             # One multi-tensor kernel for the per-leaf norms (half the cost of per-leaf dots
             # with many small leaves), then the norm of the norms (no squares to overflow).
             return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(parts)))
