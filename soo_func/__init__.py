@@ -34,6 +34,7 @@ from soo_func.directions.gauss_newton import gauss_newton
 from soo_func.directions.newton import newton_krylov
 from soo_func.directions.nonlinear_cg import nonlinear_cg
 from soo_func.drivers import MinimizeResult, PathResult, continuation_path, least_squares, minimize
+from soo_func.module_loss import ImpureModuleError
 from soo_func.oracles import (
     CountedObjective,
     functional_loss,
@@ -63,6 +64,7 @@ __all__ = [
     "CountedObjective",
     "EmptyState",
     "HomotopyState",
+    "ImpureModuleError",
     "LineSearchState",
     "MinimizeResult",
     "PathResult",

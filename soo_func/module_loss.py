@@ -3,6 +3,14 @@
 The params are bound to the module with ``torch.func.functional_call`` for the whole
 loss computation (the module's forward pass *and* the loss), so the value is pure in the
 params and its gradient is taken in them.
+
+A module that cannot be made pure this way reads its own parameter tensors behind
+``functional_call``'s back: a tensor computed from a parameter and cached (in
+``__init__`` or by an earlier forward), or a ``loss_fn`` that holds
+a parameter tensor captured before the call. Its value would be right and its gradient in ``params``
+wrong (zero in those parameters). :func:`functional_loss` detects it from the autograd
+graph of the first evaluation that records one (the module's parameters require grad,
+so a loss that reads them is connected to them) and raises :class:`ImpureModuleError`.
 """
 
 from __future__ import annotations
@@ -12,10 +20,15 @@ from typing import Any
 
 import torch
 import torch.func as tf
+from torch._C._functorch import get_unwrapped, is_functorch_wrapped_tensor
 
 PyTree = Any
 
-__all__ = ["functional_loss"]
+__all__ = ["ImpureModuleError", "functional_loss"]
+
+
+class ImpureModuleError(ValueError):
+    """The loss reads the module's own parameter tensors, not the params passed in."""
 
 
 def functional_loss(
@@ -42,13 +55,56 @@ def functional_loss(
                 "LayerNorm, or call module.eval() first"
             )
     bound = _BoundLoss(module, loss_fn)
+    names = {id(t): name for name, t in module.named_parameters()}
+    unchecked = [True]  # until one evaluation recorded a graph (see check_pure)
 
     def value_fn(p: PyTree, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         inputs, targets = batch
         tensors = {f"module.{name}": t for name, t in {**buffers, **p}.items()}
-        return tf.functional_call(bound, tensors, (inputs, targets))
+        loss = tf.functional_call(bound, tensors, (inputs, targets))
+        if unchecked[0]:
+            own = {i: n for i, n in names.items() if i not in {id(t) for t in p.values()}}
+            unchecked[0] = not check_pure(loss, own, type(module).__name__)
+        return loss
 
     return value_fn, params
+
+
+def check_pure(loss: torch.Tensor, names: dict[int, str], module_name: str) -> bool:
+    """Raise :class:`ImpureModuleError` when ``loss``'s autograd graph reaches one of the
+    module's own parameters (``names``: their ids to their names); return whether the
+    check was conclusive (the loss recorded a graph at the base level, under any
+    ``torch.func`` wrappers)."""
+    while is_functorch_wrapped_tensor(loss):
+        loss = get_unwrapped(loss)
+    if loss.grad_fn is None:
+        return False
+    read = sorted({names[id(v)] for v in _graph_leaves(loss.grad_fn) if id(v) in names})
+    if read:
+        raise ImpureModuleError(
+            f"functional_loss: the loss of {module_name} depends on the module's own "
+            f"parameter tensors {read}, not on the params passed in, so its gradient in "
+            "params would be wrong (zero there). The module caches a tensor computed from "
+            "a parameter (in __init__ or an earlier forward), or loss_fn holds a "
+            "parameter tensor captured before the call: compute such tensors inside forward, "
+            "and read parameters through the module (module.parameters() is bound) in loss_fn."
+        )
+    return True
+
+
+def _graph_leaves(root: Any) -> list[torch.Tensor]:
+    """The leaf tensors (``AccumulateGrad`` nodes' variables) an autograd graph reaches."""
+    seen, stack, found = set(), [root], []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)
+        if variable is not None:
+            found.append(variable)
+        stack.extend(child for child, _ in node.next_functions)
+    return found
 
 
 class _BoundLoss(torch.nn.Module):

@@ -289,3 +289,51 @@ def test_functional_loss_differentiates_a_lazy_output_in_the_params():
     difference = (tree.ravel(shifted[0]).flat - tree.ravel(shifted[1]).flat) / 2e-5
     assert torch.allclose(tree.ravel(hv).flat, difference, rtol=1e-6, atol=1e-7)
     assert all(p.grad is None for p in module.parameters())  # the module is left alone
+
+
+class CachedScaleModel(nn.Module):
+    """Caches a tensor computed from its parameter at construction: it cannot be made pure
+    by ``functional_call`` (the cache keeps reading the module's own ``weight``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(3, dtype=torch.float64))
+        self.scaled = 2.0 * self.weight
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return inputs @ self.scaled
+
+
+@pytest.mark.parametrize("path", ["autograd", "torch.func.grad", "minimize"])
+def test_functional_loss_raises_on_a_module_that_cannot_be_made_pure(path):
+    """The gradient in params of a cached-parameter module is exactly zero although the
+    value depends on ``weight``: functional_loss raises instead of returning it, on
+    eager autograd, inside torch.func and through the driver."""
+    module = CachedScaleModel()
+    value_fn, params = sf.functional_loss(module, lambda out, y: ((out - y) ** 2).sum())
+    batch = (torch.randn(4, 3, dtype=torch.float64), torch.randn(4, dtype=torch.float64))
+    with pytest.raises(sf.ImpureModuleError, match=r"own parameter tensors \['weight'\]"):
+        if path == "autograd":
+            sf.value_and_grad(value_fn)(params, batch)
+        elif path == "torch.func.grad":
+            torch.func.grad(value_fn)(params, batch)
+        else:
+            sf.minimize(lambda p: value_fn(p, batch), params, sf.chain(sf.lbfgs(), sf.wolfe()))
+
+
+def test_functional_loss_accepts_a_loss_reading_the_bound_parameters():
+    """``module.parameters()`` read inside ``loss_fn`` are the bound params (not flagged),
+    and passing the module's own tensors as params is not flagged either: the gradient
+    agrees with torch.autograd on the module."""
+    layer = nn.Linear(3, 1).double()
+    inputs, targets = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+
+    def loss_fn(out, y):
+        return ((out.squeeze(-1) - y) ** 2).sum() + sum((q**2).sum() for q in layer.parameters())
+
+    value_fn, params = sf.functional_loss(layer, loss_fn)
+    _, grad = sf.value_and_grad(value_fn)(params, (inputs, targets))
+    expected = torch.autograd.grad(loss_fn(layer(inputs), targets), list(layer.parameters()))
+    for got, want in zip(grad.values(), expected, strict=True):
+        assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
+    value_fn(dict(layer.named_parameters()), (inputs, targets))  # its own tensors: pure
