@@ -154,3 +154,20 @@ def test_exception_in_the_objective_keeps_the_run(family, error, at_call):
 
 def start_value_at(params) -> float:
     return 0.5 * float(tree.sum_of_squares(residuals(params)))
+
+
+@pytest.mark.parametrize("solver", ["cr", "cg", "minres"])
+@pytest.mark.parametrize("search", ["armijo", "wolfe"])
+def test_newton_krylov_solves_a_float32_quadratic_scaled_by_1e25(solver, search):
+    """``1e25 |x - 1|^2`` in float32: the gradient (2e25) and the Hessian (2e25 I) are
+    finite but their squares are not. The Krylov solve must still return the Newton step
+    (CR's ``|A p|^2`` used to overflow to a zero step, and the search then failed at the
+    start); the run reaches ``x = 1`` in at most two steps."""
+    result = sf.minimize(
+        lambda p: 1e25 * ((p["x"] - 1) ** 2).sum(),
+        {"x": torch.zeros(3)},
+        sf.chain(sf.newton_krylov(solver=solver), getattr(sf, search)()),
+    )
+    assert result.converged, result.reason
+    assert result.num_steps <= 2
+    assert torch.equal(result.params["x"], torch.ones(3))
