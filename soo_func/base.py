@@ -69,12 +69,19 @@ class Transform(NamedTuple):
     ``update_and_publish(updates, state, params=None, **extra) -> (updates, state,
     publication)`` is optional too: a composite (:func:`chain`) that gathers its members'
     publications during its update sets it, so that they are computed once.
+
+    ``solves_model``: the transform computes its step from the published model
+    (``curvature``) by its own solve and uses the incoming updates only as a warm start
+    (:func:`~soo_func.searches.trust_region` with Steihaug-CG). :func:`chain` then passes
+    ``model_only=True`` to the members before it, so that a direction whose own solve
+    costs curvature products (:func:`~soo_func.directions.newton.newton_krylov`) skips it.
     """
 
     init: Callable[[PyTree], State]
     update: Callable[..., tuple[PyTree, State]]
     publish: Callable[..., Mapping[str, Any]] | None = None
     update_and_publish: Callable[..., tuple[PyTree, State, dict[str, Any]]] | None = None
+    solves_model: bool = False
 
 
 class EmptyState(NamedTuple):
@@ -177,8 +184,10 @@ def chain(*transforms: Transform) -> Transform:
     Each member's publication is computed once, right after its update; its model and
     objective entries (and undeclared ones) reach the later members as extras
     (:func:`soo_func.publication.forwarded`). A published ``params_offset`` is added to
-    the final updates and not published further.
+    the final updates and not published further. The members before one that
+    ``solves_model`` receive ``model_only=True`` (see :class:`Transform`).
     """
+    model_only = [any(t.solves_model for t in transforms[i + 1 :]) for i in range(len(transforms))]
 
     def init(params: PyTree) -> ChainState:
         return ChainState(tuple(t.init(params) for t in transforms))
@@ -191,8 +200,9 @@ def chain(*transforms: Transform) -> Transform:
         if extra.get("grad") is None:
             extra["grad"] = updates
         new_states, offsets, published = [], [], {}
-        for t, s in zip(transforms, state.states, strict=True):
-            updates, s, out = update_and_publish(t, updates, s, params, **extra)
+        for t, s, only in zip(transforms, state.states, model_only, strict=True):
+            member_extra = {**extra, "model_only": True} if only else extra
+            updates, s, out = update_and_publish(t, updates, s, params, **member_extra)
             new_states.append(s)
             extra.update(publication.forwarded(out))
             published.update(out)
@@ -217,7 +227,8 @@ def chain(*transforms: Transform) -> Transform:
         published.pop("params_offset", None)  # consumed by this chain's update
         return published
 
-    return Transform(init, update, publish_all, update_and_publish_all)
+    solves = any(t.solves_model for t in transforms)
+    return Transform(init, update, publish_all, update_and_publish_all, solves)
 
 
 def _check_chain_state(state: Any, size: int) -> None:

@@ -83,6 +83,17 @@ class Publication(TypedDict, total=False):
             "`m(d) = f + <g, d> + 0.5 <d, B d>` at params",
         ),
     ]
+    direction_skipped: Annotated[
+        bool,
+        Declared(
+            _MODEL,
+            "newton_krylov (under `model_only`)",
+            "trust_region",
+            "True: the direction did not solve its model (it was told `model_only`); its "
+            "updates are the negative gradient, not a warm start",
+            False,
+        ),
+    ]
     step_hint: Annotated[
         torch.Tensor,
         Declared(
@@ -262,6 +273,10 @@ EXTRAS: dict[str, Declared] = {
     "curvature": _extra("hessian_free, levenberg, trust_region",
                         "`curvature=B`: a curvature operator v -> B v (e.g. a GGN on a "
                         "subsample, stochastic.training.ggn_operator) when no member publishes one"),
+    "model_only": _extra("newton_krylov (chain passes it)",
+                         "`model_only=True`: a later chain member solves the model itself "
+                         "(`Transform.solves_model`, trust_region's Steihaug): publish the "
+                         "curvature and skip the direction's own solve"),
     "overlap_value_fn": _extra("multi_batch_lbfgs",
                                "`overlap_value_fn=fn`: the loss on the overlap of two batches"),
 }  # fmt: skip

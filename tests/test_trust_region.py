@@ -17,8 +17,10 @@ import torch
 from helpers import assert_update_is_pure
 
 import soo_func as sf
+from soo_func.base import update_and_publish
+from soo_func.krylov import steihaug
 from soo_func.searches.acceptance import rounding_safe_ratio
-from soo_func.searches.trust_region import dogleg_step, trust_region
+from soo_func.searches.trust_region import dogleg_step, steihaug_rtol, trust_region
 
 A = torch.tensor([[3.0, 1.0], [1.0, 2.0]], dtype=torch.float64)
 B_VEC = torch.tensor([1.0, -2.0], dtype=torch.float64)
@@ -362,3 +364,35 @@ def test_sr1_trust_region_on_the_issue_quadratic_stops_honestly():
         # 1-D: |x - x*| = |g| / a exactly (up to rounding)
         error = abs(float(result.params["x"][0]) + b / a)
         assert error <= 1.01 * float(result.grad_norm) / a + 1e-12, (a, b, x0)
+
+
+def test_chain_skips_the_direction_solve_before_steihaug():
+    """``trust_region`` (Steihaug) solves the model itself (``solves_model``): ``chain``
+    tells ``newton_krylov`` ``model_only``, which then makes no Krylov solve (0 iterations,
+    ``direction_skipped``), and the step is Steihaug-CG's from zero on the Hessian with the
+    N&W (7.3) tolerance (checked against a direct call). With dogleg, which needs the
+    Newton step, the direction solves as before."""
+    hessian = torch.tensor([[4.0, 1.0, 0.0], [1.0, 3.0, 0.5], [0.0, 0.5, 2.0]], dtype=torch.float64)
+
+    def value_fn(p):
+        return 0.5 * p["x"] @ hessian @ p["x"] - p["x"].sum()
+
+    params = {"x": torch.tensor([3.0, -2.0, 1.0], dtype=torch.float64)}
+    grad = {"x": hessian @ params["x"] - 1.0}
+    extra = {"value": value_fn(params), "grad": grad, "value_fn": value_fn}
+    opt = sf.chain(sf.newton_krylov(), sf.trust_region(initial_radius=0.5))
+    assert opt.solves_model and not sf.chain(sf.newton_krylov()).solves_model
+    updates, _, published = update_and_publish(opt, grad, opt.init(params), params, **extra)
+    assert published["direction_skipped"] is True
+    assert int(published["newton_krylov_iters"]) == 0
+    expected = steihaug(
+        lambda v: {"x": hessian @ v["x"]},
+        grad,
+        torch.tensor(0.5, dtype=torch.float64),
+        rtol=steihaug_rtol(torch.linalg.vector_norm(grad["x"])),
+    )
+    assert torch.allclose(updates["x"], expected.x["x"], rtol=1e-12, atol=1e-14)
+    dogleg = sf.chain(sf.newton_krylov(), sf.trust_region(solver="dogleg"))
+    assert not dogleg.solves_model
+    _, _, published = update_and_publish(dogleg, grad, dogleg.init(params), params, **extra)
+    assert "direction_skipped" not in published and int(published["newton_krylov_iters"]) > 0

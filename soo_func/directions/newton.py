@@ -185,6 +185,8 @@ def newton_krylov(
         iters = min(2 * n, 100) if max_iters is None else max_iters
         grad_norm = tree.norm(grad)
         eta = _forcing(forcing, state, grad_norm, eta_initial, eta_max)
+        if extra.get("model_only"):
+            return tree.neg(grad), skipped_state(state, eta, grad_norm)
         result = solve(
             matvec, tree.neg(grad), rtol=eta, max_iters=iters, check_every=check_every, **options
         )
@@ -206,6 +208,20 @@ def newton_krylov(
             count=state.count + 1,
         )
         return direction, new_state
+
+    def skipped_state(state: NewtonKrylovState, eta, grad_norm) -> NewtonKrylovState:
+        """The state after a step whose solve a later member makes (``model_only``)."""
+        zero = torch.zeros_like(state.krylov_iters)
+        return state._replace(
+            forcing_term=eta,
+            grad_norm=grad_norm,
+            linear_residual=grad_norm,
+            num_hvps=state.num_hvps + setup_cost,
+            krylov_iters=zero,
+            negative_curvature=torch.zeros_like(state.negative_curvature),
+            fallback=torch.zeros_like(state.fallback),
+            count=state.count + 1,
+        )
 
     def checked(params: PyTree, extra: dict) -> None:
         require_extras("newton_krylov", extra, "value_fn")
@@ -236,6 +252,9 @@ def newton_krylov(
         checked(params, extra)
         matvec = operator(params, extra)
         direction, new_state = update_with(matvec, updates, state, params, extra)
-        return direction, new_state, {**diagnostics(new_state), "curvature": matvec}
+        out = {**diagnostics(new_state), "curvature": matvec}
+        if extra.get("model_only"):
+            out["direction_skipped"] = True
+        return direction, new_state, out
 
     return guarded(who, Transform(init, update, publish, update_and_publish), NewtonKrylovState)

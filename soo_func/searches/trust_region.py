@@ -232,13 +232,13 @@ def trust_region(
             next_grad=tree.zeros_like(params),
         )
 
-    def subproblem(updates, grad, curvature, radius) -> tuple[PyTree, torch.Tensor]:
+    def subproblem(updates, grad, curvature, radius, skipped) -> tuple[PyTree, torch.Tensor]:
         """The step and its predicted reduction ``m(0) - m(p)``."""
         if solver == "dogleg":
             step = dogleg_step(grad, updates, curvature, radius)[0]
             return step, -(tree.vdot(grad, step) + 0.5 * tree.vdot(step, curvature(step)))
         tol = steihaug_rtol(tree.norm(grad)) if rtol is None else rtol
-        warm = updates if warm_start else None
+        warm = updates if warm_start and not skipped else None
         result = steihaug(
             curvature, grad, radius, max_iters=max_iters, rtol=tol, x0=warm, x0_solves_model=True
         )
@@ -255,7 +255,8 @@ def trust_region(
         value = extra.get("value")
         if value is None:
             value = value_fn(params)
-        step, predicted = subproblem(updates, grad, curvature, state.radius)
+        skipped = bool(extra.get("direction_skipped", False))  # a Python flag, not a tensor
+        step, predicted = subproblem(updates, grad, curvature, state.radius, skipped)
         # A model whose curvature is not finite along the step (an upstream quasi-Newton
         # matrix with a degenerate pair, an overflow) is judged as the linear model.
         predicted = torch.where(torch.isfinite(predicted), predicted, -tree.vdot(grad, step))
@@ -299,4 +300,5 @@ def trust_region(
             "search_failed": state.search_failed,
         }
 
-    return guarded("trust_region", Transform(init, update, publish), TrustRegionState)
+    transform = Transform(init, update, publish, solves_model=solver == "steihaug")
+    return guarded("trust_region", transform, TrustRegionState)
