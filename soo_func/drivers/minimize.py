@@ -11,7 +11,9 @@ and gradient are recovered from them. See ``docs/design.md``.
 The stopping rules (gtol, gtol_rel, ftol, xtol, unbounded, search_failed) are those of
 :mod:`soo_func.drivers.stopping`. The driver also stops on a non-finite value (the last
 finite point is returned; ``-inf`` reads as unbounded), on ``max_steps`` and on a
-``callback`` returning ``True``.
+``callback`` returning ``True``. This is the host loop, one host read a step;
+``check_every=None`` (or ``k``) and ``compile=True`` run the sync-free loop of
+:mod:`soo_func.drivers.sync_free` instead (the same rules, on tensors).
 
 Params are detached first: the result's params are plain tensors without a graph, and the
 caller's params are never touched. When ``value_fn`` (or the optimizer) raises, including
