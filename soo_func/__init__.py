@@ -33,7 +33,15 @@ from soo_func.directions import bfgs, broyden, dfp, lbfgs, sr1
 from soo_func.directions.gauss_newton import gauss_newton
 from soo_func.directions.newton import newton_krylov
 from soo_func.directions.nonlinear_cg import nonlinear_cg
-from soo_func.drivers import MinimizeResult, PathResult, continuation_path, least_squares, minimize
+from soo_func.drivers import (
+    MinimizeResult,
+    PathResult,
+    batched_least_squares,
+    batched_minimize,
+    continuation_path,
+    least_squares,
+    minimize,
+)
 from soo_func.module_loss import ImpureModuleError
 from soo_func.oracles import (
     CountedObjective,
@@ -74,6 +82,8 @@ __all__ = [
     "arclength_homotopy",
     "armijo",
     "armijo_sync_free",
+    "batched_least_squares",
+    "batched_minimize",
     "bfgs",
     "bind_batch",
     "broyden",

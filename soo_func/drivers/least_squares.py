@@ -44,7 +44,9 @@ def least_squares(
     :func:`minimize` (``state=`` resumes a run; an exception carries
     ``err.partial_result`` with these counts, as there; ``args`` are extra arguments of
     ``residual_fn(params, *args)``, and ``adjoint="implicit"`` differentiates the solution
-    with respect to them through ``J^T r = 0``, see :mod:`soo_func.drivers.adjoint`).
+    with respect to them through ``J^T r = 0``, see :mod:`soo_func.drivers.adjoint`;
+    ``check_every=None`` runs the sync-free loop of :mod:`soo_func.drivers.sync_free`, which
+    ``torch.func.vmap`` batches: :func:`~soo_func.batched_least_squares`).
     """
     optimizer = levenberg_marquardt() if optimizer is None else optimizer
     check_transform("least_squares", optimizer)

@@ -11,7 +11,9 @@ and gradient are recovered from them. See ``docs/design.md``.
 The stopping rules (gtol, gtol_rel, ftol, xtol, unbounded, search_failed) are those of
 :mod:`soo_func.drivers.stopping`. The driver also stops on a non-finite value (the last
 finite point is returned; ``-inf`` reads as unbounded), on ``max_steps`` and on a
-``callback`` returning ``True``.
+``callback`` returning ``True``. This is the host loop, one host read a step;
+``check_every=None`` (or ``k``) and ``compile=True`` run the sync-free loop of
+:mod:`soo_func.drivers.sync_free` instead (the same rules, on tensors).
 
 Params are detached first: the result's params are plain tensors without a graph, and the
 caller's params are never touched. When ``value_fn`` (or the optimizer) raises, including
@@ -40,8 +42,10 @@ from soo_func.base import (
     update_and_publish,
 )
 from soo_func.drivers.adjoint import bind_args, check_adjoint, with_adjoint
+from soo_func.drivers.outcome import reusable
+from soo_func.drivers.result import MinimizeResult, attach_partial_result
 from soo_func.drivers.stopping import (
-    UNBOUNDED_RATIO,
+    HOST_OPS,
     StepNumbers,
     StopRules,
     Streaks,
@@ -49,61 +53,15 @@ from soo_func.drivers.stopping import (
     host_norm,
     read_scalars,
     read_step,
+    start_rules,
     stop_reason,
 )
+from soo_func.drivers.sync_free import minimize_sync_free
 from soo_func.oracles import CountedObjective, value_and_grad
 
 PyTree = Any
 
-__all__ = ["MinimizeResult", "minimize"]
-
-
-@dataclass
-class MinimizeResult:
-    """What :func:`minimize` returns.
-
-    ``history`` holds one dict per step (``step``, ``value``, ``grad_norm``,
-    ``step_norm``, evaluation counts, and any 0-d diagnostics the optimizer
-    published, e.g. ``continuation_t``); entry 0 is the starting point.
-
-    ``state`` is the optimizer's state at ``params``: ``minimize(value_fn, result.params,
-    optimizer, state=result.state)`` continues the run. It is ``None`` when the driver
-    returned an optimizer's incumbent (the state belongs to the last point, not to it).
-    """
-
-    params: PyTree
-    value: torch.Tensor
-    grad: PyTree
-    grad_norm: torch.Tensor
-    num_steps: int
-    num_value_evals: int
-    num_grad_evals: int
-    num_hvp_evals: int
-    converged: bool
-    reason: str
-    state: Any = None  # the optimizer's state at ``params`` (None: see ``reason``)
-    history: list[dict[str, float]] = field(default_factory=list)
-    num_residual_evals: int = 0  # least_squares: residual_fn evaluations by the optimizer
-
-
-def _reusable(published: dict[str, Any], objective: CountedObjective, new_params: PyTree):
-    """``(value, grad)`` of ``objective`` at ``new_params`` from what a search published.
-
-    Either the search evaluated the driver's own objective there (``next_value_fn is
-    objective``), or it evaluated a rewritten objective (``next_value_fn`` is the
-    published ``value_fn``) and ``recover_objective(value, grad, params)`` maps its value
-    and gradient there to the driver's (a homotopy's ``f = f_t + (1 - t) <g0, x>``).
-    ``None`` when the driver must evaluate the point itself.
-    """
-    next_fn, next_grad = published.get("next_value_fn"), published.get("next_grad")
-    if next_fn is None or next_grad is None:
-        return None
-    if next_fn is objective:
-        return published["next_value"], next_grad
-    recover = published.get("recover_objective")
-    if recover is not None and next_fn is published.get("value_fn"):
-        return recover(published["next_value"], next_grad, new_params)
-    return None
+__all__ = ["MinimizeResult", "attach_partial_result", "minimize"]
 
 
 def _incumbent_if_better(incumbent, value_host: float, objective: CountedObjective):
@@ -206,43 +164,6 @@ class _Run:
         )
 
 
-def attach_partial_result(err: BaseException, partial: MinimizeResult) -> None:
-    """Attach ``partial`` to ``err`` as ``err.partial_result`` (with a note saying so),
-    where the exception type allows attributes."""
-    try:
-        err.partial_result = partial
-    except (AttributeError, TypeError):  # pragma: no cover - exceptions with __slots__
-        return
-    if hasattr(err, "add_note") and not getattr(err, "_soo_func_noted", False):
-        err.add_note(
-            f"soo_func: the run so far ({partial.num_steps} steps) is err.partial_result; "
-            "resume with minimize(value_fn, partial.params, optimizer, state=partial.state)"
-        )
-        err._soo_func_noted = True
-
-
-def _start_rules(
-    value_host: float,
-    grad_inf: float,
-    gtol: float,
-    gtol_rel: float,
-    ftol: float,
-    xtol: float,
-    eps: float,
-) -> StopRules:
-    """The run's tolerances from the start's value and gradient (module
-    :mod:`soo_func.drivers.stopping`)."""
-    tiny = torch.finfo(torch.float64).tiny
-    return StopRules(
-        gtol=gtol,
-        gtol_rel_bound=gtol_rel * max(grad_inf, tiny) if gtol_rel > 0 else 0.0,
-        ftol=ftol,
-        xtol=xtol,
-        eps=eps,
-        value_floor=-UNBOUNDED_RATIO * max(abs(value_host), 1.0),
-    )
-
-
 _MINUS_INF = "unbounded: the value reached -inf; returned the last finite point"
 
 
@@ -269,7 +190,7 @@ def _run_steps(
         if "incumbent_params" in published:
             incumbent = (published["incumbent_params"], published.get("incumbent_value"))
         new_params = apply_updates(params, updates)
-        reuse = _reusable(published, objective, new_params)
+        reuse = reusable(published, objective, new_params)
         new_value, new_grad = reuse if reuse is not None else value_and_grad(objective)(new_params)
         numbers = read_step(
             new_value, new_grad, updates, new_params, params, published, rules.xtol > 0, device
@@ -309,6 +230,8 @@ def minimize(
     extra: dict[str, Any] | None = None,
     args: tuple = (),
     adjoint: str | None = None,
+    check_every: int | None = 1,
+    compile: bool = False,
 ) -> MinimizeResult:
     """Minimize the scalar ``value_fn(params)`` with ``optimizer`` from ``params``.
 
@@ -336,6 +259,16 @@ def minimize(
       adjoint: ``None`` (a detached result) or ``"implicit"``: ``result.params`` and
         ``result.value`` differentiable with respect to ``args`` through the optimality
         condition (:mod:`soo_func.drivers.adjoint`).
+      check_every: ``1`` (default): the host loop above, one host read a step. ``None``:
+        the sync-free loop (:mod:`soo_func.drivers.sync_free`), exactly ``max_steps``
+        steps without a host read, a stopped problem frozen by a mask, so that
+        ``torch.func.vmap`` batches whole solves; ``k``: that loop, stopping at the first
+        host read (one every ``k`` steps) that finds the problem stopped. The sync-free
+        loop's result holds tensors (see :class:`MinimizeResult`); it takes no
+        ``callback`` or ``progress``, and returns no incumbent.
+      compile: run the sync-free loop (``check_every=1`` then reads the host every step)
+        with its step compiled once by ``torch.compile`` (``fullgraph=True``, or with
+        graph breaks and a warning where the optimizer does not trace whole).
 
     The stopping rules and their order are those of :mod:`soo_func.drivers.stopping`.
     An exception raised by ``value_fn`` or the optimizer (``KeyboardInterrupt`` too)
@@ -348,6 +281,28 @@ def minimize(
     params = tree.map_leaves(torch.Tensor.detach, params)
     objective = CountedObjective(bind_args(value_fn, args))
     state = optimizer.init(params) if state is None else state
+    loop = (max_steps, check_every, compile, callback is not None or progress)
+    tols = (gtol, gtol_rel, ftol, xtol)
+    if check_every != 1 or compile:
+        result = minimize_sync_free(objective, params, optimizer, state, extra, tols, loop)
+    else:
+        hooks = (max_steps, callback, progress)
+        result = _minimize_on_host(objective, params, optimizer, state, extra, tols, hooks)
+    return with_adjoint(result, value_fn, args, adjoint)
+
+
+def _minimize_on_host(
+    objective: CountedObjective,
+    params: PyTree,
+    optimizer: Transform,
+    state: Any,
+    extra: dict[str, Any] | None,
+    tols: tuple[float, float, float, float],
+    hooks: tuple[int, Callable | None, bool],
+) -> MinimizeResult:
+    """The host loop of :func:`minimize` (one host read a step); ``tols`` is ``(gtol,
+    gtol_rel, ftol, xtol)``, ``hooks`` ``(max_steps, callback, progress)``."""
+    max_steps, callback, progress = hooks
     value, grad = value_and_grad(objective)(params)
     check_finite_start(value, grad)
     device = tree.leaves(params)[0].device
@@ -355,12 +310,11 @@ def minimize(
         [value, tree.norm(grad), tree.norm(grad, math.inf)], device
     )
     eps = torch.finfo(value.dtype).eps
-    rules = _start_rules(value_host, grad_inf, gtol, gtol_rel, ftol, xtol, eps)
+    rules = start_rules(value_host, grad_inf, tols, eps, HOST_OPS)
     history = [_history_row(0, (value_host, host_norm(grad, grad_norm), 0.0, {}), objective)]
     run = _Run(objective, params, value, grad, value_host, state, history)
-    if grad_inf <= gtol or grad_inf <= rules.gtol_rel_bound:
-        result = run.result("gtol" if grad_inf <= gtol else "gtol_rel", True)
-        return with_adjoint(result, value_fn, args, adjoint)
+    if grad_inf <= rules.gtol or grad_inf <= rules.gtol_rel_bound:
+        return run.result("gtol" if grad_inf <= rules.gtol else "gtol_rel", True)
     try:
         reason, converged, incumbent = _run_steps(
             run, optimizer, dict(extra or {}), rules, max_steps, callback,
@@ -371,12 +325,11 @@ def minimize(
         raise
     better = None if converged else _incumbent_if_better(incumbent, run.value_host, objective)
     if better is None:
-        return with_adjoint(run.result(reason, converged), value_fn, args, adjoint)
+        return run.result(reason, converged)
     run.params, run.value, run.grad = better
     run.state = None
-    result = run.result(
+    return run.result(
         reason + "; returned the optimizer's incumbent (its best point, lower than the last); "
         "state is None (the optimizer's state belongs to the last point)",
         False,
     )
-    return with_adjoint(result, value_fn, args, adjoint)

@@ -36,6 +36,8 @@ The driver itself stops on a non-finite value (``-inf`` reads as unbounded), on
 from __future__ import annotations
 
 import math
+import operator
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -45,17 +47,26 @@ from soo_func import publication, tree
 PyTree = Any
 
 __all__ = [
+    "CONVERGED_RULES",
+    "DEVICE_OPS",
+    "HOST_OPS",
     "MAX_FAILED_SEARCHES",
     "MAX_STALLED_STEPS",
     "ROUNDING_ULPS",
+    "RULES",
     "UNBOUNDED_RATIO",
+    "RuleOps",
     "StepNumbers",
     "StopRules",
     "Streaks",
+    "changed",
     "check_finite_start",
     "host_norm",
+    "no_decrease",
     "read_scalars",
     "read_step",
+    "rule_flags",
+    "start_rules",
     "stop_reason",
 ]
 
@@ -81,18 +92,22 @@ STALLED = "stalled: the accepted step does not change the params at working prec
 
 
 class StopRules(NamedTuple):
-    """The tolerances of one run, fixed at its start."""
+    """The tolerances of one run, fixed at its start (the two that depend on the start are
+    0-d tensors on the sync-free path)."""
 
     gtol: float
-    gtol_rel_bound: float  # gtol_rel * max(||g_0||_inf, tiny); 0 disables
+    gtol_rel_bound: Any  # gtol_rel * max(||g_0||_inf, tiny); 0 disables
     ftol: float
     xtol: float
     eps: float  # the machine epsilon of the value's dtype
-    value_floor: float  # -UNBOUNDED_RATIO * max(|f_0|, 1)
+    value_floor: Any  # -UNBOUNDED_RATIO * max(|f_0|, 1)
 
 
 class StepNumbers(NamedTuple):
-    """What the stopping rules and the history read after a step, on the host."""
+    """What the stopping rules and the history read after a step: floats and bools on the
+    host (:func:`read_step`), 0-d tensors on the sync-free path
+    (:func:`soo_func.drivers.sync_free.device_step`, where ``has_search`` stays a bool and
+    ``grad_norm`` is not read)."""
 
     value: float
     grad_norm: float
@@ -104,6 +119,54 @@ class StepNumbers(NamedTuple):
     may_converge: bool  # False while the optimizer publishes converged_ok=False
     search_failed: bool
     diagnostics: dict[str, float]
+
+
+class RuleOps(NamedTuple):
+    """The few operations the rules use beyond arithmetic, comparisons, ``abs``, ``&`` and
+    ``|``: on host numbers (:data:`HOST_OPS`) or on 0-d tensors (:data:`DEVICE_OPS`), so
+    one definition serves the host driver and the sync-free one."""
+
+    maximum: Callable[[Any, Any], Any]
+    not_: Callable[[Any], Any]
+    select: Callable[[Any, Any, Any], Any]  # (condition, if_true, if_false)
+
+
+def _device_maximum(a: Any, b: Any) -> Any:
+    if isinstance(b, torch.Tensor):
+        return torch.maximum(a, b)
+    return a.clamp_min(b) if isinstance(a, torch.Tensor) else max(a, b)
+
+
+def _device_not(a: Any) -> Any:
+    return torch.logical_not(a) if isinstance(a, torch.Tensor) else not a
+
+
+def _device_select(condition: Any, a: Any, b: Any) -> Any:
+    if isinstance(condition, bool):  # a static flag (no search, no converged_ok)
+        return a if condition else b
+    return torch.where(condition, a, b)
+
+
+HOST_OPS = RuleOps(max, operator.not_, lambda condition, a, b: a if condition else b)
+DEVICE_OPS = RuleOps(_device_maximum, _device_not, _device_select)
+
+
+def start_rules(
+    value: Any, grad_inf: Any, tols: tuple[float, float, float, float], eps: float, ops: RuleOps
+) -> StopRules:
+    """The run's tolerances from the start's value and gradient infinity norm (host floats
+    or 0-d tensors, with the matching ``ops``); ``tols`` is ``(gtol, gtol_rel, ftol,
+    xtol)``."""
+    gtol, gtol_rel, ftol, xtol = tols
+    tiny = torch.finfo(torch.float64).tiny
+    return StopRules(
+        gtol=gtol,
+        gtol_rel_bound=gtol_rel * ops.maximum(grad_inf, tiny) if gtol_rel > 0 else 0.0,
+        ftol=ftol,
+        xtol=xtol,
+        eps=eps,
+        value_floor=-UNBOUNDED_RATIO * ops.maximum(abs(value), 1.0),
+    )
 
 
 def read_scalars(scalars: list[torch.Tensor], device: torch.device) -> list[float]:
@@ -185,46 +248,103 @@ def read_step(
     )
 
 
-def _converged(numbers: StepNumbers, old_value: float, rules: StopRules) -> str | None:
-    moved, value = numbers.step_norm > 0.0, numbers.value
-    if numbers.grad_inf <= rules.gtol:
-        return "gtol"
-    if numbers.grad_inf <= rules.gtol_rel_bound:
-        return "gtol_rel"
-    decrease_bound = rules.ftol * max(abs(old_value), abs(value), 1)
-    if moved and rules.ftol > 0 and old_value - value <= decrease_bound:
-        return "ftol"
-    step_bound = rules.xtol * (numbers.params_norm + rules.xtol)
-    if moved and rules.xtol > 0 and numbers.step_norm <= step_bound:
-        return "xtol"
-    return None
-
-
-def no_decrease(numbers: StepNumbers, old_value: float, eps: float) -> bool:
-    """Whether the value did not fall beyond its rounding."""
+def no_decrease(numbers: StepNumbers, old_value: Any, eps: float, ops: RuleOps = HOST_OPS) -> Any:
+    """Whether the value did not fall beyond its rounding:
+    ``f_k - f_{k+1} <= ROUNDING_ULPS eps max(|f_k|, |f_{k+1}|)``."""
     value = numbers.value
-    return old_value - value <= ROUNDING_ULPS * eps * max(abs(old_value), abs(value))
+    return old_value - value <= ROUNDING_ULPS * eps * ops.maximum(abs(old_value), abs(value))
 
 
 class Streaks(NamedTuple):
-    """Steps in a row without progress, for the rules of the module docstring."""
+    """Steps in a row without progress, for the rules of the module docstring (ints and a
+    float on the host, 0-d tensors on the sync-free path)."""
 
-    failed: int = 0  # failed searches in a row
-    stalled: int = 0  # non-zero search steps in a row without progress
-    grad_ref: float = math.inf  # ||g||_inf where the stalled streak (re)started
+    failed: Any = 0  # failed searches in a row
+    stalled: Any = 0  # non-zero search steps in a row without progress
+    grad_ref: Any = math.inf  # ||g||_inf where the stalled streak (re)started
 
-    def after(self, numbers: StepNumbers, old_value: float, eps: float) -> Streaks:
-        """The streaks after the step read in ``numbers``."""
-        failed = self.failed + 1 if numbers.search_failed else 0
-        if not numbers.may_converge:  # a continuation's steps need not lower f itself
-            return Streaks(failed)
-        if not numbers.has_search or not numbers.step_norm > 0.0:
-            return self._replace(failed=failed)
-        if not no_decrease(numbers, old_value, eps):
-            return Streaks(failed)
-        if self.stalled == 0 or numbers.grad_inf < 0.5 * self.grad_ref:
-            return Streaks(failed, 1, numbers.grad_inf)
-        return Streaks(failed, self.stalled + 1, self.grad_ref)
+    def after(
+        self, numbers: StepNumbers, old_value: Any, eps: float, ops: RuleOps = HOST_OPS
+    ) -> Streaks:
+        """The streaks after the step read in ``numbers``: a failed search extends the
+        failed streak (else it restarts at 0); a non-zero search step that does not lower
+        the value beyond rounding extends the stalled streak, which restarts at 1 when it
+        was 0 or when ``||g||_inf`` fell below half its value where the streak began; a
+        decrease resets it; other steps leave it; a continuation's steps
+        (``may_converge`` false) reset it, as they need not lower ``f``."""
+        select, n = ops.select, numbers
+        failed = select(n.search_failed, self.failed + 1, 0)
+        restart = (self.stalled == 0) | (n.grad_inf < 0.5 * self.grad_ref)
+        stalled = select(restart, 1, self.stalled + 1)
+        grad_ref = select(restart, n.grad_inf, self.grad_ref)
+        progress = ops.not_(no_decrease(n, old_value, eps, ops))
+        stalled, grad_ref = select(progress, 0, stalled), select(progress, math.inf, grad_ref)
+        counted = n.has_search & (n.step_norm > 0.0)
+        stalled = select(counted, stalled, self.stalled)
+        grad_ref = select(counted, grad_ref, self.grad_ref)
+        stalled = select(n.may_converge, stalled, 0)
+        grad_ref = select(n.may_converge, grad_ref, math.inf)
+        return Streaks(failed, stalled, grad_ref)
+
+
+RULES = (
+    "gtol",
+    "gtol_rel",
+    "ftol",
+    "xtol",
+    "unbounded",
+    "search_failed",
+    "stalled",
+    "failed_searches",
+    "stalled_steps",
+)
+"""The stopping rules in their order (the first that holds names the stop)."""
+
+CONVERGED_RULES = frozenset(RULES[:4])
+"""The rules that mean convergence."""
+
+
+def rule_flags(
+    numbers: StepNumbers, old_value: Any, rules: StopRules, streaks: Streaks, ops: RuleOps
+) -> tuple[Any, ...]:
+    """Whether each rule of :data:`RULES` holds after the step read in ``numbers``
+    (``streaks`` include this step): bools on the host (``HOST_OPS``), 0-d bool tensors on
+    the sync-free path (``DEVICE_OPS``). The one definition of the rules of the module
+    docstring."""
+    n, may, not_ = numbers, numbers.may_converge, ops.not_
+    moved = n.step_norm > 0.0
+    scale = ops.maximum(ops.maximum(abs(old_value), abs(n.value)), 1.0)
+    ftol = moved & (rules.ftol > 0) & (old_value - n.value <= rules.ftol * scale)
+    step_bound = rules.xtol * (n.params_norm + rules.xtol)
+    xtol = moved & (rules.xtol > 0) & (n.step_norm <= step_bound)
+    no_lower = may & no_decrease(n, old_value, rules.eps, ops)
+    return (
+        may & (n.grad_inf <= rules.gtol),
+        may & (n.grad_inf <= rules.gtol_rel_bound),
+        may & ftol,
+        may & xtol,
+        n.value < rules.value_floor,
+        n.search_failed & (not_(n.params_changed) | no_lower),
+        moved & not_(n.params_changed),
+        streaks.failed >= MAX_FAILED_SEARCHES,
+        streaks.stalled >= MAX_STALLED_STEPS,
+    )
+
+
+def _message(rule: str, rules: StopRules, streaks: Streaks) -> str:
+    if rule == "unbounded":
+        return (
+            f"unbounded: the value fell below {rules.value_floor:.3g} "
+            f"(-max(|f0|, 1) / eps); the objective looks unbounded below"
+        )
+    if rule == "failed_searches":
+        return f"search_failed: {streaks.failed} searches in a row found no acceptable step"
+    if rule == "stalled_steps":
+        return (
+            f"stalled: {streaks.stalled} steps in a row lowered neither the value beyond "
+            "rounding nor the gradient norm by half"
+        )
+    return {"search_failed": SEARCH_FAILED, "stalled": STALLED}.get(rule, rule)
 
 
 def stop_reason(
@@ -232,27 +352,8 @@ def stop_reason(
 ) -> tuple[str | None, bool]:
     """``(reason, converged)`` by the rules of the module docstring, in their order;
     ``(None, False)`` to go on. ``streaks`` include this step."""
-    if numbers.may_converge:
-        reason = _converged(numbers, old_value, rules)
-        if reason is not None:
-            return reason, True
-    if numbers.value < rules.value_floor:
-        return (
-            f"unbounded: the value fell below {rules.value_floor:.3g} "
-            f"(-max(|f0|, 1) / eps); the objective looks unbounded below"
-        ), False
-    no_lower = numbers.may_converge and no_decrease(numbers, old_value, rules.eps)
-    if numbers.search_failed and (not numbers.params_changed or no_lower):
-        return SEARCH_FAILED, False
-    if numbers.step_norm > 0.0 and not numbers.params_changed:
-        return STALLED, False
-    if streaks.failed >= MAX_FAILED_SEARCHES:
-        return (
-            f"search_failed: {streaks.failed} searches in a row found no acceptable step"
-        ), False
-    if streaks.stalled >= MAX_STALLED_STEPS:
-        return (
-            f"stalled: {streaks.stalled} steps in a row lowered neither the value beyond "
-            "rounding nor the gradient norm by half"
-        ), False
+    flags = rule_flags(numbers, old_value, rules, streaks, HOST_OPS)
+    for rule, holds in zip(RULES, flags, strict=True):
+        if holds:
+            return _message(rule, rules, streaks), rule in CONVERGED_RULES
     return None, False

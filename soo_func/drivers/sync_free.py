@@ -1,0 +1,328 @@
+"""The sync-free driver: ``minimize(..., check_every=None)`` and ``least_squares(...,
+check_every=None)``.
+
+The loop runs exactly ``max_steps`` steps and never reads a tensor on the host. Whether a
+problem has stopped is a 0-d bool tensor ``done``; every step is computed, and a stopped
+problem's params, value, gradient, optimizer state and streaks are kept by
+``torch.where``: a converged or failed problem stops moving. The stopping rules are those
+of the host driver, :func:`~soo_func.drivers.stopping.rule_flags` evaluated on tensors
+(``DEVICE_OPS``), in the same order; a non-finite value freezes the problem at its last
+finite point (``-inf`` reads as unbounded), and a non-finite start marks the problem
+stopped where the host driver raises. Because nothing is read, the whole solve runs under
+``torch.func.vmap``: a batch of problems (several starts, several data sets) gets its own
+damping, acceptance and convergence per problem, with no coupling across the batch
+(:mod:`soo_func.drivers.batched` wraps the pattern).
+
+``check_every=k`` reads ``done`` on the host before the first step and after every ``k``
+steps, and stops at the first read that finds the problem stopped: the result is the
+``check_every=None`` result (the frozen steps change nothing), at up to ``k - 1`` wasted
+steps. ``compile=True`` compiles the step once with ``torch.compile`` (``fullgraph=True``;
+when the optimizer does not trace whole, with graph breaks and a warning) and reuses it.
+
+The result's ``converged`` (0-d bool), ``num_steps`` (0-d int64, the steps taken before the
+problem stopped) and ``reason_code`` (0-d int64 into :data:`REASON_NAMES`) are tensors;
+``reason`` only says that, :func:`reason_names` reads the codes; ``history`` is empty.
+The evaluation counts are those of every step the loop ran (a frozen problem is still
+evaluated: under ``vmap`` the batch runs in lockstep).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import optree
+import torch
+
+from soo_func import tree
+from soo_func.base import Transform, apply_updates, update_and_publish
+from soo_func.drivers.outcome import reusable
+from soo_func.drivers.result import MinimizeResult
+from soo_func.drivers.stopping import (
+    CONVERGED_RULES,
+    DEVICE_OPS,
+    RULES,
+    StepNumbers,
+    StopRules,
+    Streaks,
+    changed,
+    rule_flags,
+    start_rules,
+)
+from soo_func.options import check_int_at_least
+from soo_func.oracles import CountedObjective, value_and_grad
+
+PyTree = Any
+
+__all__ = [
+    "REASON_NAMES",
+    "SYNC_FREE_REASON",
+    "Carry",
+    "device_step",
+    "freeze",
+    "minimize_sync_free",
+    "reason_names",
+]
+
+REASON_NAMES = ("max_steps", *RULES, "non_finite_value", "minus_inf_value", "non_finite_start")
+"""What a sync-free result's ``reason_code`` indexes: 0 ran all ``max_steps`` (or is still
+running at a ``check_every`` read), then the rules of
+:data:`~soo_func.drivers.stopping.RULES` in their order, then the non-finite stops."""
+
+_CODE = {name: code for code, name in enumerate(REASON_NAMES)}
+_CONVERGED_CODES = sorted(_CODE[name] for name in CONVERGED_RULES)
+
+SYNC_FREE_REASON = (
+    "sync-free run: the reason is not read on the host; see reason_code "
+    "(soo_func.drivers.sync_free.reason_names(result) reads it)"
+)
+
+
+class Carry(NamedTuple):
+    """What one sync-free step reads and returns (all tensors after the first step)."""
+
+    params: PyTree
+    value: torch.Tensor
+    grad: PyTree
+    state: Any
+    done: torch.Tensor  # 0-d bool: stopped (converged or failed), so frozen
+    code: torch.Tensor  # 0-d int64 into REASON_NAMES (0 while running)
+    num_steps: torch.Tensor  # 0-d int64: steps taken before stopping
+    streaks: Streaks  # 0-d tensors
+
+
+def reason_names(result: MinimizeResult) -> str | list:
+    """The names of a sync-free result's ``reason_code`` (nested lists for a batch): one
+    host read."""
+    codes = result.reason_code.tolist()
+    return optree.tree_map(lambda code: REASON_NAMES[code], codes)
+
+
+def device_step(
+    value: torch.Tensor,
+    grad: PyTree,
+    updates: PyTree,
+    params: PyTree,
+    old_params: PyTree,
+    published: dict[str, Any],
+    with_params_norm: bool,
+) -> StepNumbers:
+    """What the stopping rules read after a step, as 0-d tensors (no host read): the
+    tensor twin of :func:`~soo_func.drivers.stopping.read_step`. ``has_search`` (whether
+    the optimizer publishes ``search_failed``) is a bool; ``grad_norm`` is not read."""
+    converged_ok, failed = (published.get(k) for k in ("converged_ok", "search_failed"))
+    has_search = isinstance(failed, torch.Tensor)
+    return StepNumbers(
+        value=value.reshape(()),
+        grad_norm=math.nan,
+        grad_inf=tree.norm(grad, math.inf),
+        step_norm=tree.norm(updates),
+        params_norm=tree.norm(params) if with_params_norm else math.nan,
+        has_search=has_search,
+        params_changed=changed(params, old_params) if has_search else True,
+        may_converge=converged_ok if isinstance(converged_ok, torch.Tensor) else True,
+        search_failed=failed if has_search else False,
+        diagnostics={},
+    )
+
+
+def freeze(move: torch.Tensor, new: PyTree, old: PyTree) -> PyTree:
+    """``new`` where ``move`` holds, else ``old``, leaf by leaf. A leaf whose shape
+    changed in the step (a cache filled at the first step) and a leaf that is not a tensor
+    are taken from ``new``."""
+
+    def select(a: Any, b: Any) -> Any:
+        if not isinstance(b, torch.Tensor):
+            return a
+        if isinstance(a, torch.Tensor) and a.shape != b.shape:
+            return a
+        return torch.where(move, a, b)
+
+    return optree.tree_map(select, new, old, none_is_leaf=True)
+
+
+def _rule_code(flags: tuple[Any, ...], like: torch.Tensor) -> torch.Tensor:
+    """The code (1 + index in ``RULES``) of the first flag that holds; 0 when none does."""
+    code = torch.zeros((), dtype=torch.int64, device=like.device)
+    for index in reversed(range(len(flags))):
+        code = DEVICE_OPS.select(flags[index], index + 1, code)
+    return torch.as_tensor(code, device=like.device)
+
+
+def make_step(
+    objective: CountedObjective, optimizer: Transform, extra: dict[str, Any], rules: StopRules
+) -> Callable[[Carry], Carry]:
+    """One sync-free step: the host loop's step (update, apply, reuse the search's value
+    and gradient or evaluate), its stopping rules on tensors, and the freeze of a problem
+    that had stopped or whose new value is not finite."""
+
+    def step(carry: Carry) -> Carry:
+        kwargs = dict(extra, value=carry.value, grad=carry.grad, value_fn=objective)
+        updates, state, published = update_and_publish(
+            optimizer, carry.grad, carry.state, carry.params, **kwargs
+        )
+        new_params = apply_updates(carry.params, updates)
+        reuse = reusable(published, objective, new_params)
+        new_value, new_grad = reuse if reuse is not None else value_and_grad(objective)(new_params)
+        numbers = device_step(
+            new_value, new_grad, updates, new_params, carry.params, published, rules.xtol > 0
+        )
+        streaks = carry.streaks.after(numbers, carry.value, rules.eps, DEVICE_OPS)
+        flags = rule_flags(numbers, carry.value, rules, streaks, DEVICE_OPS)
+        finite = torch.isfinite(numbers.value)
+        not_finite = torch.where(
+            numbers.value == -math.inf, _CODE["minus_inf_value"], _CODE["non_finite_value"]
+        )
+        code = torch.where(finite, _rule_code(flags, numbers.value), not_finite)
+        active = ~carry.done
+        move = active & finite
+        return Carry(
+            params=tree.where(move, new_params, carry.params),
+            value=torch.where(move, numbers.value, carry.value),
+            grad=tree.where(move, new_grad, carry.grad),
+            state=freeze(move, state, carry.state),
+            done=carry.done | (active & (code != 0)),
+            code=torch.where(active, code, carry.code),
+            num_steps=carry.num_steps + active.to(torch.int64),
+            streaks=freeze(move, streaks, carry.streaks),
+        )
+
+    return step
+
+
+def _start(
+    objective: CountedObjective, params: PyTree, state: Any, tols: tuple
+) -> tuple[Carry, StopRules]:
+    """The first carry and the run's rules: a non-finite start is stopped (code
+    ``non_finite_start``) where the host driver raises; a start that meets ``gtol`` or
+    ``gtol_rel`` is stopped as converged."""
+    value, grad = value_and_grad(objective)(params)
+    value = value.reshape(())
+    grad_inf = tree.norm(grad, math.inf)
+    rules = start_rules(value, grad_inf, tols, torch.finfo(value.dtype).eps, DEVICE_OPS)
+    finite = torch.isfinite(value) & tree.all_finite(grad).to(value.device)
+    code = torch.zeros((), dtype=torch.int64, device=value.device)
+    code = torch.where(grad_inf <= rules.gtol_rel_bound, _CODE["gtol_rel"], code)
+    code = torch.where(grad_inf <= rules.gtol, _CODE["gtol"], code)
+    code = torch.where(finite, code, _CODE["non_finite_start"])
+    zero = torch.zeros((), dtype=torch.int64, device=value.device)
+    streaks = Streaks(zero, zero, torch.full_like(value, math.inf))
+    carry = Carry(params, value, grad, state, code != 0, code, zero, streaks)
+    return carry, rules
+
+
+class Tally(NamedTuple):
+    """The run's counted functions and the twins the steps call instead: each step counts
+    on the twins from zero, then :meth:`settle` adds their counts to the run's and zeroes
+    them. So the counters a compiled step reads are 0 at every call (``torch.compile``
+    guards on the Python ints it reads: counters that grew would recompile the step) and
+    the twins, made once, keep one identity (a Jacobian cache keyed on the function)."""
+
+    pairs: tuple[tuple[CountedObjective, CountedObjective], ...]
+
+    @staticmethod
+    def of(objective: CountedObjective, extra: dict[str, Any]) -> tuple[Tally, Any, dict]:
+        """The tally, the objective's twin and ``extra`` with twins of its counted
+        functions (``least_squares``' ``residual_fn``)."""
+        twins = {
+            key: CountedObjective(fn)
+            for key, fn in extra.items()
+            if isinstance(fn, CountedObjective)
+        }
+        twin = CountedObjective(objective)
+        pairs = ((objective, twin), *((extra[key], fn) for key, fn in twins.items()))
+        return Tally(pairs), twin, {**extra, **twins}
+
+    def settle(self) -> None:
+        for counted, twin in self.pairs:
+            for name in ("num_value_evals", "num_grad_evals", "num_hvp_evals"):
+                setattr(counted, name, getattr(counted, name) + getattr(twin, name))
+                setattr(twin, name, 0)
+
+
+def _compiled(step: Callable[[Carry], Carry]) -> Callable[[Carry], Carry]:
+    """``step`` compiled with ``fullgraph=True``, or with graph breaks and a warning when
+    the chain does not trace whole (dynamo raises at the first call, before running
+    anything)."""
+    whole = torch.compile(step, fullgraph=True)
+    broken = None
+
+    def compiled(carry: Carry) -> Carry:
+        nonlocal broken
+        if broken is not None:
+            return broken(carry)
+        try:
+            return whole(carry)
+        except Exception as err:  # dynamo's errors share no public base class
+            first_line = (str(err).splitlines() or [""])[0]
+            warnings.warn(
+                f"compile=True: the step does not compile as one graph ({type(err).__name__}: "
+                f"{first_line}); compiling it with graph breaks",
+                stacklevel=5,
+            )
+        broken = torch.compile(step)
+        return broken(carry)
+
+    return compiled
+
+
+def _loop(step: Callable, carry: Carry, tally: Tally, loop: tuple) -> Carry:
+    """Run ``step`` up to ``max_steps`` times, reading ``done`` on the host before the
+    first step and after every ``check_every`` steps (never when ``None``); compiled from
+    the second step on (the first one fills what the optimizer's state fills once)."""
+    max_steps, check_every, compile, _ = loop
+    for taken in range(max_steps):
+        if check_every is not None and taken % check_every == 0 and bool(carry.done.all()):
+            break
+        if compile and taken == 1:
+            step = _compiled(step)
+        carry = step(carry)
+        tally.settle()
+    return carry
+
+
+def minimize_sync_free(
+    objective: CountedObjective,
+    params: PyTree,
+    optimizer: Transform,
+    state: Any,
+    extra: dict[str, Any] | None,
+    tols: tuple[float, float, float, float],
+    loop: tuple[int, int | None, bool, bool],
+) -> MinimizeResult:
+    """The sync-free run of :func:`~soo_func.minimize` (module docstring). ``tols`` is
+    ``(gtol, gtol_rel, ftol, xtol)``; ``loop`` is ``(max_steps, check_every, compile,
+    host_hooks)``, where ``host_hooks`` says a ``callback`` or ``progress`` was asked for
+    (refused: they read the host every step)."""
+    check_every, host_hooks = loop[1], loop[3]
+    if check_every is not None:
+        check_int_at_least("minimize", "check_every", check_every, 1)
+    if host_hooks:
+        raise ValueError(
+            "minimize: callback and progress read the host every step; they need "
+            "check_every=1 and compile=False (the host loop)"
+        )
+    carry, rules = _start(objective, params, state, tols)
+    tally, twin, extra = Tally.of(objective, dict(extra or {}))
+    carry = _loop(make_step(twin, optimizer, extra, rules), carry, tally, loop)
+    grad_norm = tree.norm(carry.grad)
+    overflowed = ~torch.isfinite(grad_norm) & tree.all_finite(carry.grad).to(grad_norm.device)
+    grad_norm = torch.where(overflowed, tree.scaled_norm(carry.grad), grad_norm)
+    low, high = _CONVERGED_CODES[0], _CONVERGED_CODES[-1]
+    return MinimizeResult(
+        params=carry.params,
+        value=carry.value,
+        grad=carry.grad,
+        grad_norm=grad_norm,
+        num_steps=carry.num_steps,
+        num_value_evals=objective.num_value_evals,
+        num_grad_evals=objective.num_grad_evals,
+        num_hvp_evals=objective.num_hvp_evals,
+        converged=(carry.code >= low) & (carry.code <= high),
+        reason=SYNC_FREE_REASON,
+        state=carry.state,
+        history=[],
+        reason_code=carry.code,
+    )
