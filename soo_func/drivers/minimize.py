@@ -335,7 +335,8 @@ def minimize(
         pytrees); the solve sees them detached.
       adjoint: ``None`` (a detached result) or ``"implicit"``: ``result.params`` and
         ``result.value`` differentiable with respect to ``args`` through the optimality
-        condition (:mod:`soo_func.drivers.adjoint`).
+        condition (:mod:`soo_func.drivers.adjoint`); ``"unrolled"``: through the recorded
+        steps (:mod:`soo_func.drivers.unrolled`; memory grows with the steps).
 
     The stopping rules and their order are those of :mod:`soo_func.drivers.stopping`.
     An exception raised by ``value_fn`` or the optimizer (``KeyboardInterrupt`` too)
@@ -345,6 +346,12 @@ def minimize(
     check_params(params)
     check_transform("minimize", optimizer)
     check_adjoint("minimize", adjoint, args)
+    if adjoint == "unrolled":  # autograd records the steps: soo_func.drivers.unrolled
+        from soo_func.drivers.unrolled import minimize_unrolled  # cycle: it imports MinimizeResult
+
+        options = dict(max_steps=max_steps, gtol=gtol, gtol_rel=gtol_rel, ftol=ftol, xtol=xtol)
+        options.update(state=state, callback=callback, extra=extra)
+        return minimize_unrolled(value_fn, params, optimizer, args, options)
     params = tree.map_leaves(torch.Tensor.detach, params)
     objective = CountedObjective(bind_args(value_fn, args))
     state = optimizer.init(params) if state is None else state
