@@ -131,7 +131,7 @@ def solve(problem: Problem, adjoint: str, max_steps: int) -> tuple[Any, torch.Te
         return result.params, weights, result
     result = sf.minimize(inner, start, optimizer, args=args, max_steps=max_steps, gtol=1e-8)
     tol = 2 * float(sf.tree.norm(result.grad, math.inf)) + 1e-300  # as the driver's
-    # the Hessian's condition number is ~1e7: CG needs more than the default 2 n iterations
+    # an ill-conditioned Hessian: CG needs more than the default 2 n iterations
     x = sf.implicit.minimizer(inner, result.params, args, tol=tol, max_iters=CG_MAX_ITERS)
     return x, weights, result
 

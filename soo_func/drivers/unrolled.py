@@ -5,8 +5,8 @@ with ``args`` not detached and the params keeping their graph: autograd records 
 trajectory ``x_{k+1} = x_k + s_k(x_k, g_k, state_k)``, and ``result.params`` (and
 ``result.value``) are differentiable with respect to every tensor of ``args`` that
 requires grad, and to the starting params when they require grad. This is reverse-mode
-differentiation of the iteration (Griewank & Walther, *Evaluating Derivatives*, 2008,
-ch. 15, "derivatives of fixed-point iterations"; Domke, "Generic methods for
+differentiation of the iteration (Griewank & Walther, *Evaluating Derivatives*, 2nd ed.,
+2008, ch. 15, on implicit and iterative differentiation; Domke, "Generic methods for
 optimization-based modeling", AISTATS 2012), the reference that
 :mod:`soo_func.drivers.adjoint`'s implicit adjoint is compared against: its memory grows
 with the number of steps (each step's forward and double-backward graphs are kept), and it
@@ -25,6 +25,14 @@ What the graph contains and what it does not:
   ``"linearize"`` Hessian operator of ``newton_krylov``) carry no graph: the unrolled
   derivative of such a direction misses the Hessian's dependence on ``args``. Use a
   quasi-Newton, nonlinear CG or Gauss-Newton direction with ``"unrolled"``.
+
+The unrolled derivative is the derivative of the iteration, not of the solution: it tends
+to ``dx*/dtheta`` only where the iteration's Jacobian recursion contracts (gradient descent
+with a fixed step does, Ablin, Peyre & Moreau, ICML 2020). A limited-memory quasi-Newton
+recursion differentiated through its pairs ``(s, y)`` need not: on an ill-conditioned
+problem its derivative can grow without bound while the iterates converge (the
+``implicit`` suite of ``benchmarks/bench_implicit.py`` shows such a case). Prefer
+``adjoint="implicit"`` at a converged solution.
 
 The value and gradient a search has already evaluated at the accepted point are detached,
 so the driver evaluates that point once more, with the graph: one more value and
