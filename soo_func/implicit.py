@@ -23,6 +23,13 @@ matrix-free with ``torch.func.vjp`` / ``jvp`` products and a Krylov method from
 Failure is loud: the backward raises when ``x`` is not a root (``|F(x, theta)|_inf > tol``:
 the solve that produced it stopped early), and warns when the linear solve does not reach
 its tolerance or meets negative curvature (then it retries with MINRES).
+
+Under ``torch.func.vmap`` (a batch of problems, each with its own solution) the backward
+cannot read a problem's numbers on the host: it runs the Krylov solve for its full
+``max_iters`` with per-problem masks (``check_every=None``), and a problem whose point is
+not a root, or whose linear solve did not reach ``10 rtol``, gets NaN gradients instead of
+an exception or a warning. Only the tensors of ``args`` that require grad are
+differentiated (``vjp`` with respect to them alone).
 """
 
 from __future__ import annotations
@@ -71,11 +78,6 @@ def _join_args(problem: _Problem, tensors: list[torch.Tensor]) -> tuple:
     return optree.tree_unflatten(problem.args_spec, leaves)
 
 
-def _residual_norm(problem: _Problem, x: PyTree, args: tuple) -> float:
-    with torch.no_grad():
-        return float(tree.norm(problem.optimality_fn(x, *args), float("inf")))
-
-
 def _operator(problem: _Problem, x: PyTree, args: tuple) -> Callable[[PyTree], PyTree]:
     """``w -> (dF/dx)^T w`` (symmetric solvers) or ``w -> J J^T w`` (normal equations),
     plus ``damping w``."""
@@ -100,13 +102,29 @@ def _operator(problem: _Problem, x: PyTree, args: tuple) -> Callable[[PyTree], P
     return lambda w: tree.axpy(problem.damping, w, product(w))
 
 
-def _krylov_solve(problem: _Problem, matvec: Callable, rhs: PyTree, solver: str):
+def under_vmap() -> bool:
+    """Whether a ``torch.func.vmap`` is active (its batched tensors have no host value)."""
+    stack = torch._C._functorch.get_interpreter_stack() or []
+    return any(level.key() == torch._C._functorch.TransformType.Vmap for level in stack)
+
+
+def _krylov_solve(problem: _Problem, matvec: Callable, rhs: PyTree, solver: str, sync_free=False):
     method = krylov.minres if solver == "minres" else krylov.cg
-    return method(matvec, rhs, rtol=problem.rtol, max_iters=problem.max_iters)
+    check_every = None if sync_free else 1
+    return method(
+        matvec, rhs, rtol=problem.rtol, max_iters=problem.max_iters, check_every=check_every
+    )
 
 
-def _adjoint(problem: _Problem, x: PyTree, args: tuple, v: PyTree) -> PyTree:
-    """``w`` with ``(dF/dx)^T w = v``, warning when the solve is not to be trusted."""
+def _relative_residual(matvec: Callable, rhs: PyTree, solution: PyTree) -> torch.Tensor:
+    """``|rhs - A solution| / |rhs|`` from one more product (trusts no recurrence)."""
+    scale = tree.norm(rhs).clamp_min(torch.finfo(tree.leaves(rhs)[0].dtype).tiny)
+    return tree.norm(tree.sub(rhs, matvec(solution))) / scale
+
+
+def _adjoint(problem: _Problem, x: PyTree, args: tuple, v: PyTree, batched: bool) -> PyTree:
+    """``w`` with ``(dF/dx)^T w = v``, warning when the solve is not to be trusted (NaN
+    where it is not, under ``vmap``)."""
     matvec = _operator(problem, x, args)
     if problem.solver == "normal_cg":
 
@@ -116,7 +134,10 @@ def _adjoint(problem: _Problem, x: PyTree, args: tuple, v: PyTree) -> PyTree:
         rhs = tf.jvp(fn, (x,), (v,))[1]
     else:
         rhs = v
-    result = _krylov_solve(problem, matvec, rhs, problem.solver)
+    result = _krylov_solve(problem, matvec, rhs, problem.solver, sync_free=batched)
+    if batched:
+        good = _relative_residual(matvec, rhs, result.x) <= max(10 * problem.rtol, 1e-12)
+        return tree.map_leaves(lambda t: torch.where(good, t, torch.nan), result.x)
     if problem.solver == "cg" and bool(result.negative_curvature):
         warnings.warn(
             "implicit adjoint: dF/dx is not positive definite at the solution (not a strict "
@@ -126,9 +147,7 @@ def _adjoint(problem: _Problem, x: PyTree, args: tuple, v: PyTree) -> PyTree:
             stacklevel=4,
         )
         result = _krylov_solve(problem, matvec, rhs, "minres")
-    scale = max(float(tree.norm(rhs)), torch.finfo(tree.leaves(rhs)[0].dtype).tiny)
-    true_residual = tree.norm(tree.sub(rhs, matvec(result.x)))  # one product; trusts no recurrence
-    relative = float(true_residual) / scale
+    relative = float(_relative_residual(matvec, rhs, result.x).detach())
     if not relative <= max(10 * problem.rtol, 1e-12):
         warnings.warn(
             f"implicit adjoint: the linear solve stopped at relative residual {relative:.2e} "
@@ -143,6 +162,8 @@ def _adjoint(problem: _Problem, x: PyTree, args: tuple, v: PyTree) -> PyTree:
 
 class _RootAdjoint(torch.autograd.Function):
     """Identity on the solution's leaves forward; the implicit adjoint backward."""
+
+    generate_vmap_rule = True  # torch.func.vmap runs forward and backward batched
 
     @staticmethod
     def forward(problem: _Problem, num_x: int, *leaves: torch.Tensor):
@@ -160,16 +181,13 @@ class _RootAdjoint(torch.autograd.Function):
         leaves = [t.detach() for t in ctx.saved_tensors]
         x = optree.tree_unflatten(problem.x_spec, leaves[:num_x])
         theta = leaves[num_x:]
+        wanted = [i for i, need in enumerate(ctx.needs_input_grad[2 + num_x :]) if need]
+        grads: list[torch.Tensor | None] = [None] * len(theta)
+        if not wanted:
+            return (None, None, *([None] * num_x), *grads)
         args = _join_args(problem, theta)
-        distance = _residual_norm(problem, x, args)
-        if not distance <= problem.tol:
-            raise ValueError(
-                f"implicit gradient at a point that is not a root of the optimality condition: "
-                f"|F(x, args)|_inf = {distance:.3e} > tol = {problem.tol:g}. The solve that "
-                "produced x stopped early (max_steps, a failed search): solve to a tighter "
-                "tolerance, raise tol if F is badly scaled, or differentiate the steps "
-                "(adjoint='unrolled')"
-            )
+        batched = under_vmap()
+        at_root = _at_root(problem, x, args, batched)
         v = optree.tree_unflatten(
             problem.x_spec,
             [
@@ -177,14 +195,35 @@ class _RootAdjoint(torch.autograd.Function):
                 for c, t in zip(cotangents, leaves, strict=False)
             ],
         )
-        w = _adjoint(problem, x, args, v)
+        w = _adjoint(problem, x, args, v, batched)
 
-        def of_theta(*theta_leaves):
-            return problem.optimality_fn(x, *_join_args(problem, list(theta_leaves)))
+        def of_theta(*wanted_leaves):
+            full = list(theta)
+            for i, leaf in zip(wanted, wanted_leaves, strict=True):
+                full[i] = leaf
+            return problem.optimality_fn(x, *_join_args(problem, full))
 
-        _, vjp_theta = tf.vjp(of_theta, *theta)
-        theta_bar = vjp_theta(w)
-        return (None, None, *([None] * num_x), *(-g for g in theta_bar))
+        _, vjp_theta = tf.vjp(of_theta, *[theta[i] for i in wanted])
+        for i, g in zip(wanted, vjp_theta(w), strict=True):
+            grads[i] = torch.where(at_root, -g, torch.nan)
+        return (None, None, *([None] * num_x), *grads)
+
+
+def _at_root(problem: _Problem, x: PyTree, args: tuple, batched: bool) -> torch.Tensor:
+    """0-d bool: ``|F(x, args)|_inf <= tol``. Raises when not, outside ``vmap``."""
+    with torch.no_grad():
+        distance = tree.norm(problem.optimality_fn(x, *args), float("inf"))
+    if batched:
+        return distance <= problem.tol
+    if not float(distance) <= problem.tol:
+        raise ValueError(
+            f"implicit gradient at a point that is not a root of the optimality condition: "
+            f"|F(x, args)|_inf = {float(distance):.3e} > tol = {problem.tol:g}. The solve that "
+            "produced x stopped early (max_steps, a failed search): solve to a tighter "
+            "tolerance, raise tol if F is badly scaled, or differentiate the steps "
+            "(adjoint='unrolled')"
+        )
+    return torch.ones((), dtype=torch.bool, device=distance.device)
 
 
 def _check(solver: str, rtol: float, damping: float, tol: float) -> None:

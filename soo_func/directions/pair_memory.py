@@ -182,15 +182,16 @@ def _store(
 
     A rejected slot is masked out of every product by ``valid`` (its coefficients are
     zero), which is exact for finite entries; NaN and inf entries are zeroed so that
-    ``0 * NaN`` cannot reach a direction (one in-place pass on ``pair``, which must be a
-    fresh tensor; an accepted pair is finite and unchanged).
+    ``0 * NaN`` cannot reach a direction (out of place: ``pair`` is saved for the backward
+    of the products that formed ``gram``, which ``adjoint="unrolled"`` differentiates; an
+    accepted pair is finite and unchanged).
     """
     tentative = torch.cat([memory.valid[1:], admissible[None]])
     accept = admissible & accept_rule(gram, tentative)
     valid = torch.cat([memory.valid[1:], accept[None]])
     both = torch.cat([valid, valid])
     gram = torch.where(both[:, None] & both[None, :], gram, torch.zeros_like(gram))
-    torch.nan_to_num_(pair, nan=0.0, posinf=0.0, neginf=0.0)
+    pair = torch.nan_to_num(pair, nan=0.0, posinf=0.0, neginf=0.0)
     return PairMemory(pairs=_append(memory.pairs, pair), gram=gram, valid=valid), accept
 
 

@@ -6,7 +6,8 @@ then attaches the solution to autograd through its optimality condition
 ``grad_x value_fn(x*, *args) = 0`` (:func:`soo_func.implicit.minimizer`): ``result.params``
 and ``result.value`` are differentiable with respect to every tensor of ``args`` that
 requires grad, at the memory of one Hessian-vector Krylov solve per backward, whatever the
-number of steps. For least squares the condition is ``J^T r = 0`` and the adjoint system
+number of steps (``adjoint="unrolled"``, which differentiates through the steps instead,
+is :mod:`soo_func.drivers.unrolled`). For least squares the condition is ``J^T r = 0`` and the adjoint system
 uses the exact Hessian of ``0.5 |r|^2`` (``J^T J`` plus the residuals' curvature; the
 Gauss-Newton matrix alone is exact only at zero residual).
 
@@ -30,14 +31,15 @@ PyTree = Any
 
 __all__ = ["ADJOINTS", "bind_args", "check_adjoint", "with_adjoint"]
 
-ADJOINTS = (None, "implicit")
+ADJOINTS = (None, "implicit", "unrolled")
 
 
 def check_adjoint(who: str, adjoint: str | None, args: tuple) -> None:
     """Refuse an unknown ``adjoint`` and an ``args`` that is not a tuple."""
     if adjoint not in ADJOINTS:
         raise ValueError(
-            f"{who}: adjoint must be None (a detached result) or 'implicit', got {adjoint!r}"
+            f"{who}: adjoint must be None (a detached result), 'implicit' or 'unrolled', "
+            f"got {adjoint!r}"
         )
     if not isinstance(args, tuple):
         raise TypeError(
@@ -50,11 +52,14 @@ def _detached(args: tuple) -> tuple:
     return optree.tree_map(lambda a: a.detach() if isinstance(a, torch.Tensor) else a, args)
 
 
-def bind_args(fn: Callable[..., Any], args: tuple) -> Callable[[PyTree], Any]:
-    """``p -> fn(p, *args)`` with ``args`` detached (``fn`` itself when there are none)."""
+def bind_args(
+    fn: Callable[..., Any], args: tuple, adjoint: str | None = None
+) -> Callable[[PyTree], Any]:
+    """``p -> fn(p, *args)`` (``fn`` itself when there are none), with ``args`` detached
+    unless ``adjoint="unrolled"`` (whose steps autograd records)."""
     if not args:
         return fn
-    fixed = _detached(args)
+    fixed = args if adjoint == "unrolled" else _detached(args)
     return lambda p: fn(p, *fixed)
 
 
@@ -67,7 +72,7 @@ def with_adjoint(
     the driver's own measure of it (rounding of a recomputed gradient); a result that did
     not converge gets no slack, so its backward raises.
     """
-    if adjoint is None:
+    if adjoint != "implicit":
         return result
     measured = float(tree.norm(result.grad, math.inf))
     tol = 2 * measured + 1e-300 if result.converged else 1e-300

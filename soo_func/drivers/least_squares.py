@@ -45,6 +45,7 @@ def least_squares(
     ``err.partial_result`` with these counts, as there; ``args`` are extra arguments of
     ``residual_fn(params, *args)``, and ``adjoint="implicit"`` differentiates the solution
     with respect to them through ``J^T r = 0``, see :mod:`soo_func.drivers.adjoint`;
+    ``adjoint="unrolled"`` through the steps, see :mod:`soo_func.drivers.unrolled`;
     ``check_every=None`` runs the sync-free loop of :mod:`soo_func.drivers.sync_free`, which
     ``torch.func.vmap`` batches: :func:`~soo_func.batched_least_squares`).
     """
@@ -52,7 +53,7 @@ def least_squares(
     check_transform("least_squares", optimizer)
     check_adjoint("least_squares", kwargs.get("adjoint"), args)
     raw = raw_function(residual_fn)
-    counted = CountedObjective(bind_args(raw, args))
+    counted = CountedObjective(bind_args(raw, args, kwargs.get("adjoint")))
 
     def value_fn(p: PyTree, *a: Any) -> torch.Tensor:
         return 0.5 * tree.sum_of_squares(raw(p, *a))

@@ -57,6 +57,7 @@ from soo_func.drivers.stopping import (
     stop_reason,
 )
 from soo_func.drivers.sync_free import minimize_sync_free
+from soo_func.drivers.unrolled import minimize_unrolled
 from soo_func.oracles import CountedObjective, value_and_grad
 
 PyTree = Any
@@ -258,7 +259,8 @@ def minimize(
         pytrees); the solve sees them detached.
       adjoint: ``None`` (a detached result) or ``"implicit"``: ``result.params`` and
         ``result.value`` differentiable with respect to ``args`` through the optimality
-        condition (:mod:`soo_func.drivers.adjoint`).
+        condition (:mod:`soo_func.drivers.adjoint`); ``"unrolled"``: through the recorded
+        steps (:mod:`soo_func.drivers.unrolled`; memory grows with the steps).
       check_every: ``1`` (default): the host loop above, one host read a step. ``None``:
         the sync-free loop (:mod:`soo_func.drivers.sync_free`), exactly ``max_steps``
         steps without a host read, a stopped problem frozen by a mask, so that
@@ -278,6 +280,10 @@ def minimize(
     check_params(params)
     check_transform("minimize", optimizer)
     check_adjoint("minimize", adjoint, args)
+    if adjoint == "unrolled":  # autograd records the steps: soo_func.drivers.unrolled
+        options = dict(max_steps=max_steps, gtol=gtol, gtol_rel=gtol_rel, ftol=ftol, xtol=xtol)
+        options.update(state=state, callback=callback, extra=extra)
+        return minimize_unrolled(value_fn, params, optimizer, args, options)
     params = tree.map_leaves(torch.Tensor.detach, params)
     objective = CountedObjective(bind_args(value_fn, args))
     state = optimizer.init(params) if state is None else state
