@@ -138,6 +138,9 @@ def batched_fits(quick: bool, counts: tuple[int, ...] | None = None, subset: int
     """The fit counts (10,000 and 100,000; quick 1,000 and 3,000), one run each."""
     counts = counts or ((1_000, 3_000) if quick else (10_000, 100_000))
     rows = []
+    t, y = decay_data(4)
+    fit_ours(t, y, steps=2)  # warm-up
+    fit_torchimize(t, y)
     for count in counts:
         t, y = decay_data(count)
         subset_n = min(subset, count)

@@ -2,7 +2,7 @@
 
 Ours: ``chain(lbfgs(10), armijo_sync_free(max_steps=TRIALS))`` stepped by a compiled step
 (:func:`benchmarks.sync_free_loops.compiled_step`: ``torch.compile`` with ``fullgraph=True``
-when it traces, with graph breaks otherwise, eager when both fail; the row says which).
+when it traces, else eager; ``ours_mode`` says which).
 Torch: ``torch.optim.LBFGS(history_size=10, line_search_fn="strong_wolfe")`` for ``STEPS``
 iterations (:func:`benchmarks.bench_quasi_newton.run_torch`). Problems (from
 ``bench_quasi_newton``): the cheap 64-tensor objective (2.1M parameters; 131k quick) and
