@@ -97,7 +97,7 @@ def compiled_step(opt: sf.Transform, value_fn: Callable, params: PyTree) -> Comp
         run_steps(step, params, opt.init(params), value_fn, 2)
     except Exception as err:  # a compile failure is a result of the benchmark
         torch._dynamo.reset()
-        reason = f"{type(err).__name__}: {str(err).splitlines()[0][:100]}"
+        reason = f"{type(err).__name__}: {str(err).splitlines()[0][:60]}"
         return CompiledStep(eager, f"eager (compile failed: {reason})")
     return CompiledStep(step, "compiled fullgraph")
 
