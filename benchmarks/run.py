@@ -8,7 +8,9 @@ printed as an aligned table and all rows are written to JSON (default
 ``benchmarks/results/latest.json``). A suite that raises prints its traceback, the
 others still run, and the exit code is 1. ``--device cuda`` sets the environment variable
 ``SOO_FUNC_BENCH_DEVICE`` that the suites supporting a device read through
-:func:`bench_device` (``quasi_newton``); the others run on the CPU.
+:func:`bench_device` (``quasi_newton``, ``lbfgs_vs_torch``, ``batched_fits``, ``multistart``);
+the others run on the CPU. ``python -m benchmarks.gpu_check`` runs the CUDA checks and the
+device suites in one command.
 """
 
 from __future__ import annotations

@@ -1,0 +1,232 @@
+"""Batched solves with ``torch.func.vmap``: many small fits, many starts, side by side.
+
+* ``batched_fits``: exponential-decay fits ``y = a exp(-b t) + c`` (3 parameters, 64
+  points on ``t`` in [0, 4], noise 1% of ``a``, seeded; ``a`` in [0.5, 2.5], ``b`` in
+  [0.5, 2], ``c`` in [-0.5, 0.5]; every fit starts at ``(1, 1, 0)``), 10,000 and 100,000 of
+  them (1,000 and 3,000 quick). Ours: ``levenberg_marquardt`` vmapped over a per-problem
+  solve of ``LM_STEPS`` steps (:func:`benchmarks.sync_free_loops.lm_batched`). Peers: a
+  Python loop of ``scipy.optimize.least_squares(method="lm")`` (MINPACK, its default
+  finite-difference Jacobian) timed on the first ``SCIPY_SUBSET`` fits and extrapolated
+  linearly to the whole batch, and torchimize's ``lsq_lma_parallel`` (analytic Jacobian,
+  its defaults; skipped with a message when torchimize is not installed). Rows: wall and
+  CPU seconds, ``speedup_vs_scipy`` / ``speedup_cpu_vs_scipy`` (the scipy loop's wall / CPU
+  time over the method's; goal >= 10) and
+  ``within_1e-3`` (fraction of the subset's fits whose parameters are within 1e-3 of
+  scipy's, max norm; goal 1.0).
+* ``multistart``: L-BFGS from 1,000 starts (100 quick) uniform in [-5, 5]^2 on Himmelblau's
+  function (four minima, all with value 0). Ours: ``chain(lbfgs(), armijo_sync_free())``
+  vmapped, ``MULTISTART_STEPS`` steps (:func:`benchmarks.sync_free_loops.lbfgs_batched`).
+  Peer: a Python loop of ``sf.minimize`` with the same chain (default tolerances). Rows:
+  time, ``speedup`` (loop / vmapped; goal >= 20), the minima each found, the fraction of
+  starts that end at the same minimum.
+
+Run: ``python -m benchmarks.run --suite batched_fits --suite multistart [--quick]
+[--device cuda]``.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+import numpy as np
+import scipy.optimize as so
+import torch
+
+import soo_func as sf
+from benchmarks.run import bench_device, main
+from benchmarks.sync_free_loops import Clock, lbfgs_batched, lbfgs_chain, lm_batched
+
+try:
+    from torchimize.functions import lsq_lma_parallel
+except ImportError:  # an optional peer (the bench extra installs it)
+    lsq_lma_parallel = None
+
+LM_STEPS = 12  # every fit agrees with scipy to 3e-7 from 10 steps on (2,000 fits)
+SCIPY_SUBSET = 1000
+MULTISTART_STEPS = 40
+TRIALS = 4
+POINTS = 64
+START = (1.0, 1.0, 0.0)
+HIMMELBLAU_MINIMA = (
+    (3.0, 2.0),
+    (-2.805118, 3.131312),
+    (-3.779310, -3.283186),
+    (3.584428, -1.848126),
+)
+
+
+def decay_data(count: int, seed: int = 0, dtype=torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(t, y)``: the sample points (64) and ``count`` noisy curves (count x 64), on the CPU."""
+    gen = torch.Generator().manual_seed(seed)
+    t = torch.linspace(0.0, 4.0, POINTS, dtype=dtype)
+    unit = torch.rand(count, 3, generator=gen, dtype=dtype)
+    a, b, c = 0.5 + 2.0 * unit[:, :1], 0.5 + 1.5 * unit[:, 1:2], unit[:, 2:] - 0.5
+    noise = torch.randn(count, POINTS, generator=gen, dtype=dtype)
+    return t, a * torch.exp(-b * t) + c + 0.01 * a * noise
+
+
+def decay_residual(t: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``r(p, y) = p0 exp(-p1 t) + p2 - y`` for one problem."""
+
+    def residual(p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return p[0] * torch.exp(-p[1] * t) + p[2] - y
+
+    return residual
+
+
+def fit_ours(t: torch.Tensor, y: torch.Tensor, steps: int = LM_STEPS) -> tuple[np.ndarray, Clock]:
+    """Vmapped Levenberg-Marquardt on the device; ``(params (count x 3), clock)``."""
+    device = bench_device()
+    t, y = t.to(device), y.to(device)
+    x0 = torch.tensor(START, dtype=y.dtype, device=device).expand(len(y), 3).clone()
+    with Clock() as clock:
+        params = lm_batched(decay_residual(t), x0, y, steps)
+    return params.cpu().numpy(), clock
+
+
+def fit_scipy(t: torch.Tensor, y: torch.Tensor) -> tuple[np.ndarray, Clock]:
+    """A Python loop of ``scipy.optimize.least_squares(method="lm")``."""
+    tn, yn = t.numpy(), y.numpy()
+    out = np.empty((len(yn), 3))
+    with Clock() as clock:
+        for i, yi in enumerate(yn):
+            fun = lambda p, yi=yi: p[0] * np.exp(-p[1] * tn) + p[2] - yi  # noqa: E731
+            out[i] = so.least_squares(fun, np.array(START), method="lm").x
+    return out, clock
+
+
+def fit_torchimize(t: torch.Tensor, y: torch.Tensor) -> tuple[np.ndarray, Clock] | None:
+    """torchimize's ``lsq_lma_parallel`` with the analytic Jacobian; ``None`` when missing."""
+    if lsq_lma_parallel is None:
+        return None
+    device = bench_device()
+    t, y = t.to(device), y.to(device)
+
+    def fun(p: torch.Tensor) -> torch.Tensor:  # (count, 1 cost, 64 points)
+        return (p[:, :1] * torch.exp(-p[:, 1:2] * t) + p[:, 2:] - y)[:, None]
+
+    def jac(p: torch.Tensor) -> torch.Tensor:  # (count, 1, 64, 3)
+        e = torch.exp(-p[:, 1:2] * t)
+        return torch.stack([e, -p[:, :1] * t * e, torch.ones_like(e)], dim=-1)[:, None]
+
+    x0 = torch.tensor(START, dtype=y.dtype, device=device).expand(len(y), 3).clone()
+    with Clock() as clock:
+        params = lsq_lma_parallel(x0, fun, jac_function=jac)[-1]
+    return params.cpu().numpy(), clock
+
+
+def _fit_rows(count: int, scipy_params: np.ndarray, scipy_clock: tuple, fits: dict) -> list:
+    """One row per method; ``scipy_clock`` is the loop's (wall, CPU) seconds, extrapolated."""
+    rows = []
+    for method, (params, clock) in fits.items():
+        subset = params[: len(scipy_params)]
+        close = np.abs(subset - scipy_params).max(axis=1) <= 1e-3
+        rows.append(
+            {
+                "fits": count,
+                "device": bench_device(),
+                "method": method,
+                "seconds": round(clock.wall, 3),
+                "cpu_seconds": round(clock.cpu, 3),
+                "speedup_vs_scipy": round(scipy_clock[0] / clock.wall, 2),
+                "speedup_cpu_vs_scipy": round(scipy_clock[1] / clock.cpu, 2),
+                "within_1e-3": round(float(close.mean()), 4),
+            }
+        )
+    return rows
+
+
+def batched_fits(quick: bool, counts: tuple[int, ...] | None = None, subset: int = SCIPY_SUBSET):
+    """The fit counts (10,000 and 100,000; quick 1,000 and 3,000), one run each."""
+    counts = counts or ((1_000, 3_000) if quick else (10_000, 100_000))
+    rows = []
+    t, y = decay_data(4)
+    fit_ours(t, y, steps=2)  # warm-up
+    fit_torchimize(t, y)
+    for count in counts:
+        t, y = decay_data(count)
+        subset_n = min(subset, count)
+        scipy_params, scipy_clock = fit_scipy(t, y[:subset_n])
+        scale = count / subset_n
+        fits = {"soo_func vmap levenberg_marquardt": fit_ours(t, y)}
+        peer = fit_torchimize(t, y)
+        if peer is None:
+            print("torchimize is not installed: its row is skipped", file=sys.stderr)
+        else:
+            fits["torchimize lsq_lma_parallel"] = peer
+        scipy_seconds = scipy_clock.wall * scale
+        rows += _fit_rows(count, scipy_params, (scipy_seconds, scipy_clock.cpu * scale), fits)
+        rows.append(
+            {
+                "fits": count,
+                "device": "cpu",
+                "method": f"scipy lm loop ({subset_n} timed, x{scale:g} extrapolated)",
+                "seconds": round(scipy_seconds, 3),
+                "cpu_seconds": round(scipy_clock.cpu * scale, 3),
+                "speedup_vs_scipy": 1.0,
+                "speedup_cpu_vs_scipy": 1.0,
+                "within_1e-3": 1.0,
+            }
+        )
+    return rows
+
+
+def himmelblau(x: torch.Tensor) -> torch.Tensor:
+    """``(x^2 + y - 11)^2 + (x + y^2 - 7)^2``: four minima with value 0."""
+    return (x[0] ** 2 + x[1] - 11) ** 2 + (x[0] + x[1] ** 2 - 7) ** 2
+
+
+def nearest_minimum(points: np.ndarray, tol: float = 1e-3) -> np.ndarray:
+    """The index of the known minimum within ``tol`` of each point (-1: none)."""
+    minima = np.array(HIMMELBLAU_MINIMA)
+    dist = np.linalg.norm(points[:, None, :] - minima[None], axis=-1)
+    return np.where(dist.min(axis=1) <= tol, dist.argmin(axis=1), -1)
+
+
+def multistart(quick: bool, starts: int | None = None, steps: int = MULTISTART_STEPS):
+    """Vmapped multistart L-BFGS against a loop of single ``sf.minimize`` solves."""
+    count = starts or (100 if quick else 1_000)
+    gen = torch.Generator().manual_seed(0)
+    x0s = (10.0 * torch.rand(count, 2, generator=gen, dtype=torch.float64) - 5.0).to(bench_device())
+    lbfgs_batched(himmelblau, x0s[:2], 2, TRIALS)  # warm-up
+    with Clock() as ours_clock:
+        ours = lbfgs_batched(himmelblau, x0s, steps, TRIALS).cpu().numpy()
+    with Clock() as loop_clock:
+        loop = np.stack(
+            [
+                sf.minimize(himmelblau, x0, lbfgs_chain(TRIALS), max_steps=steps)
+                .params.cpu()
+                .numpy()
+                for x0 in x0s
+            ]
+        )
+    ours_min, loop_min = nearest_minimum(ours), nearest_minimum(loop)
+
+    def found(labels: np.ndarray) -> str:
+        return " ".join(str(i) for i in sorted(set(labels.tolist()) - {-1}))
+
+    return [
+        {
+            "starts": count,
+            "device": bench_device(),
+            "vmap_seconds": round(ours_clock.wall, 3),
+            "loop_seconds": round(loop_clock.wall, 3),
+            "speedup": round(loop_clock.wall / ours_clock.wall, 2),
+            "speedup_cpu": round(loop_clock.cpu / max(ours_clock.cpu, 1e-9), 2),
+            "vmap_minima": found(ours_min),
+            "loop_minima": found(loop_min),
+            "minima_agree": found(ours_min) == found(loop_min),
+            "same_minimum_frac": round(float((ours_min == loop_min).mean()), 4),
+            "vmap_unconverged": int((ours_min == -1).sum()),
+            "loop_unconverged": int((loop_min == -1).sum()),
+            "worst_vmap_value": float(max(himmelblau(torch.tensor(p)) for p in ours)),
+        }
+    ]
+
+
+SUITES = {"batched_fits": batched_fits, "multistart": multistart}
+
+
+if __name__ == "__main__":  # the runner parses --quick and --device
+    sys.exit(main(["--suite", "batched_fits", "--suite", "multistart", *sys.argv[1:]]))

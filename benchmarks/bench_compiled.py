@@ -1,0 +1,136 @@
+"""Compiled, sync-free L-BFGS against ``torch.optim.LBFGS``, measured side by side.
+
+Ours: ``chain(lbfgs(10), armijo_sync_free(max_steps=TRIALS))`` stepped by a compiled step
+(:func:`benchmarks.sync_free_loops.compiled_step`: ``torch.compile`` with ``fullgraph=True``
+when it traces, else eager; ``ours_mode`` says which).
+Torch: ``torch.optim.LBFGS(history_size=10, line_search_fn="strong_wolfe")`` for ``STEPS``
+iterations (:func:`benchmarks.bench_quasi_newton.run_torch`). Problems (from
+``bench_quasi_newton``): the cheap 64-tensor objective (2.1M parameters; 131k quick) and
+logistic regression 100k x 400 (10k x 100 quick), in float32 and float64, with the
+objective as written (``objective=eager``) and wrapped in ``torch.compile`` for both
+(``objective=compiled``; inside our compiled step it is traced either way).
+
+Same budget: ours runs as many steps as torch evaluated gradients (each of torch's closure
+calls is one value and gradient; each of our steps is one value and gradient plus
+``TRIALS`` forward-only trial values, reported in ``ours_values``). ``ratio_cpu`` /
+``ratio_wall`` = our time / torch's (goal <= 0.5 cheap, <= 0.9 logreg); compile time is
+excluded (a warm-up run compiles first). Ours and torch run interleaved ``repeats`` times,
+medians reported.
+
+Run: ``python -m benchmarks.run --suite lbfgs_vs_torch [--quick] [--device cuda]``
+(``SOO_FUNC_BENCH_COMPILE_MODE=reduce-overhead`` for CUDA graphs).
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+from collections.abc import Callable
+
+import torch
+
+from benchmarks.bench_quasi_newton import cheap_problem, logreg_problem, run_torch
+from benchmarks.run import bench_device, main
+from benchmarks.sync_free_loops import (
+    Clock,
+    compile_mode,
+    compiled_step,
+    lbfgs_chain,
+    make_step,
+    solve_lbfgs,
+)
+
+STEPS = 50
+TRIALS = 3  # armijo_sync_free trial values per step (lbfgs's unit step is usually taken)
+
+PROBLEMS = {"cheap": cheap_problem, "logreg": logreg_problem}
+
+
+def run_ours(step, opt, value_fn: Callable, params, steps: int) -> dict:
+    """Our timed run: ``steps`` steps of ``step``."""
+    with Clock() as clock:
+        value = solve_lbfgs(step, opt, value_fn, params, steps)
+    return {"seconds": clock.wall, "cpu_seconds": clock.cpu, "value": float(value)}
+
+
+def compare(
+    problem: str,
+    dtype: torch.dtype,
+    objective: str,
+    *,
+    quick: bool,
+    steps: int,
+    repeats: int,
+    compile_ours: bool = True,
+) -> dict:
+    """One row: ours against torch on one problem, dtype and objective mode."""
+    value_fn, params = PROBLEMS[problem](quick, dtype=dtype, device=bench_device())
+    if objective == "compiled":
+        torch._dynamo.reset()
+        value_fn = torch.compile(value_fn, mode=compile_mode())
+    run_torch(value_fn, params, 2)  # warm-up (and the objective's compile)
+    opt = lbfgs_chain(TRIALS)
+    if compile_ours:
+        step, mode = compiled_step(opt, value_fn, params)
+    else:
+        step, mode = make_step(opt, value_fn), "eager (not asked to compile)"
+    torch_runs, our_runs = [], []
+    for _ in range(repeats):
+        torch_runs.append(run_torch(value_fn, params, steps))
+        our_runs.append(run_ours(step, opt, value_fn, params, torch_runs[-1]["evals"]))
+    return _row(problem, dtype, objective, mode, params, torch_runs, our_runs)
+
+
+def _row(problem, dtype, objective, mode, params, torch_runs, our_runs) -> dict:
+    def median(runs: list[dict], key: str) -> float:
+        return statistics.median(r[key] for r in runs)
+
+    evals = torch_runs[-1]["evals"]
+    return {
+        "problem": problem,
+        "dtype": str(dtype).removeprefix("torch."),
+        "objective": objective,
+        "device": bench_device(),
+        "n": sum(t.numel() for t in params.values()),
+        "ours_mode": mode,
+        "torch_evals": evals,
+        "ours_steps": evals,
+        "ours_values": evals * (TRIALS + 1) + 1,
+        "torch_cpu_s": round(median(torch_runs, "cpu_seconds"), 4),
+        "ours_cpu_s": round(median(our_runs, "cpu_seconds"), 4),
+        "ratio_cpu": round(median(our_runs, "cpu_seconds") / median(torch_runs, "cpu_seconds"), 3),
+        "ratio_wall": round(median(our_runs, "seconds") / median(torch_runs, "seconds"), 3),
+        "torch_loss": torch_runs[-1]["value"],
+        "ours_loss": our_runs[-1]["value"],
+        "repeats": len(torch_runs),
+    }
+
+
+def lbfgs_vs_torch(quick: bool, compile_ours: bool = True) -> list[dict]:
+    """Both problems, float32 and float64, objective eager and compiled: 8 rows."""
+    steps = 10 if quick else STEPS
+    repeats = 1 if quick else 3
+    rows = []
+    for problem in PROBLEMS:
+        for dtype in (torch.float32, torch.float64):
+            for objective in ("eager", "compiled"):
+                rows.append(
+                    compare(
+                        problem,
+                        dtype,
+                        objective,
+                        quick=quick,
+                        steps=steps,
+                        repeats=repeats,
+                        compile_ours=compile_ours,
+                    )
+                )
+    torch._dynamo.reset()
+    return rows
+
+
+SUITES = {"lbfgs_vs_torch": lbfgs_vs_torch}
+
+
+if __name__ == "__main__":  # the runner parses --quick and --device
+    sys.exit(main(["--suite", "lbfgs_vs_torch", *sys.argv[1:]]))
