@@ -21,6 +21,7 @@ from soo_func.base import (
     stateless,
     update_and_publish,
 )
+from soo_func.bounds import active_bounds, lbfgs_b, project_to_bounds
 from soo_func.continuation import (
     ArclengthState,
     HomotopyState,
@@ -78,6 +79,7 @@ __all__ = [
     "PathResult",
     "ScaleByScheduleState",
     "Transform",
+    "active_bounds",
     "apply_updates",
     "arclength_homotopy",
     "armijo",
@@ -100,6 +102,7 @@ __all__ = [
     "implicit",
     "krylov",
     "lbfgs",
+    "lbfgs_b",
     "least_squares",
     "levenberg",
     "levenberg_marquardt",
@@ -109,6 +112,7 @@ __all__ = [
     "newton_krylov",
     "nonlinear_cg",
     "path_tangent",
+    "project_to_bounds",
     "publish",
     "require_extras",
     "reset_at_stage_change",

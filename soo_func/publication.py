@@ -67,7 +67,7 @@ class Declared:
 _MODEL, _OBJECTIVE, _OUTCOME = Role.MODEL, Role.OBJECTIVE, Role.OUTCOME
 _DIRECTIONS = "bfgs, dfp, sr1, broyden, lbfgs, newton_krylov, gauss_newton"
 _REWRITERS = "homotopy, arclength_homotopy"
-_SEARCHES = "armijo, armijo_sync_free, wolfe, trust_region, levenberg, levenberg_marquardt"
+_SEARCHES = "armijo, armijo_sync_free, wolfe, trust_region, levenberg, levenberg_marquardt, lbfgs_b"
 
 
 class Publication(TypedDict, total=False):
@@ -187,6 +187,16 @@ class Publication(TypedDict, total=False):
             "0-d bool: no acceptable step was found; a safe step was returned",
         ),
     ]
+    projected_grad_inf: Annotated[
+        torch.Tensor,
+        Declared(
+            _OUTCOME,
+            "lbfgs_b",
+            "the driver (its gtol and gtol_rel test it instead of ||g||_inf)",
+            "0-d: ||P(x - g) - x||_inf at the accepted point, the first-order stationarity "
+            "measure on the box",
+        ),
+    ]
     converged_ok: Annotated[
         torch.Tensor,
         Declared(
@@ -221,6 +231,7 @@ _CONTINUATION = "homotopy, arclength_homotopy"
 #: The diagnostics the library's transforms publish (0-d tensors, recorded, not forwarded).
 DIAGNOSTICS: dict[str, Declared] = {
     "step_size": _diagnostic(_LINE, "the accepted step length alpha"),
+    "num_active_bounds": _diagnostic("lbfgs_b", "entries on a bound after the step"),
     "num_search_evals": _diagnostic(_LINE, "values evaluated by the search so far"),
     "num_search_grads": _diagnostic(_LINE, "gradients evaluated by the search so far"),
     "radius": _diagnostic("trust_region", "the trust-region radius after the step"),

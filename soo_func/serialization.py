@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from soo_func.base import ChainState, EmptyState, SgdState
+from soo_func.bounds.lbfgsb import LbfgsbState
 from soo_func.continuation.arclength import ArclengthState
 from soo_func.continuation.follower import Handoff
 from soo_func.continuation.minimizers import HomotopyState
@@ -42,6 +43,7 @@ STATE_TYPES: tuple[type, ...] = (
     SgdState,
     ScaleByScheduleState,
     LimitedMemoryState,
+    LbfgsbState,
     PairMemory,
     LastPoint,
     DenseQuasiNewtonState,

@@ -6,7 +6,9 @@ gradient's 2- and infinity norms, the step's norms and the optimizer's flags
 
 * ``gtol``: ``||g||_inf <= gtol`` (scipy's BFGS / L-BFGS-B convention), and ``gtol_rel``:
   ``||g||_inf <= gtol_rel * max(||g_0||_inf, tiny)`` (scale-free), both only when the
-  optimizer does not publish ``converged_ok=False`` (homotopy before t = 1).
+  optimizer does not publish ``converged_ok=False`` (homotopy before t = 1). A bounded
+  method publishes ``projected_grad_inf`` (``||P(x - g) - x||_inf``, the stationarity
+  measure on a box, :func:`stationarity`), which then takes the place of ``||g||_inf``.
 * ``ftol``: ``f_k - f_{k+1} <= ftol * max(|f_k|, |f_{k+1}|, 1)`` (L-BFGS-B's ``factr``),
   tested on non-zero steps only (a rejected trust-region step is not a stall).
 * ``xtol``: a non-zero step with ``||s|| <= xtol * (||x|| + xtol)`` (scipy's least_squares).
@@ -67,6 +69,7 @@ __all__ = [
     "read_step",
     "rule_flags",
     "start_rules",
+    "stationarity",
     "stop_reason",
 ]
 
@@ -207,6 +210,15 @@ def check_finite_start(value: torch.Tensor, grad: PyTree) -> None:
         )
 
 
+def stationarity(grad: PyTree, published: dict[str, Any]) -> torch.Tensor:
+    """``||g||_inf``, or the published ``projected_grad_inf`` of a bounded method (a
+    minimizer on a bound has a non-zero gradient), as a 0-d tensor."""
+    projected = published.get("projected_grad_inf")
+    if isinstance(projected, torch.Tensor):
+        return projected
+    return tree.norm(grad, math.inf)
+
+
 def read_step(
     value: torch.Tensor,
     grad: PyTree,
@@ -223,7 +235,7 @@ def read_step(
     flags = [published.get(k) for k in ("converged_ok", "search_failed")]
     flags = [f if isinstance(f, torch.Tensor) else None for f in flags]
     with_search = flags[1] is not None
-    scalars = [value, tree.norm(grad), tree.norm(grad, math.inf), tree.norm(updates)]
+    scalars = [value, tree.norm(grad), stationarity(grad, published), tree.norm(updates)]
     scalars += [tree.norm(params)] if with_params_norm else []
     scalars += [changed(params, old_params)] if with_search else []
     scalars += [f for f in flags if f is not None] + list(diagnostics.values())

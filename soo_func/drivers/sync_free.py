@@ -50,6 +50,7 @@ from soo_func.drivers.stopping import (
     changed,
     rule_flags,
     start_rules,
+    stationarity,
 )
 from soo_func.options import check_int_at_least
 from soo_func.oracles import CountedObjective, value_and_grad
@@ -117,7 +118,7 @@ def device_step(
     return StepNumbers(
         value=value.reshape(()),
         grad_norm=math.nan,
-        grad_inf=tree.norm(grad, math.inf),
+        grad_inf=stationarity(grad, published),
         step_norm=tree.norm(updates),
         params_norm=tree.norm(params) if with_params_norm else math.nan,
         has_search=has_search,
