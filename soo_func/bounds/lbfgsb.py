@@ -133,6 +133,16 @@ def lbfgs_b(
         alpha_0 = alpha_max if boxed or norm == 0 else min(1.0 / norm, alpha_max)
         return alpha_0, alpha_max
 
+    def search_along(value_fn, params, value, x, g, box, memory):
+        """The accepted trial along the model's direction, or ``None``."""
+        d = model_target(x, g, box, memory) - x
+        slope = float(torch.dot(g, d))
+        if not slope < 0:
+            return None
+        alpha_0, alpha_max = first_steps(x, d, box, not bool(memory.valid.any()))
+        start = (float(value), slope, alpha_0, alpha_max)
+        return box_wolfe_search(value_fn, params, d, box, start, (c1, c2, max_evals))
+
     def update(updates: PyTree, state: LbfgsbState, params: PyTree = None, **extra: Any):
         require_extras("lbfgs_b", extra, "value_fn")
         if params is None:
@@ -151,14 +161,14 @@ def lbfgs_b(
             )
         eps = torch.finfo(x.dtype).eps
         pushed = pm.push(state.memory, state.last, point, _accept_rule(eps))
-        d = model_target(x, g, box, pushed.memory) - x
-        slope = float(torch.dot(g, d))
-        found = None
-        if slope < 0:
-            first = not bool(pushed.memory.valid.any())
-            alpha_0, alpha_max = first_steps(x, d, box, first)
-            start = (float(value), slope, alpha_0, alpha_max)
-            found = box_wolfe_search(value_fn, params, d, box, start, (c1, c2, max_evals))
+        memory = pushed.memory
+        found = search_along(value_fn, params, value, x, g, box, memory)
+        if found is None and bool(memory.valid.any()):
+            # L-BFGS-B's recovery: drop the pairs and search again along the model with
+            # B = I (a projected steepest-descent step).
+            memory = memory._replace(valid=torch.zeros_like(memory.valid),
+                                     gram=torch.zeros_like(memory.gram))  # fmt: skip
+            found = search_along(value_fn, params, value, x, g, box, memory)
         if found is None:
             delta, next_value, next_grad = torch.zeros_like(x), value, grad
         else:
@@ -167,7 +177,7 @@ def lbfgs_b(
         new_g = tree.ravel(next_grad).flat
         at_bound = (new_x <= box.lower) | (new_x >= box.upper)
         new_state = LbfgsbState(
-            memory=pushed.memory,
+            memory=memory,
             last=pushed.last,
             count=state.count + 1,
             search_failed=torch.tensor(found is None, device=x.device),
