@@ -4,9 +4,7 @@ relative in float64; checkpoint/resume; a dead or absent rank; mismatched shards
 
 from __future__ import annotations
 
-import multiprocessing
 import os
-import socket
 import time
 import traceback
 from pathlib import Path
@@ -235,54 +233,29 @@ def _least_squares_case_lm(rank, world):
 # ---- spawning ----------------------------------------------------------------------------
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank, world, port, out_dir, job):
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
+def _save_result(rank, world, out_dir, job):
+    """Run ``job`` on this rank and save what it returns (its traceback when it raises)."""
     try:
-        dist.init_process_group(
-            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
-        )
         out = job(rank, world, out_dir)
-        torch.save(out, Path(out_dir) / f"rank{rank}.pt")
-        if job in ABRUPT_JOBS:  # the group is broken: no orderly shutdown
-            os._exit(0)
-    except BaseException:  # written for the parent, then exit non-zero
+    except BaseException:
         (Path(out_dir) / f"rank{rank}.err").write_text(traceback.format_exc())
-        os._exit(1)
-    dist.destroy_process_group()
+        raise
+    torch.save(out, Path(out_dir) / f"rank{rank}.pt")
+    if job in ABRUPT_JOBS:  # the group is broken: no orderly shutdown
+        os._exit(0)
 
 
 def _spawn(job, out_dir, world=2, timeout=JOIN_TIMEOUT_S):
     """Run ``job(rank, world, out_dir)`` on ``world`` gloo ranks; kill them all after ``timeout``."""
-    ctx = multiprocessing.get_context("spawn")
-    port = _free_port()
-    procs = [
-        ctx.Process(target=_worker, args=(r, world, port, str(out_dir), job)) for r in range(world)
-    ]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + timeout
-    for p in procs:
-        p.join(max(0.0, deadline - time.monotonic()))
-    hung = [p for p in procs if p.is_alive()]
-    for p in hung:
-        p.kill()
-        p.join(5)
-    return [p.exitcode for p in procs], bool(hung)
+    return sfd.run_local(_save_result, world, str(out_dir), job, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
-    codes, hung = _spawn(_scenarios, out)
+    codes = _spawn(_scenarios, out)
     errors = "\n".join(p.read_text() for p in sorted(out.glob("*.err")))
-    assert not hung and codes == [0, 0], f"exit codes {codes}, hung={hung}\n{errors}"
+    assert codes == [0, 0], f"exit codes {codes} (negative: killed at the deadline)\n{errors}"
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 
@@ -381,7 +354,7 @@ ABRUPT_JOBS = (_dies_on_third_value, _hangs_on_third_value)
 
 @pytest.mark.parametrize("job", ABRUPT_JOBS)
 def test_a_dead_rank_makes_the_survivor_fail_within_the_timeout(tmp_path, job):
-    codes, _ = _spawn(job, tmp_path, timeout=25.0)
+    codes = _spawn(job, tmp_path, timeout=25.0)
     assert codes[1] != 0
     survivor = torch.load(tmp_path / "rank0.pt", weights_only=False)
     assert survivor["message"].startswith("DistributedOracleError"), survivor
