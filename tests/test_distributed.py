@@ -211,6 +211,7 @@ def _scenarios(rank, world, out_dir):
     results["hessian_free"] = _hessian_free_case(rank, world)
     results["resume"] = _resume_case(rank, world, Path(out_dir) / "checkpoint.pt")
     results["levenberg_marquardt"] = _error_of(lambda: _least_squares_case_lm(rank, world))
+    results["hidden"] = [_error_of(thunk) for thunk in _hidden_in_closures(rank, world)]
     bad = (
         _robust_params()
         if rank == 0
@@ -219,6 +220,17 @@ def _scenarios(rank, world, out_dir):
     data = _shard(_robust_data(), rank, world)
     results["mismatch"] = _error_of(lambda: sfd.data_parallel(_robust_loss)(bad, data))
     return results
+
+
+def _hidden_in_closures(rank, world):
+    """Routes that wrap a sharded function in a closure (the drivers' args=, least_squares)."""
+    data = _shard(_robust_data(), rank, world)
+    fit = _shard(_fit_data(), rank, world)
+    value_fn = sfd.data_parallel(_robust_loss)
+    residuals = sfd.sharded_residuals(lambda p: _fit_residuals(p, fit))
+    opt = sf.chain(sf.lbfgs(), sf.wolfe())
+    yield lambda: sf.minimize(value_fn, _robust_params(), opt, args=(data,), max_steps=1)
+    yield lambda: sf.least_squares(residuals, _fit_params(), sf.levenberg(), max_steps=1)
 
 
 def _least_squares_case_lm(rank, world):
@@ -311,6 +323,37 @@ def test_checkpoint_resume_continues_the_trajectory(two_ranks):
 def test_dense_jacobian_of_sharded_residuals_is_refused(two_ranks):
     for rank in range(2):
         assert "dense Jacobian" in two_ranks[rank]["levenberg_marquardt"]
+
+
+def test_closures_around_sharded_functions_are_refused_with_the_routes(two_ranks):
+    for rank in range(2):
+        for message in two_ranks[rank]["hidden"]:
+            assert message.startswith("DistributedOracleError") and ".bind(*args)" in message
+            assert "extra={'residual_fn': res}" in message
+
+
+def test_a_group_is_required_and_reduce_is_checked():
+    with pytest.raises(ValueError, match="reduce must be one of"):
+        sfd.data_parallel(_robust_loss, reduce="max")
+    if not dist.is_initialized():
+        with pytest.raises(RuntimeError, match="init_process_group"):
+            sfd.data_parallel(_robust_loss)
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 4, reason="4 ranks need 4 cores")
+def test_four_ranks_follow_the_single_process_trajectory(tmp_path):
+    assert _spawn(_four_rank_cases, tmp_path, world=4) == [0] * 4
+    for rank in range(4):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        _close(got["lbfgs_wolfe"], _minimize_case("lbfgs_wolfe", 0, 1)[1], "lbfgs_wolfe")
+        _close(got["gauss_newton_armijo"], _least_squares_case("gauss_newton_armijo", 0, 1), "gn")
+
+
+def _four_rank_cases(rank, world, out_dir):
+    return {
+        "lbfgs_wolfe": _minimize_case("lbfgs_wolfe", rank, world)[1],
+        "gauss_newton_armijo": _least_squares_case("gauss_newton_armijo", rank, world),
+    }
 
 
 def test_mismatched_shards_get_a_clear_error(two_ranks):

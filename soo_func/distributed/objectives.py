@@ -53,9 +53,13 @@ def _refuse_differentiation(who: str, params: PyTree, what: str) -> None:
     if _in_functorch_transform() or traced:
         raise DistributedOracleError(
             f"{who}: {what} is differentiated outside soo_func's oracles (value_and_grad, "
-            "hvp, hvp_operator, linearize_grad, ggn_operator), which is not reduced across "
-            "ranks. A dense Jacobian (levenberg_marquardt's diag(J^T J), solver='dense') is "
-            "not supported on sharded residuals: use levenberg(solver='cg') or gauss_newton()"
+            "hvp, hvp_operator, linearize_grad, ggn_operator), which would not be reduced "
+            "across ranks. A closure around it hides it from them: bind arguments with "
+            ".bind(*args) instead of minimize(args=...) or training.bind_batch, and for least "
+            "squares call sf.minimize(res.objective, params, opt, extra={'residual_fn': res}) "
+            "rather than sf.least_squares(res, ...). A dense Jacobian (levenberg_marquardt's "
+            "diag(J^T J), solver='dense') is not supported on sharded residuals: use "
+            "levenberg(solver='cg') or gauss_newton()"
         )
 
 
