@@ -84,6 +84,12 @@ def _fit_params():
     return {"a": torch.tensor(0.5, dtype=F64), "k": torch.tensor(2.0, dtype=F64)}
 
 
+def _uneven_shard(data, rank, world):
+    """Rank r's rows of an uneven split (rank r holds about (r + 1) / sum(1..R) of them)."""
+    cut = [N_ROWS * r * (r + 1) // (world * (world + 1)) for r in range(world + 1)]
+    return tuple(t[cut[rank] : cut[rank + 1]] for t in data)
+
+
 def _shard(data, rank, world):
     rows = N_ROWS // world
     return tuple(t[rank * rows : (rank + 1) * rows] for t in data)
@@ -102,6 +108,8 @@ MINIMIZE_CASES = {
 LEAST_SQUARES_CASES = {
     "gauss_newton_armijo": lambda: sf.chain(sf.gauss_newton(), sf.armijo()),
     "levenberg_cg": lambda: sf.levenberg(solver="cg", initial_damping=1e-6),
+    "levenberg_marquardt_dense": lambda: sf.levenberg_marquardt(),
+    "levenberg_marquardt_cg": lambda: sf.levenberg_marquardt(solver="cg"),
 }
 
 
@@ -134,7 +142,7 @@ def _least_squares_case(name, rank, world, steps=5):
     """sf.least_squares on one rank; on several, minimize on the sharded 0.5 |r|^2 with the
     sharded residual_fn extra, and least_squares' counts added (a driver hook would make
     least_squares itself take the sharded residual_fn: see the report)."""
-    data = _shard(_fit_data(), rank, world)
+    data = _uneven_shard(_fit_data(), rank, world)
     seen = []
     kwargs = {"max_steps": steps, "gtol": 1e-12, "callback": lambda row, p: seen.append(p)}
     if world == 1:
@@ -210,7 +218,6 @@ def _scenarios(rank, world, out_dir):
     results |= {name: _least_squares_case(name, rank, world) for name in LEAST_SQUARES_CASES}
     results["hessian_free"] = _hessian_free_case(rank, world)
     results["resume"] = _resume_case(rank, world, Path(out_dir) / "checkpoint.pt")
-    results["levenberg_marquardt"] = _error_of(lambda: _least_squares_case_lm(rank, world))
     results["hidden"] = [_error_of(thunk) for thunk in _hidden_in_closures(rank, world)]
     bad = (
         _robust_params()
@@ -231,15 +238,6 @@ def _hidden_in_closures(rank, world):
     opt = sf.chain(sf.lbfgs(), sf.wolfe())
     yield lambda: sf.minimize(value_fn, _robust_params(), opt, args=(data,), max_steps=1)
     yield lambda: sf.least_squares(residuals, _fit_params(), sf.levenberg(), max_steps=1)
-
-
-def _least_squares_case_lm(rank, world):
-    data = _shard(_fit_data(), rank, world)
-    residuals = sfd.sharded_residuals(lambda p: _fit_residuals(p, data))
-    opt = sf.levenberg_marquardt(solver="cg")
-    sf.minimize(
-        residuals.objective, _fit_params(), opt, extra={"residual_fn": residuals}, max_steps=2
-    )
 
 
 # ---- spawning ----------------------------------------------------------------------------
@@ -318,11 +316,6 @@ def test_checkpoint_resume_continues_the_trajectory(two_ranks):
     assert len(straight) == 6
     for rank in range(2):
         _close(two_ranks[rank]["resume"], straight[3:], "resume")
-
-
-def test_dense_jacobian_of_sharded_residuals_is_refused(two_ranks):
-    for rank in range(2):
-        assert "dense Jacobian" in two_ranks[rank]["levenberg_marquardt"]
 
 
 def test_closures_around_sharded_functions_are_refused_with_the_routes(two_ranks):

@@ -98,6 +98,14 @@ class Collective:
         parts = torch.split(buffer, [t.numel() for t in tensors])
         return [p.reshape(t.shape).to(t.dtype) for p, t in zip(parts, tensors, strict=True)]
 
+    def all_gather(self, tensor: torch.Tensor, what: str) -> list[torch.Tensor]:
+        """Every rank's ``tensor`` (same shape on every rank), in rank order."""
+        parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        work = dist.all_gather(parts, tensor.contiguous(), group=self.group, async_op=True)
+        self._wait(work, what)
+        self.num_collectives += 1
+        return parts
+
     def check_params(self, params: PyTree, who: str) -> None:
         """On the first call only: all ranks' params must have the same structure, shapes,
         dtypes and device type (one all-gather of an 8-byte digest; the full descriptions

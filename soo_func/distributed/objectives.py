@@ -34,6 +34,7 @@ import torch
 
 from soo_func import oracles, tree
 from soo_func.distributed.collective import Collective, DistributedOracleError
+from soo_func.distributed.gather import RowGatherer, gather_rows, routes_message
 
 PyTree = Any
 
@@ -45,22 +46,13 @@ def _in_functorch_transform() -> bool:
 
 
 def _refuse_differentiation(who: str, params: PyTree, what: str) -> None:
-    """A call of a sharded function that autograd or ``torch.func`` would differentiate
+    """A call of a sharded objective that autograd or ``torch.func`` would differentiate
     directly would see only this rank's shard: refuse it with the supported routes."""
     traced = torch.is_grad_enabled() and any(
         t.requires_grad for t in optree.tree_leaves(params) if isinstance(t, torch.Tensor)
     )
     if _in_functorch_transform() or traced:
-        raise DistributedOracleError(
-            f"{who}: {what} is differentiated outside soo_func's oracles (value_and_grad, "
-            "hvp, hvp_operator, linearize_grad, ggn_operator), which would not be reduced "
-            "across ranks. A closure around it hides it from them: bind arguments with "
-            ".bind(*args) instead of minimize(args=...) or training.bind_batch, and for least "
-            "squares call sf.minimize(res.objective, params, opt, extra={'residual_fn': res}) "
-            "rather than sf.least_squares(res, ...). A dense Jacobian (levenberg_marquardt's "
-            "diag(J^T J), solver='dense') is not supported on sharded residuals: use "
-            "levenberg(solver='cg') or gauss_newton()"
-        )
+        raise DistributedOracleError(routes_message(who, what))
 
 
 class DataParallelObjective(oracles.ShardedFunction):
@@ -137,9 +129,13 @@ class DataParallelObjective(oracles.ShardedFunction):
 
 class ShardedOutputs(oracles.ShardedFunction):
     """A ``residual_fn(params, *args)`` (or a model's ``apply_fn``) whose outputs are this
-    rank's rows: a call returns them unreduced (no collective); a Gauss-Newton product is
-    reduced (one all-reduce per product). ``objective`` is ``0.5 |r|^2`` summed over the
-    ranks, a :class:`DataParallelObjective` on the same collectives."""
+    rank's rows. A Gauss-Newton product is reduced (one all-reduce per product; the rows
+    stay sharded); ``objective`` is ``0.5 |r|^2`` summed over the ranks, a
+    :class:`DataParallelObjective` on the same collectives. A direct call returns every
+    rank's rows in rank order (one all-gather, :mod:`soo_func.distributed.gather`),
+    differentiable in forward mode: the dense Jacobian (``jacfwd``) of Levenberg-Marquardt's
+    dense solver and of Marquardt's ``diag(J^T J)`` is then the whole ``m x n`` Jacobian on
+    every rank, gathered in one collective."""
 
     def __init__(self, fn: Callable[..., PyTree], collective: Collective):
         if not callable(fn):
@@ -153,15 +149,16 @@ class ShardedOutputs(oracles.ShardedFunction):
             return 0.5 * tree.sum_of_squares(fn(params, *args))
 
         self.objective = DataParallelObjective(half_sum_of_squares, collective)
+        self.gatherer = RowGatherer(collective)
 
     @property
     def num_collectives(self) -> int:
         return self.collective.num_collectives
 
     def __call__(self, params: PyTree, *args: Any) -> PyTree:
-        _refuse_differentiation("sharded_residuals", params, "the sharded residual_fn")
         self.collective.check_params(params, "sharded_residuals")
-        return self.fn(params, *args)
+        rows = self.fn(params, *args)
+        return optree.tree_map(lambda r: gather_rows(r, self.gatherer, "sharded_residuals"), rows)
 
     def ggn_product(self, params: PyTree, loss_fn: Any, *args: Any):
         """``(local outputs, v -> sum_r J_r^T H_{L,r} J_r v)``."""
