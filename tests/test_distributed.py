@@ -149,7 +149,7 @@ def _least_squares_case(name, rank, world, steps=5):
         residual_fn = lambda p: _fit_residuals(p, data)  # noqa: E731
         result = sf.least_squares(residual_fn, _fit_params(), LEAST_SQUARES_CASES[name](), **kwargs)
         return _trajectory(result, seen)
-    residuals = sfd.sharded_residuals(lambda p: _fit_residuals(p, data))
+    residuals = sfd.sharded_residuals(_fit_residuals).bind(data)
     counted = sf.CountedObjective(residuals)
     result = sf.minimize(
         residuals.objective,
@@ -215,6 +215,7 @@ def _error_of(thunk):
 
 def _scenarios(rank, world, out_dir):
     results = {name: _minimize_case(name, rank, world)[1] for name in MINIMIZE_CASES}
+    results["collectives"] = _collectives_per_oracle_call(rank, world)
     results |= {name: _least_squares_case(name, rank, world) for name in LEAST_SQUARES_CASES}
     results["hessian_free"] = _hessian_free_case(rank, world)
     results["resume"] = _resume_case(rank, world, Path(out_dir) / "checkpoint.pt")
@@ -227,6 +228,13 @@ def _scenarios(rank, world, out_dir):
     data = _shard(_robust_data(), rank, world)
     results["mismatch"] = _error_of(lambda: sfd.data_parallel(_robust_loss)(bad, data))
     return results
+
+
+def _collectives_per_oracle_call(rank, world):
+    """(oracle calls, all-reduces) of an lbfgs+wolfe solve on the sharded objective."""
+    value_fn = sfd.data_parallel(_robust_loss).bind(_shard(_robust_data(), rank, world))
+    result = sf.minimize(value_fn, _robust_params(), sf.chain(sf.lbfgs(), sf.wolfe()), max_steps=6)
+    return result.num_value_evals, result.num_grad_evals, value_fn.num_collectives
 
 
 def _hidden_in_closures(rank, world):
@@ -316,6 +324,12 @@ def test_checkpoint_resume_continues_the_trajectory(two_ranks):
     assert len(straight) == 6
     for rank in range(2):
         _close(two_ranks[rank]["resume"], straight[3:], "resume")
+
+
+def test_one_all_reduce_per_oracle_call(two_ranks):
+    for rank in range(2):
+        values, grads, collectives = two_ranks[rank]["collectives"]
+        assert values == grads == collectives > 6
 
 
 def test_closures_around_sharded_functions_are_refused_with_the_routes(two_ranks):

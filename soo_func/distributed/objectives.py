@@ -155,6 +155,11 @@ class ShardedOutputs(oracles.ShardedFunction):
     def num_collectives(self) -> int:
         return self.collective.num_collectives
 
+    def bind(self, *args: Any) -> ShardedOutputs:
+        """``params -> fn(params, *args)`` (a batch, the data) on the same collectives."""
+        fn = self.fn
+        return ShardedOutputs(lambda params: fn(params, *args), self.collective)
+
     def __call__(self, params: PyTree, *args: Any) -> PyTree:
         self.collective.check_params(params, "sharded_residuals")
         rows = self.fn(params, *args)
