@@ -7,7 +7,7 @@ composed with :func:`chain` like optax::
     result = sf.minimize(loss_fn, params, opt)
 """
 
-from soo_func import implicit, krylov, serialization, stochastic, tree
+from soo_func import distributed, implicit, krylov, serialization, stochastic, tree
 from soo_func.base import (
     ChainState,
     EmptyState,
@@ -93,6 +93,7 @@ __all__ = [
     "continuation_path",
     "cosine_decay_schedule",
     "dfp",
+    "distributed",
     "functional_loss",
     "gauss_newton",
     "ggn_vp",

@@ -29,6 +29,7 @@ PyTree = Any
 
 __all__ = [
     "CountedObjective",
+    "ShardedFunction",
     "charge",
     "functional_loss",
     "ggn_operator",
@@ -75,6 +76,13 @@ class CountedObjective:
     def __call__(self, params: PyTree, *args: Any) -> torch.Tensor:
         self.num_value_evals += 1
         return self.fn(params, *args)
+
+
+class ShardedFunction:
+    """Base of a function sharded over ranks (:mod:`soo_func.distributed`). The oracles
+    below charge its counter as usual, then hand it their work (its ``value_and_grad``,
+    ``hvp``, ``linearization``, ``linearize_grad`` and ``ggn_product`` methods), which
+    reduces across the ranks."""
 
 
 def charge(fn: Callable, *, value: int = 0, grad: int = 0, hvp: int = 0) -> None:
@@ -136,7 +144,10 @@ def value_and_grad(
     """
 
     def wrapped(params: PyTree, *args: Any):
-        raw = _scalar_loss(_charged(fn, value=1, grad=1), has_aux)
+        target = _charged(fn, value=1, grad=1)
+        if isinstance(target, ShardedFunction):  # distributed hook
+            return target.value_and_grad(params, *args, has_aux=has_aux)
+        raw = _scalar_loss(target, has_aux)
         tree.check_tensor_leaves(params, "params")
         if _in_functorch_transform() or not torch.is_grad_enabled():
             with torch.enable_grad():
@@ -179,7 +190,10 @@ def hvp(
     Extra positional ``args`` (a batch, say) are passed to ``fn`` unchanged.
     """
     tree.check_same_structure(params, v, names=("params", "v"))
-    grad_fn = _grad_fn(_charged(fn, hvp=1), args)
+    target = _charged(fn, hvp=1)
+    if isinstance(target, ShardedFunction):  # distributed hook
+        return target.hvp(params, v, *args, mode=mode)
+    grad_fn = _grad_fn(target, args)
     if mode == "forward-over-reverse":
         return tf.jvp(grad_fn, (params,), (v,))[1]
     if mode == "reverse-over-reverse":
@@ -200,17 +214,22 @@ def linearize_grad(
     one gradient plus k double-backward passes. Each product is charged as one
     Hessian product when ``fn`` is a :class:`CountedObjective`.
     """
-    raw = _scalar_loss(_charged(fn, value=1, grad=1), has_aux=False)
+    target = _charged(fn, value=1, grad=1)
+    if isinstance(target, ShardedFunction):  # distributed hook
+        value, grad, product = target.linearize_grad(params, *args)
+    else:
+        raw = _scalar_loss(target, has_aux=False)
 
-    def grad_with_value(p):
-        g, value = tf.grad_and_value(lambda q: raw(q, *args))(p)
-        return g, value
+        def grad_with_value(p):
+            g, value = tf.grad_and_value(lambda q: raw(q, *args))(p)
+            return g, value
 
-    grad, vjp_fn, value = tf.vjp(grad_with_value, params, has_aux=True)
+        grad, vjp_fn, value = tf.vjp(grad_with_value, params, has_aux=True)
+        product = lambda v: vjp_fn(v)[0]  # noqa: E731
 
     def hvp_fn(v: PyTree) -> PyTree:
         charge(fn, hvp=1)
-        return vjp_fn(v)[0]
+        return product(v)
 
     return value, grad, hvp_fn
 
@@ -247,7 +266,11 @@ def ggn_operator(
     the saved graph (``J^T u``). When ``model_fn`` is a :class:`CountedObjective` it is
     charged one evaluation here (the returned outputs) and one product per ``matvec``.
     """
-    outputs, product = _ggn_product(_charged(model_fn, value=1), params, loss_fn, args)
+    target = _charged(model_fn, value=1)
+    if isinstance(target, ShardedFunction):  # distributed hook
+        outputs, product = target.ggn_product(params, loss_fn, *args)
+    else:
+        outputs, product = _ggn_product(target, params, loss_fn, args)
 
     def matvec(v: PyTree) -> PyTree:
         tree.check_same_structure(params, v, names=("params", "v"))
@@ -323,6 +346,8 @@ def _shared_linearization(fn: Callable, params: PyTree, args: tuple) -> Callable
             linearize = (
                 _functorch_linearization if _in_functorch_transform() else _eager_linearization
             )
+            if isinstance(raw, ShardedFunction):  # distributed hook
+                linearize = type(raw).linearization
             saved.append(linearize(raw, params, args))
         charge(fn, hvp=1)
         return saved[0](v)
