@@ -26,6 +26,7 @@ import optree
 import torch
 
 from soo_func import implicit, tree
+from soo_func.oracles import ShardedFunction
 
 PyTree = Any
 
@@ -60,6 +61,8 @@ def bind_args(
     if not args:
         return fn
     fixed = args if adjoint == "unrolled" else _detached(args)
+    if isinstance(fn, ShardedFunction):  # keeps reducing across the ranks
+        return fn.bind(*fixed)
     return lambda p: fn(p, *fixed)
 
 

@@ -14,7 +14,7 @@ from soo_func import tree
 from soo_func.base import Transform, check_transform
 from soo_func.drivers.adjoint import bind_args, check_adjoint
 from soo_func.drivers.minimize import MinimizeResult, minimize
-from soo_func.oracles import CountedObjective, raw_function
+from soo_func.oracles import CountedObjective, ShardedFunction, raw_function
 from soo_func.searches.levenberg import levenberg_marquardt
 
 PyTree = Any
@@ -57,6 +57,12 @@ def least_squares(
 
     def value_fn(p: PyTree, *a: Any) -> torch.Tensor:
         return 0.5 * tree.sum_of_squares(raw(p, *a))
+
+    if isinstance(raw, ShardedFunction):  # residuals sharded over ranks: soo_func.distributed
+        if kwargs.get("adjoint") is not None:
+            raise ValueError("least_squares: adjoint is not supported with sharded residuals")
+        bound = raw.bind(*args) if args else raw
+        counted, value_fn, args = CountedObjective(bound), bound.objective, ()
 
     extra = dict(kwargs.pop("extra", None) or {}, residual_fn=counted)
 

@@ -31,7 +31,7 @@ import torch
 
 from soo_func import oracles, tree
 from soo_func.base import Transform, apply_updates, check_transform
-from soo_func.oracles import value_and_grad
+from soo_func.oracles import ShardedFunction, value_and_grad
 
 PyTree = Any
 Batch = Any
@@ -51,6 +51,8 @@ def bind_batch(loss_fn: Callable[[PyTree, Batch], torch.Tensor], batch: Batch) -
     """``params -> loss_fn(params, batch)``: the batch loss as a protocol ``value_fn``."""
     if not callable(loss_fn):
         raise TypeError(f"bind_batch: loss_fn must be callable, got {type(loss_fn).__name__}")
+    if isinstance(loss_fn, ShardedFunction):  # this rank's part of the batch, reduced
+        return loss_fn.bind(batch)
 
     def value_fn(params: PyTree) -> torch.Tensor:
         return loss_fn(params, batch)
