@@ -85,3 +85,19 @@ def test_implicit_adjoint_block_gives_the_closed_form_hyper_gradient():
     x_star = torch.linalg.solve(a.T @ a + lam_ref * eye, a.T @ b)
     ((x_star - namespace["x_valid"]) ** 2).sum().backward()
     torch.testing.assert_close(lam.grad, lam_ref.grad, rtol=1e-5, atol=1e-8)
+
+
+def test_every_python_block_runs_in_order():
+    """The later blocks (unrolled adjoint, box bounds, batched solves) run as written after
+    the earlier ones, and say what their comments say."""
+    namespace: dict = {"__name__": "readme"}
+    with contextlib.redirect_stdout(io.StringIO()):
+        for block in python_blocks(read_readme()):
+            exec(compile(block, "README.md", "exec"), namespace)
+    assert namespace["lam"].grad is not None  # the unrolled block's hyper-gradient
+    torch.testing.assert_close(
+        namespace["boxed"].params, torch.tensor([0.5, 0.25], dtype=torch.float64)
+    )
+    assert bool(namespace["fits"].converged.all())
+    torch.testing.assert_close(namespace["fits"].params, namespace["truth"], atol=1e-5, rtol=0)
+    assert float(namespace["runs"].value.max()) < 1e-8
