@@ -73,47 +73,53 @@ def _ratio(num: torch.Tensor | float, den: torch.Tensor, ok: torch.Tensor) -> to
     return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(num))
 
 
+def _low_rank_update(matrix, left: list, right: list, ok) -> torch.Tensor:
+    """``matrix + L R^T`` (``L``, ``R``: ``n x k`` from the columns ``left``, ``right``; k <= 2)
+    in one ``addmm``: one read of ``matrix`` and one write of a fresh result, no ``n x n``
+    temporary (BLAS ``gemm`` with an inner dimension of ``k``). Where ``ok`` fails the
+    columns are zeroed first, so that the result is ``matrix`` (a rejected pair may hold
+    NaN or inf, which a zero coefficient would not cancel)."""
+    left_cols = torch.where(ok, torch.stack(left, 1), 0.0)
+    right_cols = torch.where(ok, torch.stack(right, 1), 0.0)
+    return torch.addmm(matrix, left_cols, right_cols.T)
+
+
 def dense_update(method: str, form: str, matrix, s, y, ok):
-    """One quasi-Newton update of ``matrix`` (``H`` or ``B``) by the pair ``(s, y)``.
+    """One quasi-Newton update of ``matrix`` (``H`` or ``B``) by the pair ``(s, y)``, as a
+    rank-one or rank-two correction (:func:`_low_rank_update`).
+
+    * BFGS ``H`` (N&W eq. 6.17): ``H + [s, Hy] [[c, -rho], [-rho, 0]] [s, Hy]^T``,
+      ``rho = 1 / s^T y``, ``c = rho^2 y^T H y + rho``; DFP ``B`` is its dual (``s <-> y``).
+    * BFGS ``B`` (eq. 6.19) and DFP ``H`` (eq. 6.15): ``M - (Ma)(Ma)^T / a^T M a + b b^T / a^T b``
+      with ``(a, b) = (s, y)`` for ``B``, ``(y, s)`` for ``H``.
+    * SR1 (eqs. 6.24-6.25): ``M + r r^T / r^T a``, ``r = b - M a``.
+    * Broyden's good update ``B + (y - Bs) s^T / s^T s`` and its inverse by
+      Sherman-Morrison, ``H + (s - Hy) s^T H / s^T H y``.
 
     Returns the updated matrix where ``ok`` holds (``matrix`` unchanged elsewhere).
     """
     inverse = form == "inverse"
-    if method == "bfgs" and inverse:
-        hy = matrix @ y
-        rho = _ratio(torch.ones_like(s @ y), s @ y, ok)
-        new = (
-            matrix
-            - rho * (torch.outer(s, hy) + torch.outer(hy, s))
-            + (rho * rho * (y @ hy) + rho) * torch.outer(s, s)
-        )
-    elif method == "bfgs" or (method == "dfp" and inverse):
-        # B+ = B - Bs (Bs)^T / s^T B s + y y^T / y^T s, and its dual for DFP's H.
+    if method in ("bfgs", "dfp") and inverse == (method == "bfgs"):
+        a, b = (s, y) if method == "bfgs" else (y, s)  # H for BFGS, B for DFP
+        mb = matrix @ b
+        rho = _ratio(torch.ones_like(a @ b), a @ b, ok)
+        c = rho * rho * (b @ mb) + rho
+        return _low_rank_update(matrix, [a, mb], [c * a - rho * mb, -rho * a], ok)
+    if method in ("bfgs", "dfp"):
         a, b = (y, s) if inverse else (s, y)
         ma = matrix @ a
-        new = (
-            matrix
-            - _ratio(1.0, a @ ma, ok) * torch.outer(ma, ma)
-            + _ratio(1.0, a @ b, ok) * torch.outer(b, b)
+        left = [ma, b]
+        return _low_rank_update(
+            matrix, left, [-_ratio(1.0, a @ ma, ok) * ma, _ratio(1.0, a @ b, ok) * b], ok
         )
-    elif method == "dfp":
-        by = matrix @ s
-        rho = _ratio(torch.ones_like(s @ y), s @ y, ok)
-        new = (
-            matrix
-            - rho * (torch.outer(y, by) + torch.outer(by, y))
-            + (rho * rho * (s @ by) + rho) * torch.outer(y, y)
-        )
-    elif method == "sr1":
+    if method == "sr1":
         a, b = (y, s) if inverse else (s, y)
         residual = b - matrix @ a
-        new = matrix + _ratio(1.0, residual @ a, ok) * torch.outer(residual, residual)
-    elif method == "broyden" and not inverse:
-        new = matrix + _ratio(1.0, s @ s, ok) * torch.outer(y - matrix @ s, s)
-    else:
-        hy = matrix @ y
-        new = matrix + _ratio(1.0, s @ hy, ok) * torch.outer(s - hy, s @ matrix)
-    return torch.where(ok, new, matrix)
+        return _low_rank_update(matrix, [residual], [_ratio(1.0, residual @ a, ok) * residual], ok)
+    if not inverse:
+        return _low_rank_update(matrix, [y - matrix @ s], [_ratio(1.0, s @ s, ok) * s], ok)
+    hy = matrix @ y
+    return _low_rank_update(matrix, [s - hy], [_ratio(1.0, s @ hy, ok) * (s @ matrix)], ok)
 
 
 def _solve(matrix: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
@@ -213,13 +219,15 @@ def _dense(cfg: _Config, who: str) -> Transform:
         )
 
     def initial_matrix(state, s, y):
-        """N&W eq. 6.20: ``H0 = (y^T s / y^T y) I`` before the first update."""
-        eye = torch.eye(s.shape[0], dtype=s.dtype, device=s.device)
+        """N&W eq. 6.20: ``H0 = (y^T s / y^T y) I`` before the first update. Until then the
+        matrix is ``I`` (``scaled`` false), so ``H0`` is the matrix times ``gamma``: one
+        pass, no identity built."""
         sy, yy = s @ y, y @ y
         usable = _scalable(s, y)
         gamma = torch.where(usable, _ratio(sy, yy, usable), torch.ones_like(sy))
-        h0 = gamma * eye if inverse else eye / gamma
-        return torch.where(state.scaled, state.matrix, h0)
+        factor = gamma if inverse else 1.0 / gamma
+        first = state.has_prev & ~state.scaled
+        return state.matrix * torch.where(first, factor, torch.ones_like(factor))
 
     def update(updates, state: DenseQuasiNewtonState, params=None, **extra):
         del extra
@@ -228,8 +236,10 @@ def _dense(cfg: _Config, who: str) -> Transform:
         point = pm.flat_point(params, updates).to(state.matrix.dtype)
         s, y = point - state.prev_point
         g = point[1]
-        matrix = torch.where(state.has_prev, initial_matrix(state, s, y), state.matrix)
-        b_s = _solve(matrix, s) if inverse else matrix @ s
+        matrix = initial_matrix(state, s, y)
+        # B s costs a dense solve in the inverse form: made only for the rules that read it.
+        needs_b_s = cfg.damping or cfg.method == "sr1"
+        b_s = (_solve(matrix, s) if inverse else matrix @ s) if needs_b_s or not inverse else None
         if cfg.damping:
             y = _powell_damped(s, y, b_s)
         h_y = matrix @ y if inverse else _solve(matrix, y)
@@ -244,10 +254,11 @@ def _dense(cfg: _Config, who: str) -> Transform:
         descent = finite & (slope < 0)
         repeated = state.ascent & _along(s, -state.prev_point[1])
         keep = descent if cfg.reset_on_ascent else finite & (descent | ~repeated)
-        h0 = torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
+        h0 = 1.0
         if cfg.initial_scaling is not None:
-            h0 = h0 * (cfg.initial_scaling if inverse else 1.0 / cfg.initial_scaling)
-        matrix = torch.where(keep, matrix, h0)
+            h0 = cfg.initial_scaling if inverse else 1.0 / cfg.initial_scaling
+        matrix = torch.where(keep, matrix, 0.0)  # the reset to h0 I: zero, then the diagonal
+        matrix.diagonal().add_(torch.where(keep, 0.0, h0))  # (a fresh tensor: no input written)
         direction = torch.where(descent, direction, -g)
         scaled = scaled & (keep | torch.full_like(scaled, cfg.initial_scaling is not None))
         gg = g @ g
@@ -267,6 +278,12 @@ def _dense(cfg: _Config, who: str) -> Transform:
             flat = tree.ravel(v).flat
             small = flat.to(matrix.dtype)
             out = _solve(matrix, small) if inverse else matrix @ small
+            if cfg.method == "broyden":
+                # Broyden's B is not symmetric; the model <g, p> + 0.5 p^T B p sees only its
+                # symmetric part (B + B^T) / 2, the operator a trust region's CG needs (CG on
+                # a nonsymmetric operator has no meaning).
+                transposed = _solve(matrix.T, small) if inverse else matrix.T @ small
+                out = 0.5 * (out + transposed)
             return tree.unravel(out.to(flat.dtype), params)
 
         return {"curvature": curvature, "step_hint": state.step_hint}

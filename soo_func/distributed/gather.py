@@ -26,10 +26,10 @@ def routes_message(who: str, what: str) -> str:
     return (
         f"{who}: {what} is differentiated in reverse mode outside soo_func's oracles "
         "(value_and_grad, hvp, hvp_operator, linearize_grad, ggn_operator), which would not "
-        "be reduced across ranks. A closure around it hides it from them: bind arguments "
-        "with .bind(*args) instead of minimize(args=...) or training.bind_batch, and for "
-        "least squares call sf.minimize(res.objective, params, opt, extra={'residual_fn': "
-        "res}) rather than sf.least_squares(res, ...)"
+        "be reduced across ranks. A closure around it hides it from them: pass it to the "
+        "drivers as it is (minimize(fn, params, opt, args=...), sf.least_squares(res, ..., "
+        "args=...), training_step: they bind arguments with .bind), or bind them yourself "
+        "with fn.bind(*args)"
     )
 
 

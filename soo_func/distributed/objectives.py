@@ -214,8 +214,9 @@ def sharded_residuals(
     """Declare ``residual_fn(params, *args)`` this rank's rows of a least-squares residual
     (``reduce="sum"``: loss ``0.5 |r|^2`` over all rows), or, with ``reduce="mean"``, a
     model ``apply_fn(params, inputs)`` whose per-shard loss is a mean over an equal-size
-    shard (for :func:`soo_func.stochastic.training.ggn_operator`). Pass
-    ``result.objective`` as ``value_fn`` and ``result`` as the ``residual_fn`` extra:
+    shard (for :func:`soo_func.stochastic.training.ggn_operator`). Solve with
+    ``sf.least_squares(res, params, opt, args=(shard,))``, which binds the arguments with
+    ``res.bind`` and minimizes ``res.objective``; by hand the same is
     ``sf.minimize(res.objective, params, opt, extra={"residual_fn": res})``.
     """
     return ShardedOutputs(residual_fn, Collective(group, reduce, timeout))

@@ -61,7 +61,7 @@ def least_squares(
     if isinstance(raw, ShardedFunction):  # residuals sharded over ranks: soo_func.distributed
         if kwargs.get("adjoint") is not None:
             raise ValueError("least_squares: adjoint is not supported with sharded residuals")
-        bound = raw.bind(*args) if args else raw
+        bound = bind_args(raw, args)  # raw.bind(*detached args) (raw without args)
         counted, value_fn, args = CountedObjective(bound), bound.objective, ()
 
     extra = dict(kwargs.pop("extra", None) or {}, residual_fn=counted)
