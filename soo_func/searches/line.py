@@ -77,24 +77,18 @@ def init_search_state(params: PyTree) -> LineSearchState:
     """The state before the first update: +inf values (not NaN, so that states compare
     equal), zero gradient, no failure."""
     like = _float_leaf(params)
-
-    # one tensor per field: fields sharing a tensor would make a compiled update guard on
-    # the sharing, and compile again for the states it returns (which share nothing)
-    def unknown() -> torch.Tensor:
-        return torch.full((), math.inf, dtype=like.dtype, device=like.device)
-
-    def count() -> torch.Tensor:
-        return torch.zeros((), dtype=torch.int64, device=like.device)
-
+    unknown = torch.full((), math.inf, dtype=like.dtype, device=like.device)
+    count = torch.zeros((), dtype=torch.int64, device=like.device)
+    # one tensor per field (.clone()): shared ones would make a compiled update recompile
     return LineSearchState(
         step_size=torch.zeros((), dtype=like.dtype, device=like.device),
-        next_value=unknown(),
+        next_value=unknown,
         next_grad=tree.zeros_like(params),
         search_failed=torch.zeros((), dtype=torch.bool, device=like.device),
-        num_search_evals=count(),
-        num_search_grads=count(),
-        num_syncs=count(),
-        previous_value=unknown(),
+        num_search_evals=count,
+        num_search_grads=count.clone(),
+        num_syncs=count.clone(),
+        previous_value=unknown.clone(),
     )
 
 
