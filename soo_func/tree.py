@@ -28,6 +28,7 @@ __all__ = [
     "axpy",
     "check_same_structure",
     "check_tensor_leaves",
+    "host_reads_allowed",
     "leaves",
     "map_leaves",
     "neg",
@@ -104,6 +105,22 @@ def _flatten_alike(*trees: PyTree) -> tuple[list[list[Any]], optree.PyTreeSpec]:
     if any(other != spec for _, other in flat[1:]):
         check_same_structure(*trees)
     return [leaves for leaves, _ in flat], spec
+
+
+def host_reads_allowed() -> bool:
+    """Whether code may read a tensor on the host (``bool``, ``float``, ``.item()``) here.
+
+    False while ``torch.compile`` traces (a read would break the graph) and inside
+    ``torch.func.vmap`` (a batched tensor has no single value). Code that takes an early
+    exit on a host read (a Krylov loop's convergence test, a cache hit) takes the
+    mask-and-freeze path instead: the same arithmetic, with the remaining iterations
+    frozen.
+    """
+    if torch.compiler.is_compiling():
+        return False
+    stack = torch._C._functorch.get_interpreter_stack() or ()
+    vmap = torch._C._functorch.TransformType.Vmap
+    return all(level.key() != vmap for level in stack)
 
 
 def _all_tensors(leaves: list[Any]) -> bool:

@@ -203,8 +203,8 @@ def newest_gamma(gram: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     usable = valid & (sy > 0) & (yy > 0)
     ratio = sy / torch.where(usable, yy, torch.ones_like(yy))
     order = torch.arange(1, m + 1, device=valid.device) * usable
-    newest = torch.argmax(order)
-    return torch.where(usable.any(), ratio[newest], torch.ones_like(ratio[0]))
+    newest = torch.argmax(order, dim=0, keepdim=True)  # [1]: a gather, not a host index
+    return torch.where(usable.any(), ratio.gather(0, newest)[0], torch.ones_like(ratio[0]))
 
 
 def two_loop_coefficients(

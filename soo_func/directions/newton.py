@@ -173,7 +173,9 @@ def newton_krylov(
         zero = torch.zeros((), dtype=ref.dtype, device=ref.device)
         count = torch.zeros((), dtype=torch.int64, device=ref.device)
         false = torch.zeros((), dtype=torch.bool, device=ref.device)
-        return NewtonKrylovState(zero, zero, zero, count, count, false, false, count)
+        # no two fields share a tensor (a compiled update would guard on the sharing)
+        fields = (zero, zero, zero, count, count, false, false, count)
+        return NewtonKrylovState(*(field.clone() for field in fields))
 
     def operator(params: PyTree, extra: dict) -> Any:
         return oracles.hvp_operator(extra["value_fn"], params, mode=hvp_mode, damping=damping)
@@ -193,8 +195,9 @@ def newton_krylov(
         slope = tree.vdot(grad, result.x)
         fallback = ~(slope < 0)  # no step taken, ascent, or NaN
         # The fallback's length costs a product: made on the device unless the solve
-        # already syncs (check_every), where the host skips it when it is not needed.
-        needed = check_every is None or bool(fallback)
+        # already syncs (check_every), where the host skips it when it is not needed
+        # (traced or vmapped, the solve does not sync: the product is made).
+        needed = check_every is None or not tree.host_reads_allowed() or bool(fallback)
         scale = _steepest_scale(matvec, grad, grad_norm) if needed else torch.ones_like(eta)
         direction = tree.where(fallback, tree.scale(scale, tree.neg(grad)), result.x)
         new_state = NewtonKrylovState(

@@ -310,12 +310,16 @@ def combine(
     both = torch.cat([memory.valid, memory.valid])
     coef = torch.where(both, coef, torch.zeros_like(coef)).to(v.dtype)
     pair_coef = torch.stack([coef[:m], coef[m:]], dim=1)  # [m, 2]
-    # a fresh tensor: accumulating into it in place mutates no input
+    # a fresh tensor: accumulating into it in place mutates no input (under vmap, which
+    # has no batching rule for the in-place addmv_, the out-of-place addmv)
     out = v * identity_coef.to(v.dtype)
+    in_place = not torch._C._are_functorch_transforms_active()
     if isinstance(memory.pairs, torch.Tensor):
-        return out.addmv_(memory.pairs.reshape(2 * m, -1).T, pair_coef.reshape(-1))
-    for slot, c in zip(memory.pairs, pair_coef, strict=True):
-        out.addmv_(slot.T, c)
+        slots = [(memory.pairs.reshape(2 * m, -1), pair_coef.reshape(-1))]
+    else:
+        slots = list(zip(memory.pairs, pair_coef, strict=True))
+    for slot, c in slots:
+        out = out.addmv_(slot.T, c) if in_place else torch.addmv(out, slot.T, c)
     return out
 
 

@@ -115,11 +115,17 @@ def iterate(
 ) -> tuple[Any, int]:
     """Run ``step`` up to ``max_iters`` times, freezing the state once ``state.done``.
 
+    The state is read on the host every ``check_every`` iterations to stop early, except
+    where :func:`soo_func.tree.host_reads_allowed` says no (``torch.compile``, ``vmap``):
+    there all ``max_iters`` iterations run and the frozen ones change nothing.
+
     ``monitor``, when given, may stop the iteration too (a caller's stopping rule, by a
     mask: no host read). Returns the final state and the number of ``step`` calls
     (operator applications).
     """
     trips = 0
+    if not tree.host_reads_allowed():
+        check_every = None  # traced or vmapped: every iteration runs, frozen once done
     for k in range(max_iters):
         if check_every is not None and k % check_every == 0 and bool(state.done):
             break

@@ -55,7 +55,7 @@ def _warm_start(matvec: MatVec, grad: PyTree, x0: PyTree, radius: torch.Tensor, 
     (one host read) when ``sync`` and ``x0`` lies outside."""
     tree.check_same_structure(grad, x0, names=("grad", "x0"))
     inside = tree.norm(x0) <= radius
-    if sync and not bool(inside):
+    if sync and tree.host_reads_allowed() and not bool(inside):
         return tree.zeros_like(grad), grad, 0
     bx = matvec(x0)
     change = tree.vdot(grad, x0) + 0.5 * tree.vdot(x0, bx)

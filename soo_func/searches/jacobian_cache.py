@@ -30,7 +30,14 @@ from soo_func import tree
 
 PyTree = Any
 
-__all__ = ["JacobianCache", "empty_jacobian_cache", "function_token", "lookup", "store"]
+__all__ = [
+    "JacobianCache",
+    "cached_or_fresh",
+    "empty_jacobian_cache",
+    "function_token",
+    "lookup",
+    "store",
+]
 
 _TOKENS: weakref.WeakKeyDictionary[Callable, int] = weakref.WeakKeyDictionary()
 _NEXT_TOKEN = itertools.count(1 + secrets.randbelow(2**62))
@@ -82,6 +89,33 @@ def lookup(
     if bool((cache.of == token) & (cache.at == flat).all()):
         return cache.jacobian, cache.residuals
     return None
+
+
+def cached_or_fresh(
+    cache: JacobianCache,
+    params: PyTree,
+    token: int,
+    evaluate: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """``(J, r, evaluated)``: the cached Jacobian and residuals when they belong to
+    ``params`` and ``token``, else ``evaluate()``'s.
+
+    Where the host may read (:func:`soo_func.tree.host_reads_allowed`) the hit is decided
+    there and a hit evaluates nothing. Traced or vmapped, ``evaluate()`` always runs and
+    the hit selects the cached entries by ``torch.where`` (a hit's cached ``J`` is the one
+    ``evaluate`` returns at the same point, so the values are the host path's).
+    """
+    if tree.host_reads_allowed():
+        cached = lookup(cache, params, token)
+        if cached is not None:
+            return (*cached, False)
+        return (*evaluate(), True)
+    jac, r = evaluate()
+    flat = tree.ravel(params).flat
+    if cache.at.shape != flat.shape or cache.jacobian.shape != jac.shape:
+        return jac, r, True
+    hit = (cache.of == token) & (cache.at == flat).all()
+    return torch.where(hit, cache.jacobian, jac), torch.where(hit, cache.residuals, r), True
 
 
 def store(

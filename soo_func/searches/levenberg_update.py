@@ -38,7 +38,7 @@ from soo_func.searches.damping import (
     nielsen_update,
     start_damping,
 )
-from soo_func.searches.jacobian_cache import JacobianCache, function_token, lookup
+from soo_func.searches.jacobian_cache import JacobianCache, cached_or_fresh, function_token
 from soo_func.searches.levenberg_options import LevenbergOptions
 from soo_func.searches.more_radius import MoreStep, more_radius_update, more_step
 
@@ -150,12 +150,11 @@ def dense_trial(
     (Moré's) and ``cache`` are what the previous update left."""
     residual_fn = point.residual_fn
     token = function_token(residual_fn)
-    cached = lookup(cache, params, token)
-    if cached is None:
-        jac, r = dense_jacobian(residual_fn, params)
+    jac, r, evaluated = cached_or_fresh(
+        cache, params, token, lambda: dense_jacobian(residual_fn, params)
+    )
+    if evaluated:
         charge_jacobian(point, jac.shape[1], value=1)
-    else:
-        jac, r = cached
     column_sq = (jac * jac).sum(0)
     if marquardt:
         flat_damping_diag = marquardt_diag(tree.ravel(damping_diag).flat, column_sq)

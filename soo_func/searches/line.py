@@ -79,15 +79,16 @@ def init_search_state(params: PyTree) -> LineSearchState:
     like = _float_leaf(params)
     unknown = torch.full((), math.inf, dtype=like.dtype, device=like.device)
     count = torch.zeros((), dtype=torch.int64, device=like.device)
+    # one tensor per field (.clone()): shared ones would make a compiled update recompile
     return LineSearchState(
         step_size=torch.zeros((), dtype=like.dtype, device=like.device),
         next_value=unknown,
         next_grad=tree.zeros_like(params),
         search_failed=torch.zeros((), dtype=torch.bool, device=like.device),
         num_search_evals=count,
-        num_search_grads=count,
-        num_syncs=count,
-        previous_value=unknown,
+        num_search_grads=count.clone(),
+        num_syncs=count.clone(),
+        previous_value=unknown.clone(),
     )
 
 

@@ -1,0 +1,187 @@
+"""Traceable transforms: one update (and three in a row) under ``torch.compile(fullgraph=True)``
+and under ``torch.func.vmap`` gives the eager result.
+
+The compile cases use the ``aot_eager`` backend (dynamo's full-graph capture and AOT
+tracing, without inductor's C++ code generation, which would cost minutes per chain on one
+core), except one inductor case; all are marked ``slow``. The vmap cases batch three
+problems: three starting points and three data sets bound through a vmapped argument.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import pytest
+import torch
+
+import soo_func as sf
+from soo_func.searches.armijo import compiles_control_flow
+
+D = torch.float64
+N_STEPS = 3
+
+
+def residual(data: tuple[torch.Tensor, torch.Tensor], params: dict) -> torch.Tensor:
+    """A small nonlinear least-squares model: ``A x - y`` and ``0.3 x^2`` (x = [w; b])."""
+    a, y = data
+    x = torch.cat([params["w"], params["b"]])
+    return torch.cat([a @ x - y, 0.3 * x**2])
+
+
+def loss(data, params: dict) -> torch.Tensor:
+    r = residual(data, params)
+    return 0.5 * (r * r).sum()
+
+
+def make_data(batch: int | None = None, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    shape = () if batch is None else (batch,)
+    a = torch.randn(*shape, 8, 6, generator=gen, dtype=D)
+    y = torch.randn(*shape, 8, generator=gen, dtype=D)
+    w = 0.5 + 0.3 * torch.randn(*shape, 4, generator=gen, dtype=D)
+    b = -0.2 + 0.3 * torch.randn(*shape, 2, generator=gen, dtype=D)
+    return (a, y), {"w": w, "b": b}
+
+
+CASES = {
+    "lbfgs+armijo_sync_free": lambda: sf.chain(sf.lbfgs(memory_size=3), sf.armijo_sync_free()),
+    "bfgs+armijo_sync_free": lambda: sf.chain(sf.bfgs(), sf.armijo_sync_free()),
+    "bfgs(m=3)+armijo_sync_free": lambda: sf.chain(sf.bfgs(memory_size=3), sf.armijo_sync_free()),
+    "dfp+armijo_sync_free": lambda: sf.chain(sf.dfp(), sf.armijo_sync_free()),
+    "sr1+trust_region": lambda: sf.chain(sf.sr1(), sf.trust_region()),
+    "broyden+trust_region": lambda: sf.chain(sf.broyden(), sf.trust_region()),
+    "nonlinear_cg+armijo_sync_free": lambda: sf.chain(sf.nonlinear_cg(), sf.armijo_sync_free()),
+    "newton_krylov+trust_region": lambda: sf.chain(
+        sf.newton_krylov(check_every=None), sf.trust_region()
+    ),
+    "newton_krylov+dogleg": lambda: sf.chain(
+        sf.newton_krylov(check_every=None), sf.trust_region(solver="dogleg")
+    ),
+    "newton_krylov+levenberg": lambda: sf.chain(sf.newton_krylov(check_every=None), sf.levenberg()),
+    "gauss_newton+armijo_sync_free": lambda: sf.chain(sf.gauss_newton(), sf.armijo_sync_free()),
+    "gauss_newton+trust_region": lambda: sf.chain(sf.gauss_newton(), sf.trust_region()),
+    "levenberg_marquardt": lambda: sf.levenberg_marquardt(),
+    "levenberg_marquardt(cg)": lambda: sf.levenberg_marquardt(solver="cg"),
+}
+
+
+def run_updates(transform: sf.Transform, data, params: dict, step=None):
+    """``N_STEPS`` updates from ``params`` (value and gradient evaluated eagerly between
+    them, as a driver does); returns the updates of each step, stacked per leaf."""
+    value_fn, residual_fn = partial(loss, data), partial(residual, data)
+
+    def one(grad, state, params, value):
+        return transform.update(
+            grad, state, params, value=value, grad=grad, value_fn=value_fn, residual_fn=residual_fn
+        )
+
+    step = one if step is None else step(one)
+    state = transform.init(params)
+    taken = []
+    for _ in range(N_STEPS):
+        value, grad = sf.value_and_grad(value_fn)(params)
+        updates, state = step(grad, state, params, value)
+        taken.append(updates)
+        params = sf.apply_updates(params, updates)
+    return {key: torch.stack([u[key] for u in taken]) for key in params}
+
+
+def compile_available() -> str | None:
+    """Why ``torch.compile`` cannot run here (None: it can)."""
+    if not hasattr(torch, "compile"):
+        return "torch.compile is not available"
+    if not torch._dynamo.is_dynamo_supported():
+        return "dynamo is not supported on this platform"
+    return None
+
+
+def compiled(backend: str):
+    def wrap(fn):
+        torch._dynamo.reset()
+        return torch.compile(fn, fullgraph=True, backend=backend)
+
+    return wrap
+
+
+def assert_close(got: dict, want: dict, tol: float) -> None:
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=tol, atol=tol)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name,backend",
+    [(name, "aot_eager") for name in CASES] + [("lbfgs+armijo_sync_free", "inductor")],
+)
+def test_compiled_updates_match_eager(name, backend):
+    reason = compile_available()
+    if reason is not None:
+        pytest.skip(reason)
+    data, params = make_data()
+    eager = run_updates(CASES[name](), data, params)
+    traced = run_updates(CASES[name](), data, params, step=compiled(backend))
+    torch._dynamo.reset()
+    assert all(torch.isfinite(u).all() for u in eager.values())
+    assert_close(traced, eager, 1e-11)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_vmapped_updates_match_per_problem_updates(name):
+    batch = 3
+    datas, params = make_data(batch, seed=1)
+
+    def one(a, y, w, b):
+        return run_updates(CASES[name](), (a, y), {"w": w, "b": b})
+
+    batched = torch.func.vmap(one)(*datas, params["w"], params["b"])
+    for i in range(batch):
+        alone = one(datas[0][i], datas[1][i], params["w"][i], params["b"][i])
+        assert_close({k: v[i] for k, v in batched.items()}, alone, 1e-10)
+
+
+def _armijo_counts(direction: sf.Transform, value_fn, params, backend: str | None):
+    """``(step, num_search_evals, num_search_grads)`` of one armijo_sync_free update after
+    ``direction`` (compiled with ``backend``; eager when None)."""
+    transform = sf.chain(direction, sf.armijo_sync_free())
+
+    def step(grad, state, params, value):
+        return transform.update(grad, state, params, value=value, grad=grad, value_fn=value_fn)
+
+    if backend is not None:
+        step = compiled(backend)(step)
+    value, grad = sf.value_and_grad(value_fn)(params)
+    updates, state = step(grad, transform.init(params), params, value)
+    search = state.states[-1]
+    return updates, int(search.num_search_evals), int(search.num_search_grads)
+
+
+def rosenbrock(params: dict) -> torch.Tensor:
+    x = params["x"]
+    return (100 * (x[1:] - x[:-1] ** 2) ** 2 + (1 - x[:-1]) ** 2).sum()
+
+
+@pytest.mark.slow
+def test_compiled_sync_free_armijo_evaluates_only_the_trials_it_needs():
+    reason = compile_available()
+    if reason is not None:
+        pytest.skip(reason)
+    data, params = make_data()
+    quadratic = partial(loss, (data[0], data[1]))
+    # A Newton step on a near-quadratic: the first trial is accepted, one evaluation.
+    newton = sf.newton_krylov(check_every=None)
+    eager, eager_evals, _ = _armijo_counts(newton, quadratic, params, None)
+    assert eager_evals == 9  # the all-trials path: max_steps values and one value_and_grad
+    traced, evals, grads = _armijo_counts(newton, quadratic, params, "aot_eager")
+    torch.testing.assert_close(traced, eager, rtol=1e-12, atol=0)
+    assert (evals, grads) == (1, 1)
+    # Steepest descent on Rosenbrock: backtracking, each trial once, then value_and_grad.
+    x0 = {"x": torch.tensor([-1.2, 1.0, -0.5], dtype=D)}
+    eager, _, _ = _armijo_counts(sf.scale(-1.0), rosenbrock, x0, None)
+    traced, evals, grads = _armijo_counts(sf.scale(-1.0), rosenbrock, x0, "aot_eager")
+    torch.testing.assert_close(traced, eager, rtol=1e-12, atol=0)
+    assert 2 < evals < 9 and grads == 2
+    torch._dynamo.reset()
+
+
+def test_eager_code_takes_no_compiled_branches():
+    assert not compiles_control_flow()
