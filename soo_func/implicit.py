@@ -54,7 +54,7 @@ __all__ = ["minimizer", "root"]
 SOLVERS = ("normal_cg", "cg", "minres", "dense")  # root's
 MINIMIZER_SOLVERS = ("auto", "dense", "cg", "minres")
 DENSE_SOLVERS = ("cholesky", "lu")  # the dense solves, by the factorization
-DENSE_CHUNK = 32  # unit vectors per batched product when forming a dense dF/dx
+DENSE_CHUNK = 16  # unit vectors per batched product when forming a dense dF/dx
 
 
 class _Problem(NamedTuple):
