@@ -9,23 +9,26 @@ reverse-mode product is
     theta_bar = -(dF/dtheta)^T w,   where   (dF/dx)^T w = v
 
 (Krantz & Parks, *The implicit function theorem*, 2002; Blondel et al., "Efficient and
-modular implicit differentiation", NeurIPS 2022, eq. (2)). The linear system is solved
-matrix-free with ``torch.func.vjp`` / ``jvp`` products and a Krylov method from
-:mod:`soo_func.krylov`:
+modular implicit differentiation", NeurIPS 2022, eq. (2)). The linear system is built from
+``torch.func.vjp`` / ``jvp`` products and solved by a dense factorization (small ``n``) or
+a Krylov method from :mod:`soo_func.krylov`:
 
-* :func:`minimizer`: ``F = grad_x f``, so ``dF/dx`` is the Hessian ``H`` (symmetric): CG by
-  default (``H`` positive definite at a strict minimizer), MINRES for indefinite or
-  singular Hessians, optional damping ``(H + damping I) w = v``;
+* :func:`minimizer`: ``F = grad_x f``, so ``dF/dx`` is the Hessian ``H`` (symmetric): by
+  default a Cholesky factorization of ``H`` formed from ``n`` batched products up to
+  ``dense_max_params`` unknowns, else CG; MINRES for indefinite or singular Hessians,
+  optional damping ``(H + damping I) w = v``;
 * :func:`root`: a general ``F`` with ``F(x)`` shaped like ``x``; ``solver="normal_cg"`` (the
   default) solves ``J J^T w = J v`` (CG on the normal equations, ``J = dF/dx``), which
-  needs no symmetry; ``"cg"`` / ``"minres"`` when ``J`` is symmetric.
+  needs no symmetry; ``"dense"`` LU-factorizes ``J^T``; ``"cg"`` / ``"minres"`` when ``J``
+  is symmetric.
 
 Failure is loud: the backward raises when ``x`` is not a root (``|F(x, theta)|_inf > tol``:
 the solve that produced it stopped early), and warns when the linear solve does not reach
-its tolerance or meets negative curvature (then it retries with MINRES).
+its tolerance or meets negative curvature or a failed factorization (then it retries with
+MINRES, or normal-equations CG after a failed LU).
 
 Under ``torch.func.vmap`` (a batch of problems, each with its own solution) the backward
-cannot read a problem's numbers on the host: it runs the Krylov solve for its full
+cannot read a problem's numbers on the host: it runs the Krylov solve (never a dense one) for its full
 ``max_iters`` with per-problem masks (``check_every=None``), and a problem whose point is
 not a root, or whose linear solve did not reach ``10 rtol``, gets NaN gradients instead of
 an exception or a warning. Only the tensors of ``args`` that require grad are
@@ -48,7 +51,10 @@ PyTree = Any
 
 __all__ = ["minimizer", "root"]
 
-SOLVERS = ("cg", "minres", "normal_cg")
+SOLVERS = ("normal_cg", "cg", "minres", "dense")  # root's
+MINIMIZER_SOLVERS = ("auto", "dense", "cg", "minres")
+DENSE_SOLVERS = ("cholesky", "lu")  # the dense solves, by the factorization
+DENSE_CHUNK = 16  # unit vectors per batched product when forming a dense dF/dx
 
 
 class _Problem(NamedTuple):
@@ -122,42 +128,101 @@ def _relative_residual(matvec: Callable, rhs: PyTree, solution: PyTree) -> torch
     return tree.norm(tree.sub(rhs, matvec(solution))) / scale
 
 
+def _dense_operator(matvec: Callable, like: PyTree) -> torch.Tensor:
+    """The ``n x n`` matrix ``R`` with row ``i`` the raveled ``matvec(e_i)`` (``R = A^T``
+    for ``matvec = A``), from ``n`` products batched by ``torch.func.vmap`` in chunks of
+    ``DENSE_CHUNK`` (one product at a time when the function does not run under vmap)."""
+    raveled = tree.ravel(like)
+    flat = raveled.flat
+
+    def row(e: torch.Tensor) -> torch.Tensor:
+        return tree.ravel(matvec(tree.unravel(e, raveled))).flat
+
+    eye = torch.eye(flat.numel(), dtype=flat.dtype, device=flat.device)
+    try:
+        chunks = [tf.vmap(row)(eye[i : i + DENSE_CHUNK]) for i in range(0, len(eye), DENSE_CHUNK)]
+        return torch.cat(chunks)
+    except RuntimeError:  # a function vmap cannot batch (a host read, an in-place op)
+        return torch.stack([row(e) for e in eye])
+
+
+def _dense_solve(matvec: Callable, v: PyTree, solver: str) -> PyTree | None:
+    """``w`` with ``A w = v`` by a Cholesky (``"cholesky"``) or LU (``"lu"``) factorization
+    of the dense ``A`` (Golub & Van Loan, *Matrix Computations*, 4th ed., Alg. 4.2.2 and
+    3.4.1); None when the factorization fails (``A`` not positive definite, or singular)."""
+    rows = _dense_operator(matvec, v)
+    raveled = tree.ravel(v)
+    if solver == "cholesky":
+        factor, info = torch.linalg.cholesky_ex(0.5 * (rows + rows.mT))
+        w = torch.cholesky_solve(raveled.flat[:, None], factor)[:, 0]
+    else:
+        w, info = torch.linalg.solve_ex(rows.mT, raveled.flat)
+    if int(info) != 0:
+        return None
+    return tree.unravel(w, raveled)
+
+
+def _warn_fallback(solver: str) -> str:
+    """Warn that ``dF/dx`` is indefinite (CG, Cholesky) or singular (LU) at the solution;
+    the Krylov solver to retry with."""
+    what, retry = (
+        ("singular (LU failed)", "normal_cg")
+        if solver == "lu"
+        else ("not positive definite (not a strict minimizer, or a saddle)", "minres")
+    )
+    warnings.warn(
+        f"implicit adjoint: dF/dx is {what} at the solution: solved with {retry} instead of "
+        f"{solver}; pass solver='minres' to choose it, or damping > 0 for a singular Hessian",
+        RuntimeWarning,
+        stacklevel=5,
+    )
+    return retry
+
+
 def _adjoint(problem: _Problem, x: PyTree, args: tuple, v: PyTree, batched: bool) -> PyTree:
     """``w`` with ``(dF/dx)^T w = v``, warning when the solve is not to be trusted (NaN
     where it is not, under ``vmap``)."""
+    solver = problem.solver
+    if solver in DENSE_SOLVERS and not batched:
+        matvec = _operator(problem, x, args)
+        w = _dense_solve(matvec, v, solver)
+        if w is not None:
+            _check_residual(problem, matvec, v, w, "a dense factorization")
+            return w
+        solver = _warn_fallback(solver)
+    elif solver in DENSE_SOLVERS:
+        solver = "normal_cg" if solver == "lu" else "cg"
+    return _krylov_adjoint(problem._replace(solver=solver), x, args, v, batched)
+
+
+def _krylov_adjoint(problem: _Problem, x: PyTree, args: tuple, v: PyTree, batched: bool):
+    """:func:`_adjoint` by a Krylov method (CG retried as MINRES on negative curvature)."""
     matvec = _operator(problem, x, args)
+    rhs = v  # the normal equations J J^T w = J v:
     if problem.solver == "normal_cg":
-
-        def fn(z):
-            return problem.optimality_fn(z, *args)
-
-        rhs = tf.jvp(fn, (x,), (v,))[1]
-    else:
-        rhs = v
+        rhs = tf.jvp(lambda z: problem.optimality_fn(z, *args), (x,), (v,))[1]
     result = _krylov_solve(problem, matvec, rhs, problem.solver, sync_free=batched)
     if batched:
         good = _relative_residual(matvec, rhs, result.x) <= max(10 * problem.rtol, 1e-12)
         return tree.map_leaves(lambda t: torch.where(good, t, torch.nan), result.x)
     if problem.solver == "cg" and bool(result.negative_curvature):
-        warnings.warn(
-            "implicit adjoint: dF/dx is not positive definite at the solution (not a strict "
-            "minimizer, or a saddle): solved with MINRES instead of CG; pass solver='minres' "
-            "to choose it, or damping > 0 for a singular Hessian",
-            RuntimeWarning,
-            stacklevel=4,
-        )
-        result = _krylov_solve(problem, matvec, rhs, "minres")
-    relative = float(_relative_residual(matvec, rhs, result.x).detach())
+        result = _krylov_solve(problem, matvec, rhs, _warn_fallback("cg"))
+    _check_residual(problem, matvec, rhs, result.x, f"{int(result.num_iters)} iterations")
+    return result.x
+
+
+def _check_residual(problem: _Problem, matvec: Callable, rhs: PyTree, w: PyTree, how: str):
+    """Warn when ``|rhs - A w| / |rhs| > max(10 rtol, 1e-12)``."""
+    relative = float(_relative_residual(matvec, rhs, w).detach())
     if not relative <= max(10 * problem.rtol, 1e-12):
         warnings.warn(
             f"implicit adjoint: the linear solve stopped at relative residual {relative:.2e} "
-            f"after {int(result.num_iters)} iterations (rtol {problem.rtol:g}): the gradient "
+            f"after {how} (rtol {problem.rtol:g}): the gradient "
             "may be wrong. dF/dx may be singular at the solution: pass damping > 0, "
             "solver='minres', or a larger max_iters",
             RuntimeWarning,
-            stacklevel=4,
+            stacklevel=5,
         )
-    return result.x
 
 
 class _RootAdjoint(torch.autograd.Function):
@@ -226,9 +291,7 @@ def _at_root(problem: _Problem, x: PyTree, args: tuple, batched: bool) -> torch.
     return torch.ones((), dtype=torch.bool, device=distance.device)
 
 
-def _check(solver: str, rtol: float, damping: float, tol: float) -> None:
-    if solver not in SOLVERS:
-        raise ValueError(f"implicit: solver must be one of {SOLVERS}, got {solver!r}")
+def _check(rtol: float, damping: float, tol: float) -> None:
     if not 0 < rtol < 1:
         raise ValueError(f"implicit: rtol must be in (0, 1), got {rtol}")
     if not damping >= 0:
@@ -237,16 +300,35 @@ def _check(solver: str, rtol: float, damping: float, tol: float) -> None:
         raise ValueError(f"implicit: tol must be positive, got {tol}")
 
 
+def _attach(
+    optimality_fn: Callable[..., PyTree],
+    solution: PyTree,
+    args: tuple,
+    solver: str,
+    rtol: float = 1e-10,
+    max_iters: int | None = None,
+    damping: float = 0.0,
+    tol: float = 1e-6,
+) -> PyTree:
+    """:func:`root` with the internal solver name (``"cholesky"``, ``"lu"`` or a Krylov one)."""
+    _check(rtol, damping, tol)
+    tree.check_tensor_leaves(solution, "solution")
+    x_leaves, x_spec = optree.tree_flatten(solution)
+    tensors, args_spec, static = _split_args(tuple(args))
+    problem = _Problem(
+        optimality_fn, x_spec, args_spec, static, solver, rtol, max_iters, damping, tol
+    )
+    out = _RootAdjoint.apply(problem, len(x_leaves), *x_leaves, *tensors)
+    return optree.tree_unflatten(x_spec, list(out))
+
+
 def root(
     optimality_fn: Callable[..., PyTree],
     solution: PyTree,
     args: tuple = (),
     *,
     solver: str = "normal_cg",
-    rtol: float = 1e-10,
-    max_iters: int | None = None,
-    damping: float = 0.0,
-    tol: float = 1e-6,
+    **options: Any,
 ) -> PyTree:
     """``solution``, differentiable with respect to the tensors of ``args`` through
     ``optimality_fn(solution, *args) = 0``.
@@ -258,21 +340,26 @@ def root(
         constant of the graph (no gradient flows into how it was computed).
       args: a tuple of pytrees; their tensor leaves receive ``-(dF/dtheta)^T w``.
       solver: ``"normal_cg"`` (any ``J = dF/dx``), ``"cg"`` (symmetric positive definite),
-        ``"minres"`` (symmetric).
-      rtol: the Krylov solve's relative tolerance.
-      max_iters: the Krylov solve's iteration cap (default ``2 n``).
-      damping: solve with ``dF/dx + damping I`` (for singular ``dF/dx``; biases the gradient).
-      tol: the backward raises when ``|F(solution, *args)|_inf > tol``.
+        ``"minres"`` (symmetric), ``"dense"`` (``J`` formed from ``n`` batched products
+        and LU-factorized; one leaf dtype, small ``n``).
+      options: ``rtol`` (the solve's relative tolerance, default ``1e-10``; the dense solve
+        is checked against it too), ``max_iters`` (the Krylov iteration cap, default
+        ``2 n``), ``damping`` (solve with ``dF/dx + damping I``, for a singular ``dF/dx``;
+        biases the gradient), ``tol`` (the backward raises when
+        ``|F(solution, *args)|_inf > tol``; default ``1e-6``).
     """
-    _check(solver, rtol, damping, tol)
-    tree.check_tensor_leaves(solution, "solution")
-    x_leaves, x_spec = optree.tree_flatten(solution)
-    tensors, args_spec, static = _split_args(tuple(args))
-    problem = _Problem(
-        optimality_fn, x_spec, args_spec, static, solver, rtol, max_iters, damping, tol
-    )
-    out = _RootAdjoint.apply(problem, len(x_leaves), *x_leaves, *tensors)
-    return optree.tree_unflatten(x_spec, list(out))
+    if solver not in SOLVERS:
+        raise ValueError(f"implicit: solver must be one of {SOLVERS}, got {solver!r}")
+    return _attach(optimality_fn, solution, args, "lu" if solver == "dense" else solver, **options)
+
+
+def _dense_fits(solution: PyTree, dense_max_params: int) -> bool:
+    """Whether ``solver="auto"`` forms the Hessian: at most ``dense_max_params`` entries,
+    one floating dtype across the leaves."""
+    leaves = tree.leaves(solution)
+    dtypes = {leaf.dtype for leaf in leaves}
+    size = sum(leaf.numel() for leaf in leaves)
+    return len(dtypes) == 1 and leaves[0].is_floating_point() and size <= dense_max_params
 
 
 def minimizer(
@@ -280,18 +367,33 @@ def minimizer(
     solution: PyTree,
     args: tuple = (),
     *,
-    solver: str = "cg",
+    solver: str = "auto",
+    dense_max_params: int = 200,
     **options: Any,
 ) -> PyTree:
     """``solution`` (a minimizer of ``value_fn(x, *args)`` over ``x``), differentiable with
     respect to ``args`` through ``grad_x value_fn(x*, *args) = 0``.
 
-    The adjoint system is ``H w = v`` with the Hessian ``H`` at ``x*`` (products by
-    ``vjp`` of the gradient): CG by default, MINRES with ``solver="minres"`` (or
-    automatically, with a warning, when CG meets negative curvature). ``options`` are
+    The adjoint system is ``H w = v`` with the Hessian ``H`` at ``x*``, from products by
+    ``vjp`` of the gradient. ``solver``:
+
+    * ``"dense"``: ``H`` formed from ``n`` products batched by ``torch.func.vmap`` (its
+      columns ``H e_i``), then a Cholesky factorization: exact, and ``n`` batched products
+      instead of CG's sequential ones, which number up to ``sqrt(cond H)`` or more (Nocedal
+      & Wright, eq. 5.36; rounding can push them past ``n``);
+    * ``"cg"`` (matrix-free, for large ``n``) and ``"minres"`` (indefinite ``H``);
+    * ``"auto"`` (default): ``"dense"`` up to ``dense_max_params`` entries of one
+      floating dtype, else ``"cg"``; under ``torch.func.vmap`` always ``"cg"``.
+
+    A ``H`` that is not positive definite (a failed Cholesky factorization, or negative
+    curvature met by CG) is solved again by MINRES, with a warning. ``options`` are
     :func:`root`'s (``rtol``, ``max_iters``, ``damping``, ``tol``).
     """
-    if solver not in ("cg", "minres"):
-        raise ValueError(f"implicit.minimizer: solver must be 'cg' or 'minres', got {solver!r}")
+    if solver not in MINIMIZER_SOLVERS:
+        raise ValueError(
+            f"implicit.minimizer: solver must be one of {MINIMIZER_SOLVERS}, got {solver!r}"
+        )
+    if solver == "auto":
+        solver = "dense" if _dense_fits(solution, dense_max_params) else "cg"
     gradient = tf.grad(value_fn)
-    return root(gradient, solution, args, solver=solver, **options)
+    return _attach(gradient, solution, args, "cholesky" if solver == "dense" else solver, **options)

@@ -357,3 +357,92 @@ def test_vmap_over_minimize_with_the_implicit_adjoint():
     for lam, g in zip(lams, grads, strict=True):
         want = -torch.linalg.solve(a.T @ a + lam * eye, ridge_closed_form(a, b, lam)).sum()
         torch.testing.assert_close(g, want, rtol=1e-7, atol=1e-10)
+
+
+# --- the adjoint's linear solve: dense (small n) against CG --------------------------------
+
+
+@pytest.mark.parametrize("solver", ["dense", "cg"])
+def test_dense_and_cg_adjoints_agree_on_a_logistic_regression(solver):
+    features, labels = logistic_data(seed=1, m=80, n=6)
+    weights = torch.linspace(0.1, 1.0, 6, dtype=D)
+    x_star = solve_logistic(features, labels, weights)
+    grads = []
+    for chosen in ("auto", solver):  # auto: dense here (7 unknowns <= dense_max_params)
+        w = weights.clone().requires_grad_(True)
+        x = implicit.minimizer(
+            logistic_value, x_star, (features, labels, w), solver=chosen, rtol=1e-12
+        )
+        grads.append(torch.autograd.grad(x["w"].sum() + x["c"], w)[0])
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-9, atol=1e-12)
+
+
+def test_saddle_point_with_cg_warns_and_uses_minres():
+    scales = torch.tensor([1.0, -2.0], dtype=D)
+    theta = torch.tensor([0.3, -0.8], dtype=D, requires_grad=True)
+    x = implicit.minimizer(
+        lambda x, th: 0.5 * (scales * x * x).sum() - th @ x, theta.detach() / scales, (theta,),
+        solver="cg",
+    )  # fmt: skip
+    with pytest.warns(RuntimeWarning, match="not positive definite"):
+        (grad,) = torch.autograd.grad(x.sum(), theta)
+    torch.testing.assert_close(grad, 1 / scales, rtol=1e-10, atol=1e-12)
+
+
+def test_root_dense_lu_on_a_nonsymmetric_system():
+    gen = torch.Generator().manual_seed(5)
+    m = torch.randn(4, 4, generator=gen, dtype=D) + 4 * torch.eye(4, dtype=D)
+    theta = torch.randn(4, generator=gen, dtype=D, requires_grad=True)
+    x_star = torch.linalg.solve(m, theta.detach())
+    x = implicit.root(lambda x, th: m @ x - th, x_star, (theta,), solver="dense")
+    probe = torch.randn(4, generator=gen, dtype=D)
+    (grad,) = torch.autograd.grad(x @ probe, theta)
+    torch.testing.assert_close(grad, torch.linalg.solve(m.T, probe), rtol=1e-12, atol=1e-14)
+
+
+class _Slope(torch.autograd.Function):
+    """``g -> 3 x^2 g``, whose backward reads the host: torch.func.vmap cannot batch it."""
+
+    @staticmethod
+    def forward(x, g):
+        return 3 * x**2 * g
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, h):
+        x, g = ctx.saved_tensors
+        assert float(h.abs().sum()) >= 0  # .item() under vmap raises
+        return 6 * x * g * h, 3 * x**2 * h
+
+
+class _Cube(torch.autograd.Function):
+    @staticmethod
+    def forward(x):
+        return x**3
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, g):
+        return _Slope.apply(ctx.saved_tensors[0], g)
+
+
+def test_dense_adjoint_falls_back_to_one_product_at_a_time_without_vmap():
+    # f = sum(x^3 / 3 + x^2 / 2) - th^T x: x* = (sqrt(1 + 4 th) - 1) / 2, dx*/dth = 1 / (2x* + 1)
+    theta = torch.tensor([0.5, 1.0], dtype=D, requires_grad=True)
+
+    def value(x, th):
+        return _Cube.apply(x).sum() / 3 + 0.5 * (x * x).sum() - th @ x
+
+    x_star = (torch.sqrt(1 + 4 * theta.detach()) - 1) / 2
+    with pytest.raises(RuntimeError, match="vmap"):  # the batched Hessian columns fail
+        _, vjp_fn = torch.func.vjp(torch.func.grad(lambda z: value(z, theta)), x_star)
+        torch.func.vmap(vjp_fn)(torch.eye(2, dtype=D))
+    x = implicit.minimizer(value, x_star, (theta,), solver="dense")
+    (grad,) = torch.autograd.grad(x.sum(), theta)
+    torch.testing.assert_close(grad, 1 / (2 * x_star + 1), rtol=1e-12, atol=1e-14)

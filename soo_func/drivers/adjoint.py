@@ -5,9 +5,11 @@
 then attaches the solution to autograd through its optimality condition
 ``grad_x value_fn(x*, *args) = 0`` (:func:`soo_func.implicit.minimizer`): ``result.params``
 and ``result.value`` are differentiable with respect to every tensor of ``args`` that
-requires grad, at the memory of one Hessian-vector Krylov solve per backward, whatever the
-number of steps (``adjoint="unrolled"``, which differentiates through the steps instead,
-is :mod:`soo_func.drivers.unrolled`). For least squares the condition is ``J^T r = 0`` and the adjoint system
+requires grad, at the memory of one adjoint solve per backward (the Hessian formed from
+batched Hessian-vector products and factorized up to ``dense_max_params`` unknowns, CG on
+Hessian-vector products beyond), whatever the number of steps (``adjoint="unrolled"``,
+which differentiates through the steps instead, is :mod:`soo_func.drivers.unrolled`). For
+least squares the condition is ``J^T r = 0`` and the adjoint system
 uses the exact Hessian of ``0.5 |r|^2`` (``J^T J`` plus the residuals' curvature; the
 Gauss-Newton matrix alone is exact only at zero residual).
 
