@@ -11,8 +11,10 @@ one flat vector.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import optree
@@ -107,16 +109,36 @@ def _flatten_alike(*trees: PyTree) -> tuple[list[list[Any]], optree.PyTreeSpec]:
     return [leaves for leaves, _ in flat], spec
 
 
+_NO_HOST_READS: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "soo_func_no_host_reads", default=False
+)
+
+
+@contextlib.contextmanager
+def no_host_reads() -> Iterator[None]:
+    """Within this context :func:`host_reads_allowed` is false: the sync-free driver's
+    loop (:mod:`soo_func.drivers.sync_free`) runs its transforms' mask-and-freeze paths
+    in eager mode too, so that no step waits on the device."""
+    token = _NO_HOST_READS.set(True)
+    try:
+        yield
+    finally:
+        _NO_HOST_READS.reset(token)
+
+
 def host_reads_allowed() -> bool:
     """Whether code may read a tensor on the host (``bool``, ``float``, ``.item()``) here.
 
-    False while ``torch.compile`` traces (a read would break the graph) and inside
-    ``torch.func.vmap`` (a batched tensor has no single value). Code that takes an early
+    False while ``torch.compile`` traces (a read would break the graph), inside
+    ``torch.func.vmap`` (a batched tensor has no single value) and within
+    :func:`no_host_reads` (the sync-free driver). Code that takes an early
     exit on a host read (a Krylov loop's convergence test, a cache hit) takes the
     mask-and-freeze path instead: the same arithmetic, with the remaining iterations
     frozen.
     """
     if torch.compiler.is_compiling():
+        return False
+    if _NO_HOST_READS.get():
         return False
     stack = torch._C._functorch.get_interpreter_stack() or ()
     vmap = torch._C._functorch.TransformType.Vmap

@@ -19,15 +19,6 @@ from soo_func.drivers.sync_free import REASON_NAMES, reason_names
 F64 = torch.float64
 T = torch.linspace(0.0, 1.0, 16, dtype=F64)
 
-NEEDS_TRACE_LM = pytest.mark.xfail(
-    strict=False,
-    reason="needs traceable levenberg_marquardt (r-trace): its dense Jacobian-cache lookup "
-    "reads the host (bool) at every step after the first",
-)
-NEEDS_TRACE_TR = pytest.mark.xfail(
-    strict=False, reason="needs traceable trust_region (r-trace): it decides on the host"
-)
-
 
 def decay(p: torch.Tensor) -> torch.Tensor:
     """``a exp(-b t) + c``."""
@@ -80,8 +71,8 @@ CASES = {
     "levenberg_marquardt": (True, sf.levenberg_marquardt, 40),
     "trust_region": (False, bfgs_trust_region, 80),
 }
-MARKS = {"levenberg_marquardt": NEEDS_TRACE_LM, "trust_region": NEEDS_TRACE_TR}
-CASE_PARAMS = [pytest.param(name, marks=MARKS.get(name, ())) for name in CASES]
+
+CASE_PARAMS = list(CASES)
 
 
 def solve_one(name: str, x0: torch.Tensor, data: torch.Tensor, **kwargs) -> sf.MinimizeResult:
@@ -120,9 +111,7 @@ def no_host_reads(monkeypatch):
     return Patched()
 
 
-@pytest.mark.parametrize(
-    "name", ["lbfgs", "gauss_newton", pytest.param("levenberg_marquardt", marks=NEEDS_TRACE_LM)]
-)
+@pytest.mark.parametrize("name", ["lbfgs", "gauss_newton", "levenberg_marquardt"])
 def test_sync_free_run_reads_nothing_on_the_host(name, no_host_reads):
     is_lsq, make, max_steps = CASES[name]
     x0, data, optimizer = X0S[0].clone(), DATAS[0].clone(), make()
@@ -167,9 +156,7 @@ def test_vmapped_solves_equal_per_problem_solves(name):
         assert host.reason == REASON_NAMES[int(alone.reason_code)]
 
 
-@pytest.mark.parametrize(
-    "name", ["gauss_newton", pytest.param("levenberg_marquardt", marks=NEEDS_TRACE_LM)]
-)
+@pytest.mark.parametrize("name", ["gauss_newton", "levenberg_marquardt"])
 def test_the_issue_pattern_vmap_over_least_squares(name):
     _, make, _ = CASES[name]
 

@@ -3,12 +3,15 @@ and under ``torch.func.vmap`` gives the eager result.
 
 The compile cases use the ``aot_eager`` backend (dynamo's full-graph capture and AOT
 tracing, without inductor's C++ code generation, which would cost minutes per chain on one
-core), except one inductor case; all are marked ``slow``. The vmap cases batch three
+core); all are marked ``slow``. A default run compiles three representative chains (a
+quasi-Newton with the sync-free search, Newton-Krylov with a trust region, dense
+Levenberg-Marquardt); ``SOO_FUNC_FULL_COMPILE=1`` compiles every chain and one with inductor. The vmap cases batch three
 problems: three starting points and three data sets bound through a vmapped argument.
 """
 
 from __future__ import annotations
 
+import os
 from functools import partial
 
 import pytest
@@ -108,11 +111,16 @@ def assert_close(got: dict, want: dict, tol: float) -> None:
         torch.testing.assert_close(got[key], want[key], rtol=tol, atol=tol)
 
 
+#: Compiled in every run (about 50 s each on one core); SOO_FUNC_FULL_COMPILE=1 compiles
+#: every case and the inductor one too (about 15 minutes).
+REPRESENTATIVE = ("lbfgs+armijo_sync_free", "newton_krylov+trust_region", "levenberg_marquardt")
+FULL_COMPILE = os.environ.get("SOO_FUNC_FULL_COMPILE") == "1"
+COMPILE_CASES = [(name, "aot_eager") for name in CASES if FULL_COMPILE or name in REPRESENTATIVE]
+COMPILE_CASES += [("lbfgs+armijo_sync_free", "inductor")] if FULL_COMPILE else []
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "name,backend",
-    [(name, "aot_eager") for name in CASES] + [("lbfgs+armijo_sync_free", "inductor")],
-)
+@pytest.mark.parametrize("name,backend", COMPILE_CASES)
 def test_compiled_updates_match_eager(name, backend):
     reason = compile_available()
     if reason is not None:

@@ -307,7 +307,8 @@ def minimize_sync_free(
         )
     carry, rules = _start(objective, params, state, tols)
     tally, twin, extra = Tally.of(objective, dict(extra or {}))
-    carry = _loop(make_step(twin, optimizer, extra, rules), carry, tally, loop)
+    with tree.no_host_reads():
+        carry = _loop(make_step(twin, optimizer, extra, rules), carry, tally, loop)
     grad_norm = tree.norm(carry.grad)
     overflowed = ~torch.isfinite(grad_norm) & tree.all_finite(carry.grad).to(grad_norm.device)
     grad_norm = torch.where(overflowed, tree.scaled_norm(carry.grad), grad_norm)
