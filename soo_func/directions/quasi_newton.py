@@ -44,6 +44,7 @@ import torch
 from soo_func import tree
 from soo_func.base import Transform, guarded
 from soo_func.directions import pair_memory as pm
+from soo_func.directions.dense_update import dense_update, ratio_or_zero
 from soo_func.directions.limited_memory import limited_memory
 from soo_func.options import check_in, check_interval, check_nonnegative, check_positive
 
@@ -65,61 +66,6 @@ class DenseQuasiNewtonState(NamedTuple):
     scaled: torch.Tensor
     step_hint: torch.Tensor
     ascent: torch.Tensor
-
-
-def _ratio(num: torch.Tensor | float, den: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
-    """``num / den`` where ``ok``, else 0 (no division by a rejected denominator)."""
-    num = torch.as_tensor(num, dtype=den.dtype, device=den.device)
-    return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(num))
-
-
-def _low_rank_update(matrix, left: list, right: list, ok) -> torch.Tensor:
-    """``matrix + L R^T`` (``L``, ``R``: ``n x k`` from the columns ``left``, ``right``; k <= 2)
-    in one ``addmm``: one read of ``matrix`` and one write of a fresh result, no ``n x n``
-    temporary (BLAS ``gemm`` with an inner dimension of ``k``). Where ``ok`` fails the
-    columns are zeroed first, so that the result is ``matrix`` (a rejected pair may hold
-    NaN or inf, which a zero coefficient would not cancel)."""
-    left_cols = torch.where(ok, torch.stack(left, 1), 0.0)
-    right_cols = torch.where(ok, torch.stack(right, 1), 0.0)
-    return torch.addmm(matrix, left_cols, right_cols.T)
-
-
-def dense_update(method: str, form: str, matrix, s, y, ok):
-    """One quasi-Newton update of ``matrix`` (``H`` or ``B``) by the pair ``(s, y)``, as a
-    rank-one or rank-two correction (:func:`_low_rank_update`).
-
-    * BFGS ``H`` (N&W eq. 6.17): ``H + [s, Hy] [[c, -rho], [-rho, 0]] [s, Hy]^T``,
-      ``rho = 1 / s^T y``, ``c = rho^2 y^T H y + rho``; DFP ``B`` is its dual (``s <-> y``).
-    * BFGS ``B`` (eq. 6.19) and DFP ``H`` (eq. 6.15): ``M - (Ma)(Ma)^T / a^T M a + b b^T / a^T b``
-      with ``(a, b) = (s, y)`` for ``B``, ``(y, s)`` for ``H``.
-    * SR1 (eqs. 6.24-6.25): ``M + r r^T / r^T a``, ``r = b - M a``.
-    * Broyden's good update ``B + (y - Bs) s^T / s^T s`` and its inverse by
-      Sherman-Morrison, ``H + (s - Hy) s^T H / s^T H y``.
-
-    Returns the updated matrix where ``ok`` holds (``matrix`` unchanged elsewhere).
-    """
-    inverse = form == "inverse"
-    if method in ("bfgs", "dfp") and inverse == (method == "bfgs"):
-        a, b = (s, y) if method == "bfgs" else (y, s)  # H for BFGS, B for DFP
-        mb = matrix @ b
-        rho = _ratio(torch.ones_like(a @ b), a @ b, ok)
-        c = rho * rho * (b @ mb) + rho
-        return _low_rank_update(matrix, [a, mb], [c * a - rho * mb, -rho * a], ok)
-    if method in ("bfgs", "dfp"):
-        a, b = (y, s) if inverse else (s, y)
-        ma = matrix @ a
-        left = [ma, b]
-        return _low_rank_update(
-            matrix, left, [-_ratio(1.0, a @ ma, ok) * ma, _ratio(1.0, a @ b, ok) * b], ok
-        )
-    if method == "sr1":
-        a, b = (y, s) if inverse else (s, y)
-        residual = b - matrix @ a
-        return _low_rank_update(matrix, [residual], [_ratio(1.0, residual @ a, ok) * residual], ok)
-    if not inverse:
-        return _low_rank_update(matrix, [y - matrix @ s], [_ratio(1.0, s @ s, ok) * s], ok)
-    hy = matrix @ y
-    return _low_rank_update(matrix, [s - hy], [_ratio(1.0, s @ hy, ok) * (s @ matrix)], ok)
 
 
 def _solve(matrix: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
@@ -180,7 +126,7 @@ def _sized(matrix, s, y, h_y, ok, inverse: bool) -> torch.Tensor:
     (eq. 6.20 at every step; Contreras & Tapia, JOTA 78, 1993), where ``ok`` and ``tau > 0``."""
     sy, yhy = s @ y, y @ h_y
     usable = ok & (sy > 0) & (yhy > 0) & torch.isfinite(sy / yhy)
-    tau = torch.where(usable, _ratio(sy, yhy, usable), torch.ones_like(sy))
+    tau = torch.where(usable, ratio_or_zero(sy, yhy, usable), torch.ones_like(sy))
     return matrix * tau if inverse else matrix / tau
 
 
@@ -195,7 +141,7 @@ def _powell_damped(s, y, b_s) -> torch.Tensor:
     """N&W Procedure 18.2: ``r = theta y + (1 - theta) B s`` so that ``s^T r >= 0.2 s^T B s``."""
     sbs, sy = s @ b_s, s @ y
     low = sy < 0.2 * sbs
-    theta = torch.where(low, _ratio(0.8 * sbs, sbs - sy, low), torch.ones_like(sy))
+    theta = torch.where(low, ratio_or_zero(0.8 * sbs, sbs - sy, low), torch.ones_like(sy))
     return theta * y + (1 - theta) * b_s
 
 
@@ -224,7 +170,7 @@ def _dense(cfg: _Config, who: str) -> Transform:
         pass, no identity built."""
         sy, yy = s @ y, y @ y
         usable = _scalable(s, y)
-        gamma = torch.where(usable, _ratio(sy, yy, usable), torch.ones_like(sy))
+        gamma = torch.where(usable, ratio_or_zero(sy, yy, usable), torch.ones_like(sy))
         factor = gamma if inverse else 1.0 / gamma
         first = state.has_prev & ~state.scaled
         return state.matrix * torch.where(first, factor, torch.ones_like(factor))
