@@ -12,8 +12,7 @@ from the two-loop recursion for BFGS (N&W Alg. 7.4, the L-BFGS kernel) and from 
 inverse formula (Byrd, Nocedal & Schnabel 1994) for the others. ``form="direct"`` keeps the
 compact ``B`` and solves ``B d = -g`` matrix-free with one ``2m x 2m`` dense solve
 (:func:`~soo_func.directions.compact.kernel_solve`). All publish ``curvature``: ``v -> B v``
-by the compact direct formula (Broyden: its symmetric part ``(B + B^T) / 2``, the model's
-Hessian), and ``step_hint``.
+by the compact direct formula, and ``step_hint``.
 """
 
 from __future__ import annotations
@@ -254,9 +253,7 @@ def _transform(o: _Options, who: str) -> Transform:
             # Built on the first product only, so publishing costs nothing unused; the
             # two-loop's memory completes its Gram matrix here (S^T s was skipped).
             gram = memory.gram if full_gram else pm.complete_gram(memory)
-            kernel = direct_kernel(gram, memory.valid, sigma)
-            # Broyden's B is not symmetric: the model sees (B + B^T) / 2 (see the dense form).
-            return 0.5 * (kernel + kernel.T) if o.method == "broyden" else kernel
+            return direct_kernel(gram, memory.valid, sigma)
 
         operator = kernel_operator(memory, kernel, sigma, params)
         return {"curvature": operator, "step_hint": state.step_hint}

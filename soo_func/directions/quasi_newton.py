@@ -224,12 +224,6 @@ def _dense(cfg: _Config, who: str) -> Transform:
             flat = tree.ravel(v).flat
             small = flat.to(matrix.dtype)
             out = _solve(matrix, small) if inverse else matrix @ small
-            if cfg.method == "broyden":
-                # Broyden's B is not symmetric; the model <g, p> + 0.5 p^T B p sees only its
-                # symmetric part (B + B^T) / 2, the operator a trust region's CG needs (CG on
-                # a nonsymmetric operator has no meaning).
-                transposed = _solve(matrix.T, small) if inverse else matrix.T @ small
-                out = 0.5 * (out + transposed)
             return tree.unravel(out.to(flat.dtype), params)
 
         return {"curvature": curvature, "step_hint": state.step_hint}

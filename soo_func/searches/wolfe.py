@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 
-from soo_func import tree
 from soo_func.base import Transform, guarded, require_extras
 from soo_func.options import check_interval
 from soo_func.searches.line import (
@@ -211,33 +210,6 @@ def wolfe(
             return finish(ray, state, value, grad, None, True)
         origin = Trial(0.0, start.value, start.slope, value, grad)
         accepted, failed = search(ray, start, origin)
-        if accepted is None and failed and not parallel_to_gradient(start.slope, updates, grad):
-            retry = steepest_descent_retry(ray, extra["value_fn"], params, start, (value, grad))
-            ray, accepted, failed = retry
         return finish(ray, state, value, grad, accepted, failed)
 
-    def steepest_descent_retry(failed_ray: Ray, value_fn, params, start: Start, at_start):
-        """The search again along ``-g`` (its own trial budget), counting both rays'
-        evaluations: a quasi-Newton direction along which no trial lowered the value is
-        replaced by steepest descent for this step, the standard restart of a quasi-Newton
-        method (N&W section 6.1: a poor ``H_k`` is corrected by later pairs, which a
-        stopped run never gets)."""
-        value, grad = at_start
-        ray = Ray(value_fn, params, tree.neg(grad))
-        grad_sq = float(tree.sum_of_squares(grad))
-        # alpha_0 = 1 / ||g||: a first trial of unit length (N&W eq. (3.60) before any step).
-        retry = start._replace(slope=-grad_sq, initial_step=1.0 / math.sqrt(grad_sq))
-        accepted, failed = search(ray, retry, Trial(0.0, start.value, -grad_sq, value, grad))
-        ray.num_evals += failed_ray.num_evals
-        ray.num_grads += failed_ray.num_grads
-        ray.num_syncs += failed_ray.num_syncs + 1
-        return ray, accepted, failed
-
     return guarded("wolfe", Transform(init_search_state, update, publish_search), LineSearchState)
-
-
-def parallel_to_gradient(slope: float, direction: PyTree, grad: PyTree) -> bool:
-    """Whether ``direction`` is already steepest descent: ``-<g, d> >= (1 - 1e-8) |g| |d|``
-    (or ``g = 0``), so that a retry along ``-g`` would repeat the failed search."""
-    norms = float(tree.norm(direction)) * float(tree.norm(grad))
-    return not norms > 0 or -slope >= (1 - 1e-8) * norms
