@@ -7,27 +7,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import (
+    assert_ridge_gradients_match_the_closed_form,
+    ridge_closed_form,
+    ridge_problem,
+    ridge_value,
+)
 
 import soo_func as sf
 from soo_func import implicit
 
 D = torch.float64
-
-
-def ridge_problem(seed=0, m=12, n=4):
-    gen = torch.Generator().manual_seed(seed)
-    a = torch.randn(m, n, generator=gen, dtype=D)
-    b = torch.randn(m, generator=gen, dtype=D)
-    return a, b
-
-
-def ridge_value(x, a, b, lam):
-    return 0.5 * ((a @ x - b) ** 2).sum() + 0.5 * lam * (x**2).sum()
-
-
-def ridge_closed_form(a, b, lam):
-    n = a.shape[1]
-    return torch.linalg.solve(a.T @ a + lam * torch.eye(n, dtype=D), a.T @ b)
 
 
 def test_ridge_gradients_equal_the_closed_form_derivatives():
@@ -222,13 +212,7 @@ def test_minimize_implicit_adjoint_matches_the_ridge_closed_form():
         gtol=1e-11,
     )
     assert result.converged, result.reason
-    probe = torch.arange(1.0, a.shape[1] + 1, dtype=D)
-    grads = torch.autograd.grad(result.params @ probe + result.value, inputs)
-    ref_inputs = [t.detach().clone().requires_grad_(True) for t in inputs]
-    x_ref = ridge_closed_form(*ref_inputs)
-    ref = x_ref @ probe + ridge_value(x_ref, *ref_inputs)
-    for got, want in zip(grads, torch.autograd.grad(ref, ref_inputs), strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-9)
+    assert_ridge_gradients_match_the_closed_form(result, inputs)
 
 
 def test_minimize_without_adjoint_returns_a_detached_solution():

@@ -10,23 +10,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import (
+    assert_ridge_gradients_match_the_closed_form,
+    ridge_closed_form,
+    ridge_problem,
+    ridge_value,
+)
 
 import soo_func as sf
 
 D = torch.float64
-
-
-def ridge_problem(seed=0, m=12, n=4):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(m, n, generator=gen, dtype=D), torch.randn(m, generator=gen, dtype=D)
-
-
-def ridge_value(x, a, b, lam):
-    return 0.5 * ((a @ x - b) ** 2).sum() + 0.5 * lam * (x**2).sum()
-
-
-def ridge_closed_form(a, b, lam):
-    return torch.linalg.solve(a.T @ a + lam * torch.eye(a.shape[1], dtype=D), a.T @ b)
 
 
 def lbfgs_wolfe():
@@ -65,13 +58,7 @@ def test_unrolled_gradients_with_respect_to_the_data_match_the_closed_form():
     inputs = [t.clone().requires_grad_(True) for t in (a, b, torch.tensor(0.7, dtype=D))]
     result = solve_ridge(*inputs, "unrolled", gtol=1e-11)
     assert result.converged, result.reason
-    probe = torch.arange(1.0, a.shape[1] + 1, dtype=D)
-    grads = torch.autograd.grad(result.params @ probe + result.value, inputs)
-    ref_inputs = [t.detach().clone().requires_grad_(True) for t in inputs]
-    x_ref = ridge_closed_form(*ref_inputs)
-    ref = x_ref @ probe + ridge_value(x_ref, *ref_inputs)
-    for got, want in zip(grads, torch.autograd.grad(ref, ref_inputs), strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-9)
+    assert_ridge_gradients_match_the_closed_form(result, inputs)
 
 
 def test_unrolled_takes_the_steps_of_minimize():
