@@ -34,8 +34,10 @@ __all__ = [
     "leaves",
     "map_leaves",
     "neg",
+    "no_host_reads",
     "norm",
     "ones_like",
+    "overflow_safe_norm",
     "ravel",
     "scale",
     "scaled_norm",
@@ -256,6 +258,14 @@ def scaled_norm(x: PyTree) -> torch.Tensor:
     big = norm(x, math.inf)
     safe = torch.where(big > 0, big, torch.ones_like(big))
     return big * norm(scale(1 / safe, x))
+
+
+def overflow_safe_norm(x: PyTree) -> torch.Tensor:
+    """The 2-norm of all leaves as reported to a user: :func:`norm`, or :func:`scaled_norm`
+    where that overflowed while every entry is finite (no host read)."""
+    fast = norm(x)
+    overflowed = ~torch.isfinite(fast) & all_finite(x).to(fast.device)
+    return torch.where(overflowed, scaled_norm(x), fast)
 
 
 def all_finite(x: PyTree) -> torch.Tensor:

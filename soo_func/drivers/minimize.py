@@ -146,14 +146,11 @@ class _Run:
         return row
 
     def result(self, reason: str, converged: bool) -> MinimizeResult:
-        grad_norm = tree.norm(self.grad)
-        if not bool(torch.isfinite(grad_norm)) and bool(tree.all_finite(self.grad)):
-            grad_norm = tree.scaled_norm(self.grad)
         return MinimizeResult(
             params=self.params,
             value=self.value,
             grad=self.grad,
-            grad_norm=grad_norm,
+            grad_norm=tree.overflow_safe_norm(self.grad),
             num_steps=self.num_steps,
             num_value_evals=self.objective.num_value_evals,
             num_grad_evals=self.objective.num_grad_evals,

@@ -309,9 +309,7 @@ def minimize_sync_free(
     tally, twin, extra = Tally.of(objective, dict(extra or {}))
     with tree.no_host_reads():
         carry = _loop(make_step(twin, optimizer, extra, rules), carry, tally, loop)
-    grad_norm = tree.norm(carry.grad)
-    overflowed = ~torch.isfinite(grad_norm) & tree.all_finite(carry.grad).to(grad_norm.device)
-    grad_norm = torch.where(overflowed, tree.scaled_norm(carry.grad), grad_norm)
+    grad_norm = tree.overflow_safe_norm(carry.grad)
     low, high = _CONVERGED_CODES[0], _CONVERGED_CODES[-1]
     return MinimizeResult(
         params=carry.params,
