@@ -33,6 +33,8 @@ import inspect
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
+import torch
+
 from soo_func import publication, tree
 from soo_func.checks import check_like, check_state, check_transform, check_updates, guarded
 from soo_func.options import check_finite, check_interval, check_positive
@@ -142,7 +144,11 @@ def update_and_publish(
 
 
 def _accepts_extras(update: Callable) -> bool:
-    """Whether ``update`` takes ``**extra`` (cached per function; uncached if unhashable)."""
+    """Whether ``update`` takes ``**extra`` (cached per function; uncached if unhashable,
+    and while ``torch.compile`` traces, which reads the signature once per compilation
+    rather than through the cache)."""
+    if torch.compiler.is_compiling():
+        return _has_var_keyword(update)
     try:
         return _accepts_extras_cached(update)
     except TypeError:
