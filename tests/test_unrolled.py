@@ -173,3 +173,18 @@ def test_unrolled_exception_carries_the_partial_result():
     partial = info.value.partial_result
     assert partial.reason == "interrupted: KeyboardInterrupt" and partial.num_steps >= 1
     torch.autograd.grad(partial.params.sum(), lam)  # the last good point keeps its graph
+
+
+def test_unrolled_reports_the_gradient_norm_past_float32_overflow():
+    """|g|^2 overflows float32 (4 entries of 1e19); the reported norm is the scaled 2e19, as
+    minimize's (no inf in the history or the result)."""
+
+    def value_fn(x):
+        return 1e19 * (x - 2).square().sum() / 2
+
+    x0 = torch.ones(4, dtype=torch.float32)
+    assert not torch.isfinite(sf.tree.norm(torch.full((4,), 1e19)))
+    for adjoint in (None, "unrolled"):
+        result = sf.minimize(value_fn, x0, sf.scale(-1e-19), adjoint=adjoint, max_steps=1)
+        assert result.history[0]["grad_norm"] == pytest.approx(2e19, rel=1e-6)
+        assert torch.isfinite(result.grad_norm)

@@ -60,6 +60,7 @@ from soo_func.drivers.stopping import (
     StopRules,
     Streaks,
     check_finite_start,
+    host_norm,
     read_scalars,
     read_step,
     start_rules,
@@ -124,7 +125,7 @@ class _Trajectory:
             params=self.params,
             value=self.value,
             grad=self.grad,
-            grad_norm=tree.norm(self.grad),
+            grad_norm=tree.overflow_safe_norm(self.grad),
             num_steps=self.num_steps,
             num_value_evals=o.num_value_evals,
             num_grad_evals=o.num_grad_evals,
@@ -198,7 +199,7 @@ def minimize_unrolled(
     tols = (options["gtol"], options["gtol_rel"], options["ftol"], options["xtol"])
     rules = start_rules(value0, inf0, tols, torch.finfo(value.dtype).eps, HOST_OPS)
     run = _Trajectory(objective, params, value, grad, state, value0)
-    run.row(value0, norm0, 0.0, {})
+    run.row(value0, host_norm(optree.tree_map(torch.detach, grad), norm0), 0.0, {})
     if inf0 <= rules.gtol or inf0 <= rules.gtol_rel_bound:
         return run.result("gtol" if inf0 <= rules.gtol else "gtol_rel", True)
     try:
