@@ -157,12 +157,13 @@ def start_value_at(params) -> float:
 
 
 @pytest.mark.parametrize("solver", ["cr", "cg", "minres"])
-@pytest.mark.parametrize("search", ["armijo", "wolfe"])
+@pytest.mark.parametrize("search", ["armijo", "wolfe", "trust_region"])
 def test_newton_krylov_solves_a_float32_quadratic_scaled_by_1e25(solver, search):
     """``1e25 |x - 1|^2`` in float32: the gradient (2e25) and the Hessian (2e25 I) are
     finite but their squares are not. The Krylov solve must still return the Newton step
-    (CR's ``|A p|^2`` used to overflow to a zero step, and the search then failed at the
-    start); the run reaches ``x = 1`` in at most two steps."""
+    (CR's ``|A p|^2`` used to overflow to a zero step, and Steihaug's ``|g|^2`` to an
+    infinite tolerance, and the search then failed at the start); the run reaches
+    ``x = 1`` in at most two steps."""
     result = sf.minimize(
         lambda p: 1e25 * ((p["x"] - 1) ** 2).sum(),
         {"x": torch.zeros(3)},

@@ -11,6 +11,7 @@ from soo_func.krylov._common import (
     KrylovResult,
     MatVec,
     PyTree,
+    UnitScale,
     as_scalar,
     check_options,
     counter,
@@ -103,7 +104,12 @@ def steihaug(
         raise ValueError(f"steihaug: radius must be positive and finite, got {radius}")
     radius = as_scalar(radius, ref)
     max_iters = 2 * total_size(grad) if max_iters is None else max_iters
-    tol = tolerance(tree.norm(grad), rtol, atol)
+    # The model divided by a power of two from the gradient, ``(g/s)^T d + 0.5 d^T (B/s) d``:
+    # the same minimizer, the same iterates ``z`` bit for bit, and ``|g/s|^2`` far from
+    # overflow (a float32 gradient of 2e25); ``r``, ``d`` and the model are in units of s.
+    unit = UnitScale.of(grad)
+    grad, matvec = unit.down(grad), _scaled(matvec, unit)
+    tol = tolerance(tree.norm(grad), rtol, atol / unit.s)
     z, r, warm_products = tree.zeros_like(grad), grad, 0
     if x0 is not None:
         z, r, warm_products = _warm_start(matvec, grad, x0, radius, check_every is not None)
@@ -142,8 +148,17 @@ def steihaug(
         x=state.z,
         num_iters=state.iters,
         num_matvecs=counter(ref, trips + warm_products),
-        residual_norm=torch.sqrt(state.rr),
+        residual_norm=torch.sqrt(state.rr) * unit.s,
         negative_curvature=state.negative,
         hit_boundary=state.boundary,
-        model_change=0.5 * (tree.vdot(grad, state.z) + tree.vdot(state.z, state.r)),
+        model_change=0.5 * (tree.vdot(grad, state.z) + tree.vdot(state.z, state.r)) * unit.s,
     )
+
+
+def _scaled(matvec: MatVec, unit: UnitScale) -> MatVec:
+    """``v -> B v / s``."""
+
+    def scaled_matvec(v: PyTree) -> PyTree:
+        return unit.down(matvec(v))
+
+    return scaled_matvec
