@@ -54,6 +54,7 @@ from soo_func import tree
 from soo_func.base import Transform, guarded, require_extras
 from soo_func.bounds.box import Box, flat_box, projected_gradient_norm
 from soo_func.bounds.reflective_step import (
+    ScaledModel,
     coleman_li_scaling,
     model_value,
     scaled_model,
@@ -68,6 +69,8 @@ PyTree = Any
 WHO = "trust_region_reflective"
 #: A predicted reduction at most ``ROUNDING * eps * cost`` ends the trials (search_failed).
 ROUNDING = 4.0
+#: A snap to the bounds is taken when it keeps this fraction of the model's decrease.
+SNAP_KEEP = 0.9
 
 __all__ = ["ReflectiveState", "trust_region_reflective"]
 
@@ -148,6 +151,39 @@ def default_radius(x: torch.Tensor, d: torch.Tensor) -> float:
     return scaled if 0 < scaled < math.inf else 1.0
 
 
+class Proposal(NamedTuple):
+    """A trial step: flat ``delta`` (``x + delta`` in the box), its scaled ``s_hat``, the
+    model's predicted reduction ``-psi(s_hat)``, whether entries were snapped to bounds."""
+
+    delta: torch.Tensor
+    s_hat: torch.Tensor
+    predicted: float
+    snapped: bool
+
+
+def propose(x: torch.Tensor, box: Box, model: ScaledModel, s_hat: torch.Tensor,
+            g: torch.Tensor, snap: float, floor: float) -> Proposal | None:  # fmt: skip
+    """The trial step for the scaled step ``s_hat``, snapped to the bounds within ``snap``
+    when the snap keeps ``SNAP_KEEP`` of the model's decrease; ``None`` when it leaves ``x``
+    unchanged or predicts a decrease of at most ``floor`` (the cost's rounding)."""
+    target = box.project(x + model.d * s_hat)
+    plain = None
+    for snapping in (True, False) if snap > 0 else (False,):
+        moved = snap_to_bounds(target, g, box, snap) if snapping else target
+        if snapping and not bool((moved != target).any()):
+            continue
+        delta = feasible_step(x, moved, box)
+        if not bool((x + delta != x).any()):
+            continue
+        scaled = torch.where(model.d > 0, delta / torch.where(model.d > 0, model.d, 1.0), 0.0)
+        predicted = -float(model_value(model, scaled))
+        if not snapping:
+            plain = Proposal(delta, scaled, predicted, False)
+        elif predicted > floor and predicted >= SNAP_KEEP * -float(model_value(model, s_hat)):
+            return Proposal(delta, scaled, predicted, True)
+    return plain if plain is not None and plain.predicted > floor else None
+
+
 def trust_region_reflective(
     lower: Any = None,
     upper: Any = None,
@@ -212,20 +248,14 @@ def trust_region_reflective(
         theta = max(0.995, 1.0 - float((v * g).abs().amax())) if x.numel() else 0.995
         radius = radius if radius > 0 else initial_radius or default_radius(x, model.d)
         snap = min(snap_rtol, math.sqrt(float(projected_gradient_norm(x, g, box))))
+        floor = ROUNDING * torch.finfo(x.dtype).eps * cost
         ratio = 0.0
         for _ in range(max_trials):
             s_hat = select_step(x, box, model, trust_region_solution(model, radius), radius, theta)
-            target = box.project(x + model.d * s_hat)
-            snapped = snap_to_bounds(target, g, box, snap) if snap > 0 else target
-            snapping = bool((snapped != target).any())
-            target = snapped
-            delta = feasible_step(x, target, box)
-            if not bool((x + delta != x).any()):
-                break  # the step is below the working precision of x: no progress possible
-            s_hat = torch.where(model.d > 0, delta / torch.where(model.d > 0, model.d, 1.0), 0.0)
-            predicted = -float(model_value(model, s_hat))
-            if not predicted > ROUNDING * torch.finfo(x.dtype).eps * cost:
-                break  # no decrease the cost's rounding could show: the point is final
+            proposal = propose(x, box, model, s_hat, g, snap, floor)
+            if proposal is None:
+                break  # no change of x or no decrease its rounding could show: x is final
+            delta, s_hat, predicted, snapping = proposal
             step_norm = float(torch.linalg.vector_norm(s_hat))
             r_new = flat_residuals(residual_fn(tree.add(params, tree.unravel(delta, params))))
             cost_new = 0.5 * float(torch.dot(r_new, r_new))
