@@ -13,6 +13,25 @@ Suites (``python -m benchmarks.run --suite NAME [--quick]``):
 ``bounds_mgh_summary``
     Solved counts, and over the problems both solve the median evaluations, their ratio of
     medians, the median per-problem ratio and how often both end at the same value.
+``bounds_least_squares``
+    ``sf.trust_region_reflective`` against ``scipy.optimize.least_squares(method="trf")``,
+    both with the exact Jacobian (torch ``jacfwd``), on: the NIST StRD fits
+    (:mod:`benchmarks.nist`) from both certified starts with positivity bounds
+    (``nist_positive``, inactive at the certified optimum) and with an upper bound
+    ``0.9 b*_0`` that cuts it (``nist_cut``; the start projected into the box); and the
+    MGH least-squares problems with the bounds of ``bounds_mgh`` (``mgh_cut``). Both stop at
+    ``ftol = xtol = gtol = 1e-10`` (ours: the driver's rules, ``gtol`` on the projected
+    gradient). A run is solved when its final cost ``0.5 |r|^2`` is within
+    ``1e-6 * |best| + 1e-12`` of the best known: the lowest cost any run of either method
+    reached on that bounded problem (from either start), and for ``nist_positive`` the
+    certified one (every soo_func iterate is asserted in the box; scipy's final point is
+    checked in it). Evaluations, counted alike: residual
+    evaluations plus Jacobian columns, scipy ``nfev + n * njev``, ours
+    ``num_value_evals + num_residual_evals + num_grad_evals + num_hvp_evals`` (the driver's
+    start value and gradient included).
+``bounds_least_squares_summary``
+    Per problem group and in total: solved counts and, over the runs both solve, the median
+    per-run evaluation ratio (ours / scipy's).
 """
 
 from __future__ import annotations
@@ -26,7 +45,8 @@ import scipy.optimize
 import torch
 
 import soo_func as sf
-from benchmarks.problems import UNCONSTRAINED, Problem, scipy_funcs
+from benchmarks.nist import NIST, optimum_cut_bounds, positivity_bounds
+from benchmarks.problems import LEAST_SQUARES, UNCONSTRAINED, Problem, scipy_funcs
 
 PGTOL = 1e-5
 MAX_STEPS = 2000
@@ -126,3 +146,116 @@ def bounds_mgh_summary(quick: bool) -> list[dict]:
 
 
 SUITES = {"bounds_mgh": bounds_mgh, "bounds_mgh_summary": bounds_mgh_summary}
+
+
+LS_TOL = 1e-10
+LS_QUICK = {"nist": ("Misra1a", "DanWood", "Rat42", "MGH09"), "mgh": QUICK_PROBLEMS}
+
+
+def ls_ours(residual_fn, x0: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor) -> dict:
+    """``sf.trust_region_reflective`` from ``x0``, every iterate asserted in the box."""
+
+    def inside(row, params):
+        if not bool(((params >= lower) & (params <= upper)).all()):
+            raise AssertionError(f"step {row['step']} left the box")
+
+    result = sf.least_squares(residual_fn, x0.clone(), sf.trust_region_reflective(lower, upper),
+                              gtol=LS_TOL, ftol=LS_TOL, xtol=LS_TOL, max_steps=MAX_STEPS,
+                              callback=inside)  # fmt: skip
+    evals = (result.num_value_evals + result.num_residual_evals + result.num_grad_evals
+             + result.num_hvp_evals)  # fmt: skip
+    return {"cost": float(result.value), "evals": evals, "feasible": True}
+
+
+def ls_scipy(residual_fn, x0: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor) -> dict:
+    """``scipy.optimize.least_squares(method="trf")`` with the exact Jacobian."""
+
+    def fun(x):
+        return residual_fn(torch.from_numpy(x)).numpy()
+
+    def jac(x):
+        return torch.func.jacfwd(residual_fn)(torch.from_numpy(x)).numpy()
+
+    lo, hi = lower.numpy(), upper.numpy()
+    start = np.clip(x0.numpy(), lo, hi)
+    result = scipy.optimize.least_squares(fun, start, jac=jac, bounds=(lo, hi), method="trf",
+                                          ftol=LS_TOL, xtol=LS_TOL, gtol=LS_TOL,
+                                          max_nfev=5 * MAX_STEPS)  # fmt: skip
+    feasible = bool(np.all((result.x >= lo) & (result.x <= hi)))
+    return {"cost": float(result.cost), "evals": int(result.nfev + x0.numel() * result.njev),
+            "feasible": feasible}  # fmt: skip
+
+
+def ls_cases(quick: bool):
+    """``(group, problem, start, residual_fn, x0, lower, upper)`` of the bounded runs."""
+    for name in LS_QUICK["nist"] if quick else tuple(NIST):
+        problem = NIST[name]
+        for group, (lower, upper) in (("nist_positive", positivity_bounds(problem)),
+                                      ("nist_cut", optimum_cut_bounds(problem))):  # fmt: skip
+            for start, x0 in enumerate(problem.starts(), start=1):
+                x0 = torch.minimum(torch.maximum(x0, lower), upper)
+                yield group, name, start, problem.residual_fn(), x0, lower, upper
+    for name in LS_QUICK["mgh"] if quick else tuple(LEAST_SQUARES):
+        lower, upper = cut_bounds(name)
+        problem = LEAST_SQUARES[name]
+        yield "mgh_cut", name, 1, problem.residual_fn, problem.x0.clone(), lower, upper
+
+
+def best_known(runs: list[dict]) -> dict[tuple[str, str], float]:
+    """The lowest cost per ``(group, problem)`` over both methods and both starts, and for
+    ``nist_positive`` (bounds inactive at the certified optimum) the certified cost too."""
+    best: dict[tuple[str, str], float] = {}
+    for run in runs:
+        key = (run["group"], run["problem"])
+        costs = [c for c in (run["sf_cost"], run["scipy_cost"]) if math.isfinite(c)]
+        if run["group"] == "nist_positive":
+            costs.append(0.5 * NIST[run["problem"]].certified_rss)
+        best[key] = min([best.get(key, math.inf), *costs])
+    return best
+
+
+def ls_rows(quick: bool) -> list[dict]:
+    out = []
+    for group, name, start, residual_fn, x0, lower, upper in ls_cases(quick):
+        ours = ls_ours(residual_fn, x0, lower, upper)
+        theirs = ls_scipy(residual_fn, x0, lower, upper)
+        out.append({"group": group, "problem": name, "start": start, "sf_cost": ours["cost"],
+                    "scipy_cost": theirs["cost"], "sf_feasible": ours["feasible"],
+                    "scipy_feasible": theirs["feasible"], "sf_evals": ours["evals"],
+                    "scipy_evals": theirs["evals"], "ratio": ours["evals"] / theirs["evals"]})  # fmt: skip
+    best = best_known(out)
+    for row in out:
+        target = best[(row["group"], row["problem"])]
+        tol = 1e-6 * abs(target) + 1e-12
+        for who in ("sf", "scipy"):
+            cost = row[f"{who}_cost"]
+            row[f"{who}_solved"] = row.pop(f"{who}_feasible") and cost <= target + tol
+    return out
+
+
+def ls_summarize(table: list[dict]) -> list[dict]:
+    groups = list(dict.fromkeys(r["group"] for r in table))
+    out = []
+    for group in [*groups, "total"]:
+        runs = [r for r in table if group in ("total", r["group"])]
+        both = [r["ratio"] for r in runs if r["sf_solved"] and r["scipy_solved"]]
+        out.append({"group": group, "runs": len(runs),
+                    "sf_solved": sum(r["sf_solved"] for r in runs),
+                    "scipy_trf_solved": sum(r["scipy_solved"] for r in runs),
+                    "both_solved": len(both),
+                    "median_evals_ratio": statistics.median(both) if both else float("nan")})  # fmt: skip
+    return out
+
+
+def bounds_least_squares(quick: bool) -> list[dict]:
+    return ls_rows(quick)
+
+
+def bounds_least_squares_summary(quick: bool) -> list[dict]:
+    return ls_summarize(ls_rows(quick))
+
+
+SUITES.update(
+    bounds_least_squares=bounds_least_squares,
+    bounds_least_squares_summary=bounds_least_squares_summary,
+)

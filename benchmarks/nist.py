@@ -335,3 +335,25 @@ _PROBLEMS = [
 
 #: The shipped problems by name.
 NIST: dict[str, NISTProblem] = {p.name: p for p in _PROBLEMS}
+
+
+def positivity_bounds(
+    problem: NISTProblem, dtype=torch.float64
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lower, upper)``: ``b_i >= 0`` where the certified ``b_i`` is positive (no other
+    bound): bounds a fit of these models would carry, inactive at the certified optimum."""
+    certified = problem.certified(dtype)
+    lower = torch.where(certified > 0, 0.0, -torch.inf).to(dtype)
+    return lower, torch.full_like(lower, torch.inf)
+
+
+def optimum_cut_bounds(
+    problem: NISTProblem, dtype=torch.float64
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`positivity_bounds` and an upper bound ``0.9 * b_0`` on the first parameter
+    (positive in every problem here), which cuts the certified optimum: the bound is active
+    at the bounded minimizer."""
+    lower, upper = positivity_bounds(problem, dtype)
+    upper = upper.clone()
+    upper[0] = 0.9 * problem.certified_params[0]
+    return lower, upper

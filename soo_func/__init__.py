@@ -21,7 +21,7 @@ from soo_func.base import (
     stateless,
     update_and_publish,
 )
-from soo_func.bounds import active_bounds, lbfgs_b, project_to_bounds
+from soo_func.bounds import active_bounds, lbfgs_b, project_to_bounds, trust_region_reflective
 from soo_func.continuation import (
     ArclengthState,
     HomotopyState,
@@ -128,6 +128,7 @@ __all__ = [
     "training_step",
     "tree",
     "trust_region",
+    "trust_region_reflective",
     "update_and_publish",
     "value_and_grad",
     "wolfe",
