@@ -67,7 +67,10 @@ class Declared:
 _MODEL, _OBJECTIVE, _OUTCOME = Role.MODEL, Role.OBJECTIVE, Role.OUTCOME
 _DIRECTIONS = "bfgs, dfp, sr1, broyden, lbfgs, newton_krylov, gauss_newton"
 _REWRITERS = "homotopy, arclength_homotopy"
-_SEARCHES = "armijo, armijo_sync_free, wolfe, trust_region, levenberg, levenberg_marquardt, lbfgs_b"
+_SEARCHES = (
+    "armijo, armijo_sync_free, wolfe, trust_region, levenberg, levenberg_marquardt, lbfgs_b, "
+    "trust_region_reflective"
+)
 
 
 class Publication(TypedDict, total=False):
@@ -191,7 +194,7 @@ class Publication(TypedDict, total=False):
         torch.Tensor,
         Declared(
             _OUTCOME,
-            "lbfgs_b",
+            "lbfgs_b, trust_region_reflective",
             "the driver (its gtol and gtol_rel test it instead of ||g||_inf)",
             "0-d: ||P(x - g) - x||_inf at the accepted point, the first-order stationarity "
             "measure on the box",
@@ -231,12 +234,17 @@ _CONTINUATION = "homotopy, arclength_homotopy"
 #: The diagnostics the library's transforms publish (0-d tensors, recorded, not forwarded).
 DIAGNOSTICS: dict[str, Declared] = {
     "step_size": _diagnostic(_LINE, "the accepted step length alpha"),
-    "num_active_bounds": _diagnostic("lbfgs_b", "entries on a bound after the step"),
+    "num_active_bounds": _diagnostic(
+        "lbfgs_b, trust_region_reflective", "entries on a bound after the step"
+    ),
     "num_search_evals": _diagnostic(_LINE, "values evaluated by the search so far"),
     "num_search_grads": _diagnostic(_LINE, "gradients evaluated by the search so far"),
-    "radius": _diagnostic("trust_region", "the trust-region radius after the step"),
+    "radius": _diagnostic(
+        "trust_region, trust_region_reflective", "the trust-region radius after the step"
+    ),
     "ratio": _diagnostic(
-        "trust_region, levenberg", "actual over predicted reduction of the trial step"
+        "trust_region, levenberg, trust_region_reflective",
+        "actual over predicted reduction of the trial step",
     ),
     "step_accepted": _diagnostic("trust_region, levenberg", "0-d bool: the trial step was taken"),
     "damping": _diagnostic("levenberg, levenberg_marquardt", "the damping lambda after the step"),
@@ -278,7 +286,7 @@ EXTRAS: dict[str, Declared] = {
                    "`grad=g`: the gradient pytree at params"),
     "value_fn": _extra("searches, newton_krylov, hessian_free, homotopy",
                        "`value_fn=loss_fn`: a function params -> 0-d loss tensor"),
-    "residual_fn": _extra("gauss_newton, levenberg_marquardt",
+    "residual_fn": _extra("gauss_newton, levenberg_marquardt, trust_region_reflective",
                           "`residual_fn=fn`: a function params -> residual pytree (the loss is "
                           "half the sum of squares; least_squares passes it)"),
     "curvature": _extra("hessian_free, levenberg, trust_region",

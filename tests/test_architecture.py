@@ -141,6 +141,8 @@ OPTIMIZERS = {
     "nonlinear_cg+wolfe": lambda: sf.chain(sf.nonlinear_cg(), sf.wolfe()),
     "gauss_newton+armijo_sync_free": lambda: sf.chain(sf.gauss_newton(), sf.armijo_sync_free()),
     "levenberg_marquardt": lambda: sf.levenberg_marquardt(),
+    "trust_region_reflective": lambda: sf.trust_region_reflective(-5.0, 5.0),
+    "lbfgs_b": lambda: sf.lbfgs_b(-5.0, 5.0),
     "homotopy+newton+armijo": lambda: sf.chain(sf.homotopy(), sf.newton_krylov(), sf.armijo()),
 }
 
