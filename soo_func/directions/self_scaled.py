@@ -2,15 +2,17 @@
 
 The self-scaled Broyden class in inverse form, as used for PINNs by Urbán, Stefanou & Pons
 (JCP 2025, "Unveiling the optimization process of physics informed neural networks",
-arXiv:2405.04230, sec. 3) and Kiyani et al. (CMAME 2025), after Al-Baali (JOTA 1998,
+arXiv:2405.04230) and Kiyani et al. (CMAME 2025), after Al-Baali (JOTA 1998,
 "Numerical experience with a class of self-scaling quasi-Newton algorithms") and
 Al-Baali & Khalfan (2005)::
 
     H+ = (1/tau) [H - H y y^T H / y^T H y + phi (y^T H y) v v^T] + s s^T / s^T y,
     v  = s / s^T y - H y / y^T H y.
 
-``phi = 1`` is BFGS, ``phi = 0`` DFP; ``tau = 1`` is the unscaled Broyden class (N&W eq.
-6.32 in inverse form). With ``B = H^{-1}`` the scalars are (Al-Baali 1998)::
+``phi = 1`` is BFGS, ``phi = 0`` DFP; ``tau = 1`` is the unscaled Broyden class (N&W sec.
+6.3) in inverse form. Equation numbers of Urbán et al. below are those their reference code
+cites (eq. (11) for SSBFGS's ``tau``, eqs. (13)-(23) for SSBroyden's parameters). With
+``B = H^{-1}`` the scalars are (Al-Baali 1998)::
 
     b = s^T B s / s^T y,   h = y^T H y / s^T y,   a = b h - 1 >= 0.
 
@@ -44,8 +46,10 @@ papers' PINN runs do (``H0 = I``, ``initial_scale=False``).
 Safeguards as :func:`soo_func.bfgs` (``torch.where``, no host sync): a pair with
 ``s^T y <= eps |s| |y|`` (or non-finite) is skipped; where ``b`` is not positive and finite the
 update is the unscaled BFGS one; a non-descent or non-finite direction is replaced by ``-g``
-and the matrix reset to ``h0 I``. The update is one ``n x n`` scaling and one rank-two
-``addmm`` on ``[H y, s]``.
+and the matrix reset to ``h0 I``. The update is one ``n x n`` scaling and one symmetric
+rank-two ``addmm_`` (:func:`self_scaled_update`). A limited-memory form is not offered: the
+scaling multiplies the whole ``H_k``, so the two-loop recursion would need a weight per
+stored pair (the product of the later ``1/tau_j``), which the shared pair memory lacks.
 """
 
 from __future__ import annotations
