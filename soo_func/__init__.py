@@ -34,6 +34,7 @@ from soo_func.directions import bfgs, broyden, dfp, lbfgs, sr1
 from soo_func.directions.gauss_newton import gauss_newton
 from soo_func.directions.newton import newton_krylov
 from soo_func.directions.nonlinear_cg import nonlinear_cg
+from soo_func.directions.self_scaled import ssbfgs, ssbroyden
 from soo_func.drivers import (
     MinimizeResult,
     PathResult,
@@ -122,6 +123,8 @@ __all__ = [
     "serialization",
     "sgd",
     "sr1",
+    "ssbfgs",
+    "ssbroyden",
     "stateless",
     "stochastic",
     "training",

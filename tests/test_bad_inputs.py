@@ -44,6 +44,8 @@ TRANSFORMS = [
     ("sr1(memory_size=3)", lambda: sf.sr1(memory_size=3)),
     ("broyden", lambda: sf.broyden()),
     ("broyden(memory_size=3)", lambda: sf.broyden(memory_size=3)),
+    ("ssbfgs", lambda: sf.ssbfgs()),
+    ("ssbroyden", lambda: sf.ssbroyden()),
     ("newton_krylov", lambda: sf.newton_krylov()),
     ("gauss_newton", lambda: sf.gauss_newton()),
     ("nonlinear_cg", lambda: sf.nonlinear_cg()),

@@ -143,6 +143,8 @@ MINIMIZE = {
     "bfgs+wolfe": lambda: sf.chain(sf.bfgs(), sf.wolfe()),
     "dfp+wolfe": lambda: sf.chain(sf.dfp(), sf.wolfe()),
     "broyden+wolfe": lambda: sf.chain(sf.broyden(), sf.wolfe()),
+    "ssbfgs+wolfe": lambda: sf.chain(sf.ssbfgs(), sf.wolfe()),
+    "ssbroyden+wolfe": lambda: sf.chain(sf.ssbroyden(), sf.wolfe()),
     "newton_krylov+armijo": lambda: sf.chain(sf.newton_krylov(), sf.armijo()),
     # wolfe(c2=0.1), as nonlinear_cg's docstring and N&W (sec. 5.2) prescribe for CG: with the
     # quasi-Newton default c2 = 0.9, PR+ can take a direction at cos 0.04 to -g whose best
