@@ -65,7 +65,7 @@ class Declared:
 
 
 _MODEL, _OBJECTIVE, _OUTCOME = Role.MODEL, Role.OBJECTIVE, Role.OUTCOME
-_DIRECTIONS = "bfgs, dfp, sr1, broyden, lbfgs, newton_krylov, gauss_newton"
+_DIRECTIONS = "bfgs, dfp, sr1, broyden, ssbfgs, ssbroyden, lbfgs, newton_krylov, gauss_newton"
 _REWRITERS = "homotopy, arclength_homotopy"
 _SEARCHES = (
     "armijo, armijo_sync_free, wolfe, trust_region, levenberg, levenberg_marquardt, lbfgs_b, "
