@@ -18,6 +18,7 @@ import torch
 
 from soo_func.base import ChainState, EmptyState, SgdState
 from soo_func.bounds.lbfgsb import LbfgsbState
+from soo_func.bounds.least_squares import ReflectiveState
 from soo_func.continuation.arclength import ArclengthState
 from soo_func.continuation.follower import Handoff
 from soo_func.continuation.minimizers import HomotopyState
@@ -27,6 +28,7 @@ from soo_func.directions.newton import NewtonKrylovState
 from soo_func.directions.nonlinear_cg import NonlinearCgState
 from soo_func.directions.pair_memory import LastPoint, PairMemory
 from soo_func.directions.quasi_newton import DenseQuasiNewtonState
+from soo_func.directions.self_scaled import SelfScaledState
 from soo_func.schedules import ScaleByScheduleState
 from soo_func.searches.jacobian_cache import JacobianCache
 from soo_func.searches.levenberg import LevenbergState
@@ -44,9 +46,11 @@ STATE_TYPES: tuple[type, ...] = (
     ScaleByScheduleState,
     LimitedMemoryState,
     LbfgsbState,
+    ReflectiveState,
     PairMemory,
     LastPoint,
     DenseQuasiNewtonState,
+    SelfScaledState,
     NewtonKrylovState,
     GaussNewtonState,
     NonlinearCgState,

@@ -244,18 +244,25 @@ def quartic(params):
     return quadratic(params) + 0.25 * (flat**4).sum() - flat.sum()
 
 
-LEAST_SQUARES = ("gauss_newton+armijo_sync_free", "levenberg_marquardt", "levenberg_marquardt(cg)")
+LEAST_SQUARES = (
+    "gauss_newton+armijo_sync_free",
+    "levenberg_marquardt",
+    "levenberg_marquardt(cg)",
+    "trust_region_reflective",
+)
 
 SAVED_FAMILIES = {
     "lbfgs+wolfe": lambda: sf.chain(sf.lbfgs(), sf.wolfe()),
     "bfgs+armijo": lambda: sf.chain(sf.bfgs(), sf.armijo()),
     "sr1(m)+trust_region": lambda: sf.chain(sf.sr1(memory_size=3), sf.trust_region()),
+    "ssbroyden+armijo": lambda: sf.chain(sf.ssbroyden(), sf.armijo()),
     "newton_krylov+trust_region": lambda: sf.chain(sf.newton_krylov(), sf.trust_region()),
     "gauss_newton+armijo_sync_free": lambda: sf.chain(sf.gauss_newton(), sf.armijo_sync_free()),
     "nonlinear_cg+wolfe": lambda: sf.chain(sf.nonlinear_cg(), sf.wolfe(c2=0.1)),
     "newton_krylov+levenberg": lambda: sf.chain(sf.newton_krylov(), sf.levenberg()),
     "levenberg_marquardt": lambda: sf.levenberg_marquardt(),
     "levenberg_marquardt(cg)": lambda: sf.levenberg_marquardt(solver="cg"),
+    "trust_region_reflective": lambda: sf.trust_region_reflective(-5.0, 5.0),
     "sgd": lambda: sf.sgd(0.05, momentum=0.9),
     "scale_by_schedule": lambda: sf.chain(
         sf.scale_by_schedule(sf.cosine_decay_schedule(1.0, 4)), sf.scale(-0.1)),

@@ -35,6 +35,7 @@ def residuals(p: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 FAMILIES: dict[str, tuple[Callable[[], sf.Transform], bool]] = {
     "lbfgs+wolfe": (lambda: sf.chain(sf.lbfgs(), sf.wolfe()), False),
     "bfgs+armijo": (lambda: sf.chain(sf.bfgs(), sf.armijo()), False),
+    "ssbroyden+wolfe": (lambda: sf.chain(sf.ssbroyden(), sf.wolfe()), False),
     "nonlinear_cg+wolfe": (lambda: sf.chain(sf.nonlinear_cg(), sf.wolfe(c2=0.1)), False),
     "newton_krylov+trust_region": (
         lambda: sf.chain(sf.newton_krylov(), sf.trust_region()),
