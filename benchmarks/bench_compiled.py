@@ -1,8 +1,8 @@
 """Compiled, sync-free L-BFGS against ``torch.optim.LBFGS``, measured side by side.
 
-Ours: ``chain(lbfgs(10), armijo_sync_free(max_steps=TRIALS))`` stepped by a compiled step
-(:func:`benchmarks.sync_free_loops.compiled_step`: ``torch.compile`` with ``fullgraph=True``
-when it traces, else eager; ``ours_mode`` says which).
+Ours: ``sf.minimize(value_fn, params, chain(lbfgs(10), armijo_sync_free(max_steps=TRIALS)),
+max_steps=S, check_every=None, compile=True, gtol=0)``: the public sync-free driver, its
+step compiled once (``fullgraph=True``; ``ours_mode`` says whether a later call recompiled).
 Torch: ``torch.optim.LBFGS(history_size=10, line_search_fn="strong_wolfe")`` for ``STEPS``
 iterations (:func:`benchmarks.bench_quasi_newton.run_torch`). Problems (from
 ``bench_quasi_newton``): the cheap 64-tensor objective (2.1M parameters; 131k quick) and
@@ -11,14 +11,15 @@ objective as written (``objective=eager``) and wrapped in ``torch.compile`` for 
 (``objective=compiled``; inside our compiled step it is traced either way).
 
 Same budget: ours runs as many steps as torch evaluated gradients (each of torch's closure
-calls is one value and gradient; each of our steps is one value and gradient plus
-``TRIALS`` forward-only trial values, reported in ``ours_values``). ``ratio_cpu`` /
-``ratio_wall`` = our time / torch's (goal <= 0.5 cheap, <= 0.9 logreg); compile time is
-excluded (a warm-up run compiles first). Ours and torch run interleaved ``repeats`` times,
-medians reported.
+calls is one value and gradient). Under ``compile=True`` the search's trials are
+``torch.cond`` branches, so an accepted first trial costs one value and gradient;
+``ours_values`` / ``ours_grads`` are the driver's counts (the trials it evaluated).
+``ratio_cpu`` / ``ratio_wall`` = our time / torch's (goal <= 0.5 cheap, <= 0.9 logreg);
+compile time is excluded (a warm-up solve compiles first). Ours and torch run interleaved
+``repeats`` times, medians reported.
 
 Run: ``python -m benchmarks.run --suite lbfgs_vs_torch [--quick] [--device cuda]``
-(``SOO_FUNC_BENCH_COMPILE_MODE=reduce-overhead`` for CUDA graphs).
+(``SOO_FUNC_BENCH_COMPILE_MODE=reduce-overhead`` for CUDA graphs: the objective's mode).
 """
 
 from __future__ import annotations
@@ -29,28 +30,36 @@ from collections.abc import Callable
 
 import torch
 
+import soo_func as sf
 from benchmarks.bench_quasi_newton import cheap_problem, logreg_problem, run_torch
 from benchmarks.run import bench_device, main
-from benchmarks.sync_free_loops import (
-    Clock,
-    compile_mode,
-    compiled_step,
-    lbfgs_chain,
-    make_step,
-    solve_lbfgs,
-)
+from benchmarks.sync_free_loops import Clock, compile_mode, lbfgs_chain
 
 STEPS = 50
-TRIALS = 3  # armijo_sync_free trial values per step (lbfgs's unit step is usually taken)
+TRIALS = 3  # armijo_sync_free trials per step (lbfgs's unit step is usually taken)
 
 PROBLEMS = {"cheap": cheap_problem, "logreg": logreg_problem}
 
 
-def run_ours(step, opt, value_fn: Callable, params, steps: int) -> dict:
-    """Our timed run: ``steps`` steps of ``step``."""
+def run_ours(opt: sf.Transform, value_fn: Callable, params, steps: int, compile: bool) -> dict:
+    """Our timed run: ``steps`` sync-free steps through :func:`soo_func.minimize`."""
     with Clock() as clock:
-        value = solve_lbfgs(step, opt, value_fn, params, steps)
-    return {"seconds": clock.wall, "cpu_seconds": clock.cpu, "value": float(value)}
+        result = sf.minimize(
+            value_fn, params, opt, max_steps=steps, gtol=0.0, check_every=None, compile=compile
+        )
+        value = float(result.value)
+    return {
+        "seconds": clock.wall,
+        "cpu_seconds": clock.cpu,
+        "value": value,
+        "values": result.num_value_evals,
+        "grads": result.num_grad_evals,
+    }
+
+
+def _frames() -> int:
+    """Dynamo's count of graphs compiled so far (a recompile adds one)."""
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
 
 def compare(
@@ -65,19 +74,22 @@ def compare(
 ) -> dict:
     """One row: ours against torch on one problem, dtype and objective mode."""
     value_fn, params = PROBLEMS[problem](quick, dtype=dtype, device=bench_device())
+    torch._dynamo.reset()
     if objective == "compiled":
-        torch._dynamo.reset()
         value_fn = torch.compile(value_fn, mode=compile_mode())
     run_torch(value_fn, params, 2)  # warm-up (and the objective's compile)
     opt = lbfgs_chain(TRIALS)
-    if compile_ours:
-        step, mode = compiled_step(opt, value_fn, params)
-    else:
-        step, mode = make_step(opt, value_fn), "eager (not asked to compile)"
+    run_ours(opt, value_fn, params, 3, compile_ours)  # warm-up: compiles the step
+    graphs = _frames()
     torch_runs, our_runs = [], []
     for _ in range(repeats):
         torch_runs.append(run_torch(value_fn, params, steps))
-        our_runs.append(run_ours(step, opt, value_fn, params, torch_runs[-1]["evals"]))
+        our_runs.append(run_ours(opt, value_fn, params, torch_runs[-1]["evals"], compile_ours))
+    if not compile_ours:
+        mode = "eager (not asked to compile)"
+    else:
+        recompiled = _frames() - graphs
+        mode = "compiled" + (f" ({recompiled} graphs compiled after warm-up)" if recompiled else "")
     return _row(problem, dtype, objective, mode, params, torch_runs, our_runs)
 
 
@@ -95,7 +107,8 @@ def _row(problem, dtype, objective, mode, params, torch_runs, our_runs) -> dict:
         "ours_mode": mode,
         "torch_evals": evals,
         "ours_steps": evals,
-        "ours_values": evals * (TRIALS + 1) + 1,
+        "ours_values": our_runs[-1]["values"],
+        "ours_grads": our_runs[-1]["grads"],
         "torch_cpu_s": round(median(torch_runs, "cpu_seconds"), 4),
         "ours_cpu_s": round(median(our_runs, "cpu_seconds"), 4),
         "ratio_cpu": round(median(our_runs, "cpu_seconds") / median(torch_runs, "cpu_seconds"), 3),

@@ -222,6 +222,16 @@ class Publication(TypedDict, total=False):
         torch.Tensor,
         Declared(_OUTCOME, "arclength_homotopy", "the driver", "0-d: its value (inf: none)", False),
     ]
+    uncharged_evals: Annotated[
+        torch.Tensor,
+        Declared(
+            _OUTCOME,
+            "armijo_sync_free (compiled)",
+            "the sync-free driver (adds them to its counts)",
+            "[values, gradients] int64: evaluations made inside `torch.cond` branches, "
+            "which charge no host counter",
+        ),
+    ]
 
 
 def _diagnostic(publishers: str, meaning: str) -> Declared:

@@ -23,11 +23,15 @@ The result's ``converged`` (0-d bool), ``num_steps`` (0-d int64, the steps taken
 problem stopped) and ``reason_code`` (0-d int64 into :data:`REASON_NAMES`) are tensors;
 ``reason`` only says that, :func:`reason_names` reads the codes; ``history`` is empty.
 The evaluation counts are those of every step the loop ran (a frozen problem is still
-evaluated: under ``vmap`` the batch runs in lockstep).
+evaluated: under ``vmap`` the batch runs in lockstep). A compiled search that evaluates
+inside ``torch.cond`` branches (``armijo_sync_free``) charges no host counter there; it
+publishes those evaluations as ``uncharged_evals``, summed on the device and added to the
+counts with one host read after the loop.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Callable
@@ -53,14 +57,17 @@ from soo_func.drivers.stopping import (
     stationarity,
 )
 from soo_func.options import check_int_at_least
-from soo_func.oracles import CountedObjective, value_and_grad
+from soo_func.oracles import CountedObjective, charge, value_and_grad
 
 PyTree = Any
 
 __all__ = [
+    "GUARDED_CALLS",
     "REASON_NAMES",
     "SYNC_FREE_REASON",
     "Carry",
+    "CompiledStep",
+    "charge_uncharged",
     "device_step",
     "freeze",
     "minimize_sync_free",
@@ -92,6 +99,7 @@ class Carry(NamedTuple):
     code: torch.Tensor  # 0-d int64 into REASON_NAMES (0 while running)
     num_steps: torch.Tensor  # 0-d int64: steps taken before stopping
     streaks: Streaks  # 0-d tensors
+    uncharged: torch.Tensor  # [values, gradients] int64: published ``uncharged_evals``
 
 
 def reason_names(result: MinimizeResult) -> str | list:
@@ -188,6 +196,7 @@ def make_step(
             code=torch.where(active, code, carry.code),
             num_steps=carry.num_steps + active.to(torch.int64),
             streaks=freeze(move, streaks, carry.streaks),
+            uncharged=carry.uncharged + published.get("uncharged_evals", 0),
         )
 
     return step
@@ -210,7 +219,8 @@ def _start(
     code = torch.where(finite, code, _CODE["non_finite_start"])
     zero = torch.zeros((), dtype=torch.int64, device=value.device)
     streaks = Streaks(zero, zero, torch.full_like(value, math.inf))
-    carry = Carry(params, value, grad, state, code != 0, code, zero, streaks)
+    uncharged = torch.zeros(2, dtype=torch.int64, device=value.device)
+    carry = Carry(params, value, grad, state, code != 0, code, zero, streaks, uncharged)
     return carry, rules
 
 
@@ -243,19 +253,21 @@ class Tally(NamedTuple):
                 setattr(twin, name, 0)
 
 
-def _compiled(step: Callable[[Carry], Carry]) -> Callable[[Carry], Carry]:
+class CompiledStep:
     """``step`` compiled with ``fullgraph=True``, or with graph breaks and a warning when
     the chain does not trace whole (dynamo raises at the first call, before running
-    anything)."""
-    whole = torch.compile(step, fullgraph=True)
-    broken = None
+    anything). ``whole`` says whether the one graph held."""
 
-    def compiled(carry: Carry) -> Carry:
-        nonlocal broken
-        if broken is not None:
-            return broken(carry)
+    def __init__(self, step: Callable[[Carry], Carry]):
+        self.step = step
+        self.whole = True
+        self.compiled = torch.compile(step, fullgraph=True)
+
+    def __call__(self, carry: Carry) -> Carry:
+        if not self.whole:
+            return self.compiled(carry)
         try:
-            return whole(carry)
+            return self.compiled(carry)
         except Exception as err:  # dynamo's errors share no public base class
             first_line = (str(err).splitlines() or [""])[0]
             warnings.warn(
@@ -263,25 +275,49 @@ def _compiled(step: Callable[[Carry], Carry]) -> Callable[[Carry], Carry]:
                 f"{first_line}); compiling it with graph breaks",
                 stacklevel=5,
             )
-        broken = torch.compile(step)
-        return broken(carry)
+        self.whole, self.compiled = False, torch.compile(self.step)
+        return self.compiled(carry)
 
-    return compiled
+
+GUARDED_CALLS = 2
+"""Compiled calls of a run made with dynamo's guards evaluated in full (see :func:`_loop`)."""
 
 
 def _loop(step: Callable, carry: Carry, tally: Tally, loop: tuple) -> Carry:
     """Run ``step`` up to ``max_steps`` times, reading ``done`` on the host before the
     first step and after every ``check_every`` steps (never when ``None``); compiled from
-    the second step on (the first one fills what the optimizer's state fills once)."""
+    the second step on (the first one fills what the optimizer's state fills once).
+
+    A compiled graph is guarded: each call checks every input's metadata and the Python
+    values it read (about a millisecond a step for an L-BFGS carry). After
+    ``GUARDED_CALLS`` guarded calls of one graph, each call's input is the previous call's
+    output, of the metadata the graph produced and already accepted, and the Python values
+    are settled by the tally: the remaining calls skip the guards
+    (``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``, scoped to this loop).
+    """
     max_steps, check_every, compile, _ = loop
-    for taken in range(max_steps):
-        if check_every is not None and taken % check_every == 0 and bool(carry.done.all()):
-            break
-        if compile and taken == 1:
-            step = _compiled(step)
-        carry = step(carry)
-        tally.settle()
+    compiled = CompiledStep(step) if compile else None
+    with contextlib.ExitStack() as stack:
+        for taken in range(max_steps):
+            if check_every is not None and taken % check_every == 0 and bool(carry.done.all()):
+                break
+            if compiled is not None and taken == 1 + GUARDED_CALLS and compiled.whole:
+                stance = torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
+                stack.enter_context(stance)
+            carry = (compiled if compiled is not None and taken > 0 else step)(carry)
+            tally.settle()
     return carry
+
+
+def charge_uncharged(objective: CountedObjective, uncharged: torch.Tensor, compiled: bool):
+    """Add the run's ``uncharged_evals`` (evaluations a compiled search made inside
+    ``torch.cond``, which charge no host counter) to ``objective``'s counts: one host read
+    after the loop, made only for a compiled run outside ``torch.func`` transforms (the
+    eager and the vmapped searches charge as they evaluate)."""
+    if not compiled or torch._C._are_functorch_transforms_active():
+        return
+    values, grads = uncharged.tolist()
+    charge(objective, value=values, grad=grads)
 
 
 def minimize_sync_free(
@@ -309,6 +345,7 @@ def minimize_sync_free(
     tally, twin, extra = Tally.of(objective, dict(extra or {}))
     with tree.no_host_reads():
         carry = _loop(make_step(twin, optimizer, extra, rules), carry, tally, loop)
+    charge_uncharged(objective, carry.uncharged, compiled=loop[2])
     grad_norm = tree.overflow_safe_norm(carry.grad)
     low, high = _CONVERGED_CODES[0], _CONVERGED_CODES[-1]
     return MinimizeResult(

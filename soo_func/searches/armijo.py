@@ -234,8 +234,8 @@ def _compiled_search(
     evaluated only when every earlier one was rejected, so an accepted first trial costs
     one ``value_and_grad``; a later accepted trial costs its values and one more
     ``value_and_grad``. The accepted step, value and gradient are the all-trials path's.
-    ``value_fn`` is called unwrapped inside the branches (a host counter cannot be
-    charged from inside ``torch.cond``): ``num_evals``/``num_grads`` carry the count."""
+    ``value_fn`` is called unwrapped inside the branches (no host counter can be charged
+    there): ``num_evals``/``num_grads`` carry the count, published as ``uncharged_evals``."""
     slope_rtol, min_shrink, max_shrink, max_steps = options
     raw = raw_function(value_fn)
     # The branches read these; leaves that are views of one buffer (a raveled direction)
@@ -324,8 +324,8 @@ def armijo_sync_free(
     the first trial is evaluated with its gradient and each later one only when the
     previous was rejected, so a step whose first trial is accepted costs one
     ``value_and_grad``, as with :func:`armijo`; ``num_search_evals`` and
-    ``num_search_grads`` hold the evaluations actually made. Both paths accept the same
-    step and hand on the same value and gradient.
+    ``num_search_grads`` hold the evaluations made, also published as ``uncharged_evals``
+    (the sync-free driver adds them). Both paths accept the same step, value and gradient.
 
     Failure (``search_failed``, a zero step, the start's value and gradient handed on): an
     ascent, zero or non-finite direction, or no trial with sufficient decrease. Unlike
@@ -388,5 +388,13 @@ def armijo_sync_free(
         )
         return step, new_state
 
-    search = Transform(init_search_state, update, publish_search)
-    return guarded("armijo_sync_free", search, LineSearchState)
+    def publish(state: LineSearchState, params: PyTree = None, **extra: Any) -> dict[str, Any]:
+        published = publish_search(state, params, **extra)
+        if compiles_control_flow():  # update's trials ran in torch.cond, charged nowhere
+            counts = [state.num_search_evals, state.num_search_grads]  # int64
+            published["uncharged_evals"] = torch.stack(counts)
+        return published
+
+    return guarded(
+        "armijo_sync_free", Transform(init_search_state, update, publish), LineSearchState
+    )
