@@ -36,6 +36,7 @@ free cores).
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import statistics
@@ -48,6 +49,7 @@ import torch
 
 import soo_func as sf
 from benchmarks import pinn
+from benchmarks.run import format_table
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PEER = "torch_lbfgs"
@@ -101,6 +103,7 @@ class Recorder:
     clock: Clock = field(default_factory=Clock)
     trace: list[tuple[float, float, float, float, int]] = field(default_factory=list)
     next_at: float = 0.0
+    last_params: pinn.Params | None = None
 
     def tick(self, params: pinn.Params, loss: float | None, iterations: int) -> bool:
         """After an iteration: record when a checkpoint was passed; ``True``: stop.
@@ -113,6 +116,7 @@ class Recorder:
         if done or self.clock.cpu >= self.next_at:
             error = pinn.l2_relative_error(self.problem, self.model, params)
             self.trace.append((self.clock.cpu, self.clock.wall, loss, error, iterations))
+            self.last_params = {k: v.detach().clone() for k, v in params.items()}
             self.next_at = self.clock.cpu + self.budget / CHECKPOINTS
         self.clock.resume()
         return done
@@ -196,8 +200,11 @@ def adam_warm_start(value, model: pinn.TanhMLP, params: pinn.Params, iters: int)
     return {k: p.detach().clone() for k, p in own.items()}, time.process_time() - start
 
 
-def run_seed(name: str, size: Size, seed: int, methods: dict[str, Callable]) -> dict:
-    """One seed of one PDE: warm start, then every method; their traces and reasons."""
+def run_seed(
+    name: str, size: Size, seed: int, methods: dict[str, Callable], keep_params: bool = False
+) -> dict:
+    """One seed of one PDE: warm start, then every method; their traces and reasons (and
+    final params with ``keep_params``)."""
     problem = PROBLEMS[name](size.points)
     model, init = pinn.make_model(size.width, size.depth, seed)
     value = pinn.value_fn(problem, model)
@@ -217,6 +224,8 @@ def run_seed(name: str, size: Size, seed: int, methods: dict[str, Callable]) -> 
         recorder.clock = Clock()
         reason = run(value, start, recorder)
         out["methods"][method] = {"trace": recorder.trace, "reason": reason}
+        if keep_params:
+            out["methods"][method]["params"] = recorder.last_params
     return out
 
 
@@ -230,7 +239,7 @@ def median_curve(traces: list[list], budget: float, points: int = 100) -> list[t
     return curve
 
 
-def summary_rows(name: str, runs: list[dict], size: Size) -> list[dict]:
+def summary_rows(runs: list[dict], size: Size) -> list[dict]:
     """Per method: medians over seeds of the final record; ratio of L2RE to the peer's."""
     rows = []
     for method in runs[0]["methods"]:
@@ -249,7 +258,7 @@ def summary_rows(name: str, runs: list[dict], size: Size) -> list[dict]:
                 "stop": "/".join(sorted(reasons)),
             }
         )
-    peer = next(r["l2re"] for r in rows if r["method"] == PEER)
+    peer = next((r["l2re"] for r in rows if r["method"] == PEER), math.nan)
     for row in rows:
         row["l2re_vs_peer"] = row["l2re"] / peer if peer > 0 else math.nan
     adam = statistics.median(run["adam_l2re"] for run in runs)
@@ -281,21 +290,65 @@ def plot(results: dict[str, list[dict]], size: Size, path: Path) -> None:
     plt.close(fig)
 
 
-def run_pdes(names: list[str], quick: bool, tag: str) -> list[dict]:
-    """The suite body: every seed of every PDE, then rows, curves JSON and plot."""
+def run_pdes(names: list[str], quick: bool, tag: str, methods: list[str] | None = None):
+    """The suite body: every seed of every PDE (``methods``: a subset of :data:`METHODS`),
+    then rows; at full size also the curves JSON (rewritten after every seed) and plot."""
     size = QUICK if quick else FULL
+    chosen = {m: METHODS[m] for m in methods} if methods else METHODS
     torch.set_num_threads(1)
-    results = {
-        name: [run_seed(name, size, seed, METHODS) for seed in range(size.seeds)] for name in names
-    }
-    rows = [row for name, runs in results.items() for row in summary_rows(name, runs, size)]
+    results: dict[str, list[dict]] = {name: [] for name in names}
+    for name in names:
+        for seed in range(size.seeds):
+            results[name].append(run_seed(name, size, seed, chosen))
+            if not quick:
+                save_curves(results, size, RESULTS / f"{tag}_curves.json")
     if not quick:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / f"{tag}_curves.json").write_text(
-            json.dumps({"size": size.__dict__, "runs": results})
-        )
         plot(results, size, RESULTS / f"{tag}.png")
-    return rows
+    return [row for runs in results.values() for row in summary_rows(runs, size)]
+
+
+def save_curves(results: dict[str, list[dict]], size: Size, path: Path) -> None:
+    """The traces of every run so far as JSON (:func:`merge` reads them back)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"size": size.__dict__, "runs": results}))
+
+
+def merge(paths: list[Path]) -> tuple[dict[str, list[dict]], Size]:
+    """The runs of several curves files (methods run separately on the same seeds: the
+    Adam warm start is deterministic) as one result per PDE and seed."""
+    merged: dict[str, list[dict]] = {}
+    size = None
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        size = Size(**{**data["size"], "points": tuple(data["size"]["points"])})
+        for name, runs in data["runs"].items():
+            into = merged.setdefault(name, [])
+            for seed, run in enumerate(runs):
+                if seed < len(into):
+                    into[seed]["methods"].update(run["methods"])
+                else:
+                    into.append(run)
+    return merged, size
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m benchmarks.bench_pinn --merge A.json B.json --tag pinn_merged``: one
+    table and plot from separately run methods; otherwise runs (``--pde``, ``--methods``)."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_pinn")
+    parser.add_argument("--pde", action="append", choices=sorted(PROBLEMS))
+    parser.add_argument("--methods", help="comma-separated subset of the methods")
+    parser.add_argument("--tag", default="pinn_part")
+    parser.add_argument("--merge", nargs="+", help="curves JSON files to combine")
+    args = parser.parse_args(argv)
+    if args.merge:
+        results, size = merge(args.merge)
+        rows = [row for runs in results.values() for row in summary_rows(runs, size)]
+        save_curves(results, size, RESULTS / f"{args.tag}_curves.json")
+        plot(results, size, RESULTS / f"{args.tag}.png")
+    else:
+        methods = args.methods.split(",") if args.methods else None
+        rows = run_pdes(args.pde or sorted(PROBLEMS), False, args.tag, methods)
+    print(format_table(rows))
 
 
 SUITES = {
@@ -303,3 +356,6 @@ SUITES = {
     "pinn_convection": lambda quick: run_pdes(["convection"], quick, "pinn_convection"),
     "pinn_reaction": lambda quick: run_pdes(["reaction"], quick, "pinn_reaction"),
 }
+
+if __name__ == "__main__":
+    main()
