@@ -8,7 +8,7 @@ for all), then every method starts from that same point and runs until its budge
 *process* time (``time.process_time``; run with ``OMP_NUM_THREADS=1`` so that it is
 one core's time) is spent. The CPU clock is the budget because the machine is shared: a
 method slowed down by another process's load is not charged for it; wall time is
-recorded alongside. Every ``budget / CHECKPOINTS`` seconds the run records (CPU time, wall
+recorded alongside. Every ``budget / checkpoints`` seconds the run records (CPU time, wall
 time, loss, L2 relative error); the error is computed with both clocks paused, so it is
 not charged to the method.
 
@@ -53,7 +53,6 @@ from benchmarks.run import format_table
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PEER = "torch_lbfgs"
-CHECKPOINTS = 60
 
 
 @dataclass(frozen=True)
@@ -66,10 +65,13 @@ class Size:
     adam_iters: int
     budget: float  # CPU seconds per method and seed
     seeds: int
+    checkpoints: int = 60  # records of (time, loss, L2RE) per method and seed
 
 
 FULL = Size(width=30, depth=3, points=(2000, 256, 100), adam_iters=1000, budget=60.0, seeds=3)
-QUICK = Size(width=10, depth=2, points=(200, 64, 32), adam_iters=50, budget=0.4, seeds=2)
+QUICK = Size(
+    width=10, depth=2, points=(200, 64, 32), adam_iters=50, budget=0.3, seeds=1, checkpoints=10
+)
 PROBLEMS = {
     "convection": lambda s: pinn.convection(20.0, s),
     "reaction": lambda s: pinn.reaction(5.0, s),
@@ -100,6 +102,7 @@ class Recorder:
     model: pinn.TanhMLP
     value: Callable[[pinn.Params], torch.Tensor]
     budget: float
+    checkpoints: int
     clock: Clock = field(default_factory=Clock)
     trace: list[tuple[float, float, float, float, int]] = field(default_factory=list)
     next_at: float = 0.0
@@ -117,7 +120,7 @@ class Recorder:
             error = pinn.l2_relative_error(self.problem, self.model, params)
             self.trace.append((self.clock.cpu, self.clock.wall, loss, error, iterations))
             self.last_params = {k: v.detach().clone() for k, v in params.items()}
-            self.next_at = self.clock.cpu + self.budget / CHECKPOINTS
+            self.next_at = self.clock.cpu + self.budget / self.checkpoints
         self.clock.resume()
         return done
 
@@ -217,10 +220,10 @@ def run_seed(
         "methods": {},
     }
     for method, run in methods.items():
-        recorder = Recorder(problem, model, value, size.budget)
+        recorder = Recorder(problem, model, value, size.budget, size.checkpoints)
         first = (0.0, 0.0, out["adam_loss"], out["adam_l2re"], 0)  # the common start
         recorder.trace.append(first)
-        recorder.next_at = size.budget / CHECKPOINTS
+        recorder.next_at = size.budget / size.checkpoints
         recorder.clock = Clock()
         reason = run(value, start, recorder)
         out["methods"][method] = {"trace": recorder.trace, "reason": reason}
