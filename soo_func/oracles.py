@@ -260,10 +260,9 @@ def ggn_operator(
     Gauss-Newton matrix of a residual function (Nocedal & Wright eq. 10.23).
     ``damping >= 0`` adds ``damping I`` (Levenberg-Marquardt / Tikhonov; Martens 2010).
 
-    The model's forward pass and its ``vjp`` are made once here; each product costs
-    one ``jvp`` of the model (``J v``), one Hessian product of the loss at the outputs
-    (forward-over-reverse; nothing for ``loss_fn=None``) and one reverse pass through
-    the saved graph (``J^T u``). When ``model_fn`` is a :class:`CountedObjective` it is
+    The model's forward pass is made once here and every product reuses it (a reverse
+    pass for ``J v``, a loss Hessian product, a reverse pass for ``J^T u``; see
+    :func:`_ggn_product`). When ``model_fn`` is a :class:`CountedObjective` it is
     charged one evaluation here (the returned outputs) and one product per ``matvec``.
     """
     target = _charged(model_fn, value=1)
@@ -284,18 +283,27 @@ def ggn_operator(
 def _ggn_product(
     raw: Callable[..., PyTree], params: PyTree, loss_fn: Callable | None, args: tuple
 ) -> tuple[PyTree, Callable[[PyTree], PyTree]]:
-    """``(outputs, v -> J^T H_L J v)`` of the uncounted ``raw`` model (see :func:`ggn_operator`)."""
+    """``(outputs, v -> J^T H_L J v)`` of the uncounted ``raw`` model (see :func:`ggn_operator`).
 
-    def model(p):
-        return raw(p, *args)
+    The model runs forward once, under ``torch.func.vjp``: its saved graph gives ``u -> J^T
+    u``. ``J^T u`` is linear in ``u``, so the ``vjp`` of ``u -> J^T u`` (at any ``u``) is
+    ``v -> J v`` (the "double-backward" trick; J. Townsend 2017, "A new trick for
+    calculating Jacobian vector products"), built once too. ``k`` products cost one
+    forward and ``k`` pairs of reverse passes, not ``k + 1`` forwards (a ``jvp`` per
+    product reruns the forward).
+    """
+    outputs, vjp_fn = tf.vjp(lambda p: raw(p, *args), params)
 
-    outputs, vjp_fn = tf.vjp(model, params)
+    def transpose_jacobian(u: PyTree) -> PyTree:
+        return vjp_fn(u)[0]
+
+    jacobian = tf.vjp(transpose_jacobian, tree.map_leaves(torch.zeros_like, outputs))[1]
     loss_grad = None if loss_fn is None else tf.grad(_scalar_loss(loss_fn, has_aux=False))
 
     def product(v: PyTree) -> PyTree:
-        _, jv = tf.jvp(model, (params,), (v,))
+        jv = jacobian(v)[0]
         hjv = jv if loss_grad is None else tf.jvp(loss_grad, (outputs,), (jv,))[1]
-        return vjp_fn(hjv)[0]
+        return transpose_jacobian(hjv)
 
     return outputs, product
 

@@ -110,6 +110,33 @@ def test_ggn_vp_matches_dense_jacobian():
     assert torch.allclose(tree.ravel(out).flat, expected, rtol=0, atol=1e-10)
 
 
+def test_ggn_operator_products_share_one_forward_and_match_dense_jtj():
+    """k products of one operator: one call of the (pytree-valued) residual function, and
+    each product ``J^T J v`` of the dense Jacobian, also under ``vmap`` over ``v``."""
+    params = mlp_params()
+    calls = []
+
+    def counted(p):
+        calls.append(1)
+        return mlp_residuals(p)
+
+    raveled = tree.ravel(params)
+    jac = torch.autograd.functional.jacobian(
+        lambda x: tree.ravel(mlp_residuals(tree.unravel(x, raveled))).flat, raveled.flat
+    )
+    _, matvec = sf.oracles.ggn_operator(counted, params)
+    vs = [tree.map_leaves(torch.randn_like, params) for _ in range(3)]
+    for v in vs:
+        expected = jac.T @ (jac @ tree.ravel(v).flat)
+        torch.testing.assert_close(tree.ravel(matvec(v)).flat, expected, rtol=0, atol=1e-10)
+    stacked = tree.map_leaves(lambda *leaves: torch.stack(leaves), *vs)
+    batched = torch.func.vmap(matvec)(stacked)
+    for i, v in enumerate(vs):
+        got = tree.ravel(tree.map_leaves(lambda t, i=i: t[i], batched)).flat
+        torch.testing.assert_close(got, jac.T @ (jac @ tree.ravel(v).flat), rtol=0, atol=1e-10)
+    assert len(calls) == 1
+
+
 def test_value_and_grad_matches_autograd_and_is_pure(dtype, device):
     params = mlp_params(dtype, device)
     versions = [leaf._version for leaf in tree.leaves(params)]

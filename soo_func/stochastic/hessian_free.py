@@ -180,8 +180,7 @@ def hessian_free(
         with torch.no_grad():
             values = torch.stack([value_fn(tree.add(params, c)).detach() for c in candidates])
         values = torch.where(torch.isfinite(values), values, torch.full_like(values, math.inf))
-        best = torch.argmin(values)
-        best_value = values[best]
+        best_value, best = values.min(dim=0)  # no tensor-valued index: traceable
         improved = best_value < value
         step = tree.zeros_like(grad)
         for k, candidate in enumerate(candidates):

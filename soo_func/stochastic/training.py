@@ -18,7 +18,9 @@ noise hurts the step far less. :func:`hessian_operator` gives ``v -> H_H v`` and
 operator of :mod:`soo_func.oracles` (:func:`~soo_func.oracles.hvp_operator`,
 :func:`~soo_func.oracles.ggn_operator`), counted by the same rule.
 
-:func:`training_step` runs one functional step of any transform on one batch.
+:func:`training_step` runs one functional step of any transform on one batch;
+:func:`make_training_step` makes it a function of ``(params, state, batch)`` that builds its
+extras from the batch, compiled once with ``torch.compile`` when asked.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+import optree
 import torch
 
 from soo_func import oracles, tree
@@ -40,8 +43,10 @@ Operator = Callable[[PyTree], PyTree]
 __all__ = [
     "bind_batch",
     "cross_entropy_ggn_residual",
+    "distinct_leaves",
     "ggn_operator",
     "hessian_operator",
+    "make_training_step",
     "subsample",
     "training_step",
 ]
@@ -131,20 +136,22 @@ def cross_entropy_ggn_residual(
 
     Per example, the cross-entropy's Hessian in the logits factors as
     ``diag(p) - p p^T = A^T A`` with ``A = diag(sqrt p) - sqrt(p) p^T`` (using
-    ``sum p = 1``), so ``r(w) = A z(w) / sqrt(N)`` with ``A`` frozen at ``params`` has
-    ``J_r^T J_r = J^T H_L J``. This lets a ``residual_fn``-based Gauss-Newton direction
-    (``gauss_newton()``, ``levenberg_marquardt``) use the classification GGN on a batch.
-    Only its Jacobian at ``params`` is meaningful: ``0.5 |r|^2`` is *not* the loss, so
-    pass the true ``value_fn``, ``value`` and ``grad`` alongside.
+    ``sum p = 1``), so ``r(w) = A z(w) / sqrt(N)`` with ``A`` held constant (no gradient
+    through it) has ``J_r^T J_r = J^T H_L J``. ``A`` is computed from the same forward pass
+    as the logits ``z(w)`` (detached), so the residual costs one forward; at ``params``
+    it is the factor of ``H_L`` there. This lets a ``residual_fn``-based Gauss-Newton
+    direction (``gauss_newton()``, ``levenberg_marquardt``) use the classification GGN on a
+    batch. Only its Jacobian at ``params`` is meaningful: ``0.5 |r|^2`` is *not* the loss,
+    so pass the true ``value_fn``, ``value`` and ``grad`` alongside.
     """
-    with torch.no_grad():
-        probs = torch.softmax(apply_fn(params, inputs), dim=-1)
-    root = probs.sqrt()
-    factor = torch.diag_embed(root) - root.unsqueeze(-1) * probs.unsqueeze(-2)
+    del params  # the factor is taken where the residual is evaluated: at params, by use
     inv_sqrt_n = 1.0 / math.sqrt(inputs.shape[0])
 
     def residual_fn(p: PyTree) -> torch.Tensor:
         logits = apply_fn(p, inputs)
+        probs = torch.softmax(logits.detach(), dim=-1)
+        root = probs.sqrt()
+        factor = torch.diag_embed(root) - root.unsqueeze(-1) * probs.unsqueeze(-2)
         return (inv_sqrt_n * torch.einsum("nij,nj->ni", factor, logits)).reshape(-1)
 
     return residual_fn
@@ -163,7 +170,7 @@ def training_step(
     The loss is bound to the batch (:func:`bind_batch`) and its value and gradient
     passed as the extras ``value``, ``grad`` and ``value_fn``; further extras (a
     ``curvature`` operator on a subsample, an ``overlap_value_fn``) are passed on. Pure: no
-    input is modified.
+    input is modified. To compile it, use :func:`make_training_step` (``compile=True``).
     """
     check_transform("training_step", optimizer)
     value_fn = bind_batch(loss_fn, batch)
@@ -172,3 +179,72 @@ def training_step(
         grad, state, params, value=value, grad=grad, value_fn=value_fn, **extra
     )
     return apply_updates(params, updates), state, value
+
+
+TrainingStep = Callable[[PyTree, Any, Batch], tuple[PyTree, Any, torch.Tensor]]
+
+
+def make_training_step(
+    optimizer: Transform,
+    loss_fn: Callable[[PyTree, Batch], torch.Tensor],
+    extras_fn: Callable[[PyTree, Batch], dict[str, Any]] | None = None,
+    *,
+    compile: bool = False,
+    backend: str = "inductor",
+    fullgraph: bool = True,
+) -> TrainingStep:
+    """``step(params, state, batch) -> (new_params, new_state, loss)``: :func:`training_step`
+    with the extras ``extras_fn(params, batch)`` (e.g. ``{"residual_fn":
+    cross_entropy_ggn_residual(apply_fn, params, subsample(batch, 64)[0])}``), compiled with
+    ``torch.compile`` when ``compile`` is true.
+
+    The extras are built inside the step because a compiled function guards on the Python
+    objects it is passed: a fresh closure per batch (a ``residual_fn``, a ``curvature``
+    operator) as an argument would recompile it at every call.
+
+    ``compile=True`` compiles the whole step (gradient, the optimizer's update, the new
+    params) once, with ``dynamic=False`` and ``fullgraph`` (default ``True``: an optimizer
+    that does not trace as one graph raises at the first call rather than running in
+    pieces), and reuses it for every batch. The compiled step is specialized to the
+    shapes, dtypes and devices of the params, the state and the batch, and to grad mode:
+    a batch of another size (a shorter last batch: drop it or pad it), another dtype or
+    device, or a state of another structure recompiles it (``TORCH_LOGS=recompiles``
+    shows each one and its reason). Searches that decide on the host (``armijo``,
+    ``wolfe``) read tensors in Python and do not compile as one graph; use the sync-free
+    search (:func:`soo_func.armijo_sync_free`, nested ``torch.cond`` under compile: a step
+    whose first trial is accepted evaluates it once), which decides on the device.
+    A :class:`~soo_func.oracles.CountedObjective` as ``loss_fn`` would recompile it at every
+    call (its host counters change, and the compiled step guards on them): pass the plain
+    function.
+    """
+    check_transform("make_training_step", optimizer)
+
+    def step(params: PyTree, state: Any, batch: Batch) -> tuple[PyTree, Any, torch.Tensor]:
+        extra = {} if extras_fn is None else extras_fn(params, batch)
+        return training_step(optimizer, loss_fn, params, state, batch, **extra)
+
+    if not compile:
+        return step
+    compiled = torch.compile(step, fullgraph=fullgraph, dynamic=False, backend=backend)
+
+    def compiled_step(params: PyTree, state: Any, batch: Batch):
+        return compiled(*distinct_leaves((params, state, batch)))
+
+    return compiled_step
+
+
+def distinct_leaves(inputs: PyTree) -> PyTree:
+    """``inputs`` with a copy for every tensor leaf that is the same object as an earlier
+    one. A compiled function guards on which of its inputs are one object: a state made by
+    ``init`` with one zero tensor in several fields, and made by an update with distinct
+    ones, would compile twice."""
+    leaves, spec = optree.tree_flatten(inputs, none_is_leaf=True)
+    seen: set[int] = set()
+    out = []
+    for leaf in leaves:
+        if isinstance(leaf, torch.Tensor):
+            if id(leaf) in seen:
+                leaf = leaf.clone()
+            seen.add(id(leaf))
+        out.append(leaf)
+    return spec.unflatten(out)
