@@ -13,8 +13,9 @@ and classifies each call by how it was made -- a plain call (a value), an eager 
 leaves that require grad (a gradient; when its backward runs with ``create_graph`` it is
 a Hessian linearization instead, and every later backward through that graph is one
 product), a call inside ``torch.func`` (``grad`` over ``jvp``/``vjp``: one Hessian
-product; for a residual function ``vjp``: a linearization, ``jvp``: one Gauss-Newton
-product, ``vmap`` of ``jvp``: a dense Jacobian).
+product; for a residual function ``vjp``: a linearization, each reverse pass through it
+after the first (which builds the transposed graph that answers ``J v``) one Gauss-Newton
+product, ``jvp``: one Gauss-Newton product, ``vmap`` of ``jvp``: a dense Jacobian).
 """
 
 from __future__ import annotations
@@ -40,25 +41,35 @@ class Probe:
         self.fn = fn
         self.residual = residual
         self.values = self.grads = self.products = self.residuals = 0
+        self.linearizations = self.reverse_passes = 0
         self._eager: list[list[bool]] = []  # per eager call: grad mode at each backward
 
     def __call__(self, params):
         layer = torch._C._functorch.peek_interpreter_stack()
         if layer is not None:
-            self._functorch_call(layer, params)
-            return self.fn(params)
+            linearized = self._functorch_call(layer, params)
+            out = self.fn(params)
+            if linearized:
+                out.register_hook(self._reverse_pass)
+            return out
         from_objective = sys._getframe(1).f_globals["__name__"] == "soo_func.drivers.least_squares"
         if not self.residual or from_objective:
             return self._eager_call(params)
         self.residuals += 1  # a residual vector the optimizer asked for
         return self.fn(params)
 
-    def _functorch_call(self, layer, params):
+    def _reverse_pass(self, grad):
+        self.reverse_passes += 1
+
+    def _functorch_call(self, layer, params) -> bool:
+        """Classify a call inside ``torch.func``; true for a residual linearization."""
         kind, level = layer.key(), layer.level()
         if not self.residual and kind == Grad and level == 2:
             self.products += 1  # hvp: jvp or vjp of grad
         elif self.residual and kind == Grad and level == 1:
             self.residuals += 1  # a Gauss-Newton operator's linearization (vjp)
+            self.linearizations += 1
+            return True
         elif self.residual and kind == Jvp and level == 1:
             self.products += 1  # J v of one Gauss-Newton product
         elif self.residual and kind == Jvp and level == 2:
@@ -66,6 +77,7 @@ class Probe:
             self.products += sum(leaf.numel() for leaf in tree.leaves(params))
         else:
             raise AssertionError(f"unexpected call inside torch.func: {kind} at level {level}")
+        return False
 
     def _eager_call(self, params):
         if not any(leaf.requires_grad for leaf in tree.leaves(params)):
@@ -80,6 +92,7 @@ class Probe:
     def totals(self) -> dict[str, int]:
         """The hand count: values, gradients, products, residual evaluations."""
         values, grads, products = self.values, self.grads, self.products
+        products += self.reverse_passes - self.linearizations
         for modes in self._eager:
             if modes and modes[0]:  # create_graph: a Hessian linearization, then products
                 products += len(modes)

@@ -225,7 +225,13 @@ def make_training_step(
 
     if not compile:
         return step
-    compiled = torch.compile(step, fullgraph=fullgraph, dynamic=False, backend=backend)
+    # Inductor's layout optimization makes conv weights channels-last in the outer graph and
+    # hands them to the torch.cond branches of the sync-free search, compiled for contiguous
+    # ones (an assert_size_stride failure at the first call): it is turned off here.
+    options = {"layout_optimization": False} if backend == "inductor" else None
+    compiled = torch.compile(
+        step, fullgraph=fullgraph, dynamic=False, backend=backend, options=options
+    )
 
     def compiled_step(params: PyTree, state: Any, batch: Batch):
         return compiled(*distinct_leaves((params, state, batch)))
