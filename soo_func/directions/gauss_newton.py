@@ -9,9 +9,9 @@ The direction solves ``(G + damping I) d = -g`` by conjugate gradients, where ``
   the Hessian-free setting). ``G`` is positive semi-definite whenever ``loss_fn`` is
   convex in the outputs (squared error, softmax cross-entropy), so CG applies.
 
-Products come from :func:`soo_func.oracles.ggn_operator`: one linearization of the
-model per update, then one ``jvp``, one loss Hessian product and one ``vjp`` per CG
-iteration. Counting follows :class:`soo_func.oracles.CountedObjective`: a counted
+Products come from :func:`soo_func.oracles.ggn_operator`: one forward of the model per
+update (its saved ``vjp``), then per CG iteration ``J v`` as the vjp of ``u -> J^T u``, one
+loss Hessian product and one ``vjp``: two reverse passes, no forward. Counting follows :class:`soo_func.oracles.CountedObjective`: a counted
 ``residual_fn`` (as :func:`soo_func.least_squares` passes it) or a counted ``model_fn``
 is charged one evaluation per linearization and one product per CG iteration. No host
 sync in ``update`` unless ``check_every`` asks for it.
