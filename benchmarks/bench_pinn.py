@@ -26,7 +26,7 @@ The rows: per PDE and method, the median over seeds of the final L2RE and its ra
 ``torch_lbfgs``'s median (``< 1``: lower error), the median final loss, iterations and
 CPU seconds, and the median loss on independent collocation points
 (:func:`benchmarks.pinn.fresh_collocation`; far above the training loss: a false solution
-that only interpolates the training points). Full size (:data:`FULL`, per PDE: tanh MLP
+that only interpolates the training points). Full size (:data:`FULL_SIZES`, per PDE: tanh MLP
 3 x 20, 1,000 interior points for convection and 5,000 for reaction, whose 1,000-point
 residuals the network can interpolate; 1,000 Adam steps, 30 CPU seconds per method, 3
 seeds; about 20 minutes of CPU with five methods), one command::
@@ -76,10 +76,11 @@ class Size:
 
 # Per PDE: reaction needs more interior points than convection, at 1,000 its 1,356 residuals
 # are 1.5 x the 921 parameters and the network can interpolate them (a false solution).
-FULL = {
+FULL_SIZES = {
     "convection": Size(20, 3, points=(1000, 256, 100), adam_iters=1000, budget=30.0, seeds=3),
     "reaction": Size(20, 3, points=(5000, 256, 100), adam_iters=1000, budget=30.0, seeds=3),
 }
+FULL = FULL_SIZES["convection"]  # the full size of the convection notebook
 QUICK = Size(
     width=10, depth=2, points=(200, 64, 32), adam_iters=50, budget=0.3, seeds=1, checkpoints=10
 )
@@ -314,7 +315,7 @@ def plot(results: dict[str, list[dict]], sizes: dict[str, Size], path: Path) -> 
 def run_pdes(names: list[str], quick: bool, tag: str, methods: list[str] | None = None):
     """The suite body: every seed of every PDE (``methods``: a subset of :data:`METHODS`),
     then rows; at full size also the curves JSON (rewritten after every seed) and plot."""
-    sizes = {name: QUICK if quick else FULL[name] for name in names}
+    sizes = {name: QUICK if quick else FULL_SIZES[name] for name in names}
     chosen = {m: METHODS[m] for m in methods} if methods else METHODS
     torch.set_num_threads(1)
     results: dict[str, list[dict]] = {name: [] for name in names}
