@@ -24,8 +24,12 @@ stops them at the budget.
 
 The rows: per PDE and method, the median over seeds of the final L2RE and its ratio to
 ``torch_lbfgs``'s median (``< 1``: lower error), the median final loss, iterations and
-CPU seconds. Full size (tanh MLP 3 x 20, 1,000 interior points, 1,000 Adam steps, 30 CPU
-seconds per method, 3 seeds; about 17 minutes of CPU with five methods), one command::
+CPU seconds, and the median loss on independent collocation points
+(:func:`benchmarks.pinn.fresh_collocation`; far above the training loss: a false solution
+that only interpolates the training points). Full size (:data:`FULL_SIZES`, per PDE: tanh MLP
+3 x 20, 1,000 interior points for convection and 5,000 for reaction, whose 1,000-point
+residuals the network can interpolate; 1,000 Adam steps, 30 CPU seconds per method, 3
+seeds; about 20 minutes of CPU with five methods), one command::
 
     OMP_NUM_THREADS=1 python -m benchmarks.run --suite pinn --json benchmarks/results/pinn.json
 
@@ -70,10 +74,17 @@ class Size:
     checkpoints: int = 60  # records of (time, loss, L2RE) per method and seed
 
 
-FULL = Size(width=20, depth=3, points=(1000, 256, 100), adam_iters=1000, budget=30.0, seeds=3)
+# Per PDE: reaction needs more interior points than convection, at 1,000 its 1,356 residuals
+# are 1.5 x the 921 parameters and the network can interpolate them (a false solution).
+FULL_SIZES = {
+    "convection": Size(20, 3, points=(1000, 256, 100), adam_iters=1000, budget=30.0, seeds=3),
+    "reaction": Size(20, 3, points=(5000, 256, 100), adam_iters=1000, budget=30.0, seeds=3),
+}
+FULL = FULL_SIZES["convection"]  # the full size of the convection notebook
 QUICK = Size(
     width=10, depth=2, points=(200, 64, 32), adam_iters=50, budget=0.3, seeds=1, checkpoints=10
 )
+FRESH_POINTS = 5000  # interior points of the independent generalization set
 PROBLEMS = {
     "convection": lambda s: pinn.convection(20.0, s),
     "reaction": lambda s: pinn.reaction(5.0, s),
@@ -97,16 +108,17 @@ class Clock:
 
 @dataclass
 class Recorder:
-    """Records ``(cpu, wall, loss, l2re, iterations)`` at the checkpoints; says when the
-    budget is spent."""
+    """Records ``(cpu, wall, loss, l2re, iterations, fresh_loss)`` at the checkpoints (the
+    last: the loss on independent collocation points); says when the budget is spent."""
 
     problem: pinn.PINNProblem
     model: pinn.TanhMLP
     value: Callable[[pinn.Params], torch.Tensor]
+    fresh: Callable[[pinn.Params], torch.Tensor]
     budget: float
     checkpoints: int
     clock: Clock = field(default_factory=Clock)
-    trace: list[tuple[float, float, float, float, int]] = field(default_factory=list)
+    trace: list[tuple[float, float, float, float, int, float]] = field(default_factory=list)
     next_at: float = 0.0
     last_params: pinn.Params | None = None
 
@@ -120,7 +132,9 @@ class Recorder:
         done = self.clock.cpu >= self.budget or not math.isfinite(loss)
         if done or self.clock.cpu >= self.next_at:
             error = pinn.l2_relative_error(self.problem, self.model, params)
-            self.trace.append((self.clock.cpu, self.clock.wall, loss, error, iterations))
+            with torch.no_grad():
+                fresh = float(self.fresh(params))
+            self.trace.append((self.clock.cpu, self.clock.wall, loss, error, iterations, fresh))
             self.last_params = {k: v.detach().clone() for k, v in params.items()}
             self.next_at = self.clock.cpu + self.budget / self.checkpoints
         self.clock.resume()
@@ -213,17 +227,19 @@ def run_seed(
     problem = PROBLEMS[name](size.points)
     model, init = pinn.make_model(size.width, size.depth, seed)
     value = pinn.value_fn(problem, model)
+    fresh = pinn.value_fn(pinn.fresh_collocation(problem, FRESH_POINTS), model)
     start, adam_cpu = adam_warm_start(value, model, init, size.adam_iters)
     out = {
         "label": problem.label,
         "adam_cpu": adam_cpu,
         "adam_loss": float(value(start)),
         "adam_l2re": pinn.l2_relative_error(problem, model, start),
+        "adam_fresh_loss": float(fresh(start)),
         "methods": {},
     }
     for method, run in methods.items():
-        recorder = Recorder(problem, model, value, size.budget, size.checkpoints)
-        first = (0.0, 0.0, out["adam_loss"], out["adam_l2re"], 0)  # the common start
+        recorder = Recorder(problem, model, value, fresh, size.budget, size.checkpoints)
+        first = (0.0, 0.0, out["adam_loss"], out["adam_l2re"], 0, out["adam_fresh_loss"])
         recorder.trace.append(first)
         recorder.next_at = size.budget / size.checkpoints
         recorder.clock = Clock()
@@ -257,6 +273,7 @@ def summary_rows(runs: list[dict], size: Size) -> list[dict]:
                 "l2re": statistics.median(f[3] for f in finals),
                 "l2re_seeds": " ".join(f"{f[3]:.2e}" for f in finals),
                 "loss": statistics.median(f[2] for f in finals),
+                "fresh_loss": statistics.median(f[5] if len(f) > 5 else math.nan for f in finals),
                 "iters": statistics.median(f[4] for f in finals),
                 "cpu_s": statistics.median(f[0] for f in finals),
                 "wall_s": statistics.median(f[1] for f in finals),
@@ -271,7 +288,7 @@ def summary_rows(runs: list[dict], size: Size) -> list[dict]:
     return [start, *rows]
 
 
-def plot(results: dict[str, list[dict]], size: Size, path: Path) -> None:
+def plot(results: dict[str, list[dict]], sizes: dict[str, Size], path: Path) -> None:
     """Median L2RE against CPU time, one panel per PDE (skipped without matplotlib)."""
     try:
         import matplotlib  # optional: the plots are skipped without it
@@ -281,10 +298,10 @@ def plot(results: dict[str, list[dict]], size: Size, path: Path) -> None:
     except ImportError:
         return
     fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.2), squeeze=False)
-    for ax, runs in zip(axes[0], results.values(), strict=True):
+    for ax, (name, runs) in zip(axes[0], results.items(), strict=True):
         for method in runs[0]["methods"]:
             traces = [run["methods"][method]["trace"] for run in runs]
-            curve = median_curve(traces, size.budget)
+            curve = median_curve(traces, sizes[name].budget)
             ax.semilogy([c[0] for c in curve], [c[1] for c in curve], label=method)
         ax.set_title(f"{runs[0]['label']} (median of {len(runs)} seeds)")
         ax.set_xlabel("CPU seconds after the Adam warm start")
@@ -298,42 +315,47 @@ def plot(results: dict[str, list[dict]], size: Size, path: Path) -> None:
 def run_pdes(names: list[str], quick: bool, tag: str, methods: list[str] | None = None):
     """The suite body: every seed of every PDE (``methods``: a subset of :data:`METHODS`),
     then rows; at full size also the curves JSON (rewritten after every seed) and plot."""
-    size = QUICK if quick else FULL
+    sizes = {name: QUICK if quick else FULL_SIZES[name] for name in names}
     chosen = {m: METHODS[m] for m in methods} if methods else METHODS
     torch.set_num_threads(1)
     results: dict[str, list[dict]] = {name: [] for name in names}
-    for seed in range(size.seeds):  # seed-major: a stopped run has every PDE's first seeds
-        for name in names:
-            results[name].append(run_seed(name, size, seed, chosen))
+    for seed in range(max(s.seeds for s in sizes.values())):  # seed-major: a stopped run
+        for name in names:  # has every PDE's first seeds
+            if seed < sizes[name].seeds:
+                results[name].append(run_seed(name, sizes[name], seed, chosen))
             if not quick:
-                save_curves(results, size, RESULTS / f"{tag}_curves.json")
+                save_curves(results, sizes, RESULTS / f"{tag}_curves.json")
     if not quick:
-        plot(results, size, RESULTS / f"{tag}.png")
-    return [row for runs in results.values() for row in summary_rows(runs, size)]
+        plot(results, sizes, RESULTS / f"{tag}.png")
+    return [row for name, runs in results.items() for row in summary_rows(runs, sizes[name])]
 
 
-def save_curves(results: dict[str, list[dict]], size: Size, path: Path) -> None:
-    """The traces of every run so far as JSON (:func:`merge` reads them back)."""
+def save_curves(results: dict[str, list[dict]], sizes: dict[str, Size], path: Path) -> None:
+    """The traces of every run so far and each PDE's size as JSON (:func:`merge` reads
+    them back)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"size": size.__dict__, "runs": results}))
+    as_dicts = {name: size.__dict__ for name, size in sizes.items()}
+    path.write_text(json.dumps({"sizes": as_dicts, "runs": results}))
 
 
-def merge(paths: list[Path]) -> tuple[dict[str, list[dict]], Size]:
+def merge(paths: list[Path]) -> tuple[dict[str, list[dict]], dict[str, Size]]:
     """The runs of several curves files (methods run separately on the same seeds: the
-    Adam warm start is deterministic) as one result per PDE and seed."""
+    Adam warm start is deterministic) as one result per PDE and seed; the PDEs' sizes
+    (files of the first suite, with one ``size`` for all PDEs, are read too)."""
     merged: dict[str, list[dict]] = {}
-    size = None
+    sizes: dict[str, Size] = {}
     for path in paths:
         data = json.loads(Path(path).read_text())
-        size = Size(**{**data["size"], "points": tuple(data["size"]["points"])})
         for name, runs in data["runs"].items():
+            size = data["sizes"][name] if "sizes" in data else data["size"]
+            sizes[name] = Size(**{**size, "points": tuple(size["points"])})
             into = merged.setdefault(name, [])
             for seed, run in enumerate(runs):
                 if seed < len(into):
                     into[seed]["methods"].update(run["methods"])
                 else:
                     into.append(run)
-    return merged, size
+    return merged, sizes
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -346,10 +368,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--merge", nargs="+", help="curves JSON files to combine")
     args = parser.parse_args(argv)
     if args.merge:
-        results, size = merge(args.merge)
-        rows = [row for runs in results.values() for row in summary_rows(runs, size)]
-        save_curves(results, size, RESULTS / f"{args.tag}_curves.json")
-        plot(results, size, RESULTS / f"{args.tag}.png")
+        results, sizes = merge(args.merge)
+        rows = [row for n, runs in results.items() for row in summary_rows(runs, sizes[n])]
+        save_curves(results, sizes, RESULTS / f"{args.tag}_curves.json")
+        plot(results, sizes, RESULTS / f"{args.tag}.png")
     else:
         methods = args.methods.split(",") if args.methods else None
         rows = run_pdes(args.pde or sorted(PROBLEMS), False, args.tag, methods)

@@ -25,6 +25,7 @@ is the L2 relative error ``||u - u*|| / ||u*||`` on a test grid against the exac
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from collections.abc import Callable
@@ -43,6 +44,7 @@ __all__ = [
     "PINNProblem",
     "TanhMLP",
     "convection",
+    "fresh_collocation",
     "input_derivatives",
     "l2_relative_error",
     "make_model",
@@ -156,6 +158,24 @@ def reaction(rho: float, sizes=(2000, 256, 100), seed: int = 0) -> PINNProblem:
         return h * growth / (h * growth + 1 - h)
 
     return _problem("reaction", rho, reaction_residual, gaussian_bump, exact, sizes, seed)
+
+
+def fresh_collocation(problem: PINNProblem, n_res: int = 5000, seed: int = 1) -> PINNProblem:
+    """The same problem on an independent set of collocation points: ``n_res`` interior
+    points drawn with data ``seed`` (``!= 0``, the training points' seed), initial points at
+    the midpoints of the training ``x`` grid, boundary points at the midpoints of the
+    training ``t`` grid. A loss here far above the training loss marks a network that only
+    interpolates the training points (a false solution)."""
+    gen = torch.Generator().manual_seed(seed)
+    interior = torch.rand(n_res, 2, generator=gen, dtype=DTYPE) * torch.tensor([TWO_PI, 1.0])
+    step = TWO_PI / problem.initial_x.shape[0]
+    t = problem.boundary_t
+    return dataclasses.replace(
+        problem,
+        interior=interior,
+        initial_x=problem.initial_x + step / 2,
+        boundary_t=(t[1:] + t[:-1]) / 2,
+    )
 
 
 def make_model(width: int, depth: int, seed: int) -> tuple[TanhMLP, Params]:

@@ -67,6 +67,20 @@ def test_the_loss_is_half_the_squared_residual_norm_of_the_paper():
     assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
 
 
+def test_fresh_collocation_points_are_independent_and_the_exact_solution_fits_them():
+    problem = pinn.reaction(5.0, sizes=(300, 16, 8))
+    fresh = pinn.fresh_collocation(problem, 200)
+    assert (
+        fresh.interior.shape == (200, 2) and not torch.isin(fresh.interior, problem.interior).any()
+    )
+    assert not torch.isin(fresh.initial_x, problem.initial_x).any()
+    assert not torch.isin(fresh.boundary_t, problem.boundary_t).any()
+    x, t = fresh.interior[:, 0], fresh.interior[:, 1]
+    assert x.min() >= 0 and x.max() < 2 * math.pi and t.min() >= 0 and t.max() <= 1
+    u, u_x, u_t = pinn.input_derivatives(exact_fn(fresh), fresh.interior)
+    assert fresh.pde(u, u_x, u_t, fresh.coefficient).abs().max() <= 1e-12
+
+
 def test_the_quick_suite_runs_and_makes_its_table():
     rows = bench_pinn.SUITES["pinn"](True)
     methods = {row["method"] for row in rows}
@@ -74,6 +88,8 @@ def test_the_quick_suite_runs_and_makes_its_table():
     assert {row["pde"] for row in rows} == {"convection beta=20", "reaction rho=5"}
     for row in rows:
         assert math.isfinite(row["l2re"]) and row["l2re"] > 0
+        if row["method"] != f"adam_{bench_pinn.QUICK.adam_iters}_start":
+            assert math.isfinite(row["fresh_loss"]) and row["fresh_loss"] > 0
         if row["method"] == bench_pinn.PEER:
             assert row["l2re_vs_peer"] == 1
     assert "l2re_vs_peer" in run.format_table(rows)
