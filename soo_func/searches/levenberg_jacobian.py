@@ -26,7 +26,6 @@ peak is the Jacobian plus one chunk's work:
 from __future__ import annotations
 
 import contextlib
-import functools
 import itertools
 import os
 import weakref
@@ -94,16 +93,17 @@ def available_memory(device: torch.device) -> int:
     return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 
-@functools.cache
-def _default_budget(device: str) -> int:
-    return int(BUDGET_FRACTION * available_memory(torch.device(device)))
+_BUDGETS: dict[str, int] = {}
 
 
 def default_max_jacobian_bytes(device: torch.device) -> int:
     """``BUDGET_FRACTION`` of :func:`available_memory` on ``device``, read on the first
     call for that device and kept for the process (so that a run's choice of solver does
     not move with the memory it uses itself)."""
-    return _default_budget(str(device))
+    key = str(device)
+    if key not in _BUDGETS:  # read on the host (transforms read it at init, before tracing)
+        _BUDGETS[key] = int(BUDGET_FRACTION * available_memory(torch.device(key)))
+    return _BUDGETS[key]
 
 
 def jacobian_bytes(m: int, n: int, dtype: torch.dtype) -> int:
@@ -168,6 +168,8 @@ def known_rows(raw_fn: Callable) -> int | None:
 
 
 def _remember_rows(raw_fn: Callable, rows: int) -> None:
+    if known_rows(raw_fn) == rows:
+        return
     with contextlib.suppress(TypeError):  # not weakly referenceable or unhashable
         _ROWS[raw_fn] = rows
 
@@ -197,8 +199,8 @@ def _first_columns(flat_fn: Callable, x: torch.Tensor, k: int) -> tuple[torch.Te
     def column(tangent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return tf.jvp(flat_fn, (x,), (tangent,))
 
-    r, block = tf.vmap(column, out_dims=(None, 0))(_basis(0, k, x.shape[0], x))
-    return r, block
+    r, block = tf.vmap(column)(_basis(0, k, x.shape[0], x))
+    return r[0], block
 
 
 def _row_blocks(vjp_fn: Callable, residuals: torch.Tensor, k: int):
