@@ -12,8 +12,9 @@ Marquardt 1963, Moré 1978). For least squares ``f = 0.5 |r|^2``, ``g = J^T r`` 
 ``B = J^T J``.
 
 * :func:`dense_damped_step` -- ``min |[J; sqrt(lam D)] p + [r; 0]|`` by a QR factorisation
-  of the augmented matrix (N&W eq. (10.34)), never forming ``J^T J``; ``J`` from
-  :func:`dense_jacobian` (``vmap`` over ``n`` ``jvp``s).
+  of the augmented matrix (N&W eq. (10.34)), never forming ``J^T J``; for ``m < n`` by the
+  m x m reduced problem (:func:`solve_damped_wide`); ``J`` from :func:`dense_jacobian`
+  (``vmap`` over ``n`` ``jvp``s) or in chunks (:mod:`soo_func.searches.levenberg_jacobian`).
 * :func:`krylov_damped_step` -- matrix-free CG (:func:`soo_func.krylov.cg`, N&W Algorithm
   5.2) on ``(B + lam D) p = -g`` with ``B`` an operator ``v -> B v``:
   :func:`gauss_newton_operator` (``J^T J v``, one GGN product each), a published
@@ -53,6 +54,7 @@ __all__ = [
     "model_operator",
     "rayleigh_quotient",
     "solve_damped_dense",
+    "solve_damped_wide",
 ]
 
 
@@ -108,12 +110,34 @@ def solve_damped_dense(
     jac: torch.Tensor, r: torch.Tensor, damping: torch.Tensor, damping_diag: torch.Tensor
 ) -> torch.Tensor:
     """``p`` minimising ``|J p + r|^2 + lam <p, D p>`` by QR of ``[J; sqrt(lam D)]``
-    (N&W eq. (10.34))."""
-    n = jac.shape[1]
+    (N&W eq. (10.34)); by :func:`solve_damped_wide` when ``J`` (m x n) has ``m < n``."""
+    m, n = jac.shape
+    if m < n:
+        return solve_damped_wide(jac, r, damping, damping_diag)
     augmented = torch.cat([jac, torch.diag(torch.sqrt(damping * damping_diag))])
     rhs = torch.cat([-r, torch.zeros(n, dtype=r.dtype, device=r.device)])
     q, upper = torch.linalg.qr(augmented)
     return torch.linalg.solve_triangular(upper, (q.T @ rhs)[:, None], upper=True)[:, 0]
+
+
+def solve_damped_wide(
+    jac: torch.Tensor, r: torch.Tensor, damping: torch.Tensor, damping_diag: torch.Tensor
+) -> torch.Tensor:
+    """:func:`solve_damped_dense` for ``m < n`` without an n x n (or (m + n) x n) factor.
+
+    With ``q = D^(1/2) p`` and ``A = J D^(-1/2) = R^T Q^T`` (the QR of the n x m ``A^T``:
+    ``Q`` n x m orthonormal, ``R`` m x m), write ``q = Q y + z`` with ``Q^T z = 0``. Then
+    ``A q = R^T y`` and ``|q|^2 = |y|^2 + |z|^2``, so the minimiser has ``z = 0`` and ``y``
+    solves the m x m damped problem ``min |R^T y + r|^2 + lam |y|^2`` (the QR of
+    ``[R^T; sqrt(lam) I]``, N&W eq. (10.34) again); ``p = D^(-1/2) Q y``. This is the
+    solution ``p = -D^-1 J^T (J D^-1 J^T + lam I)^(-1) r`` of the m x m form (the
+    push-through identity), without forming ``J D^-1 J^T`` and squaring its condition
+    number (Moré 1978 §3 reduces ``J`` to a triangle the same way, from the other side).
+    Memory: a scaled copy of ``J`` and ``Q``, both m x n, and m x m factors."""
+    scale = torch.rsqrt(damping_diag)
+    q, upper = torch.linalg.qr((jac * scale).T)
+    y = solve_damped_dense(upper.T, r, damping, torch.ones_like(r))
+    return scale * (q @ y)
 
 
 def least_squares_reduction(jac: torch.Tensor, r: torch.Tensor, p: torch.Tensor) -> torch.Tensor:

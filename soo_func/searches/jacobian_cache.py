@@ -32,10 +32,10 @@ PyTree = Any
 
 __all__ = [
     "JacobianCache",
-    "cached_or_fresh",
     "empty_jacobian_cache",
     "function_token",
     "lookup",
+    "select_cached",
     "store",
 ]
 
@@ -91,31 +91,18 @@ def lookup(
     return None
 
 
-def cached_or_fresh(
-    cache: JacobianCache,
-    params: PyTree,
-    token: int,
-    evaluate: Callable[[], tuple[torch.Tensor, torch.Tensor]],
-) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """``(J, r, evaluated)``: the cached Jacobian and residuals when they belong to
-    ``params`` and ``token``, else ``evaluate()``'s.
-
-    Where the host may read (:func:`soo_func.tree.host_reads_allowed`) the hit is decided
-    there and a hit evaluates nothing. Traced or vmapped, ``evaluate()`` always runs and
-    the hit selects the cached entries by ``torch.where`` (a hit's cached ``J`` is the one
-    ``evaluate`` returns at the same point, so the values are the host path's).
-    """
-    if tree.host_reads_allowed():
-        cached = lookup(cache, params, token)
-        if cached is not None:
-            return (*cached, False)
-        return (*evaluate(), True)
-    jac, r = evaluate()
+def select_cached(
+    cache: JacobianCache, params: PyTree, token: int, jac: torch.Tensor, r: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cached ``(J, r)`` where they belong to ``params`` and ``token``, else the fresh
+    ``(jac, r)``, selected by ``torch.where`` (no host read: for traced or vmapped updates,
+    which evaluate the Jacobian always; a hit's cached ``J`` is the one the evaluation
+    returns at the same point, so the values are the host path's)."""
     flat = tree.ravel(params).flat
     if cache.at.shape != flat.shape or cache.jacobian.shape != jac.shape:
-        return jac, r, True
+        return jac, r
     hit = (cache.of == token) & (cache.at == flat).all()
-    return torch.where(hit, cache.jacobian, jac), torch.where(hit, cache.residuals, r), True
+    return torch.where(hit, cache.jacobian, jac), torch.where(hit, cache.residuals, r)
 
 
 def store(

@@ -14,17 +14,20 @@ from soo_func.options import (
     check_positive,
 )
 
-__all__ = ["DAMPING_RULES", "SOLVERS", "LevenbergOptions"]
+__all__ = ["DAMPING_RULES", "MODES", "SOLVERS", "LevenbergOptions"]
 
 DAMPING_RULES = ("nielsen", "multiply", "more", "auto")
 SOLVERS = ("auto", "dense", "cg")
+MODES = ("dense", "dense_chunked", "matrix_free")
+"""The solver an update used, by its code in ``LevenbergState.mode`` (-1: no update yet):
+the Jacobian in one ``vmap``, the Jacobian in chunks, or matrix-free CG."""
 
 
 @dataclass(frozen=True)
 class LevenbergOptions:
     """The hyper-parameters of a Levenberg(-Marquardt) transform; the meaning of each is
     in :func:`~soo_func.searches.levenberg`'s docstring. Defaults are Levenberg's
-    (``levenberg_marquardt`` uses ``damping_rule="auto"``)."""
+    (``levenberg_marquardt`` uses ``damping_rule="auto"`` and ``dense_max_params=None``)."""
 
     tau: float = 1e-3
     initial_damping: float | None = None
@@ -35,16 +38,20 @@ class LevenbergOptions:
     min_damping: float = 1e-20
     max_damping: float = 1e20
     solver: str = "auto"
-    dense_max_params: int = 200
+    dense_max_params: int | None = 200
     cg_rtol: float = 1e-6
     step_rtol: float = 1e-14
+    max_jacobian_bytes: int | None = None
+    chunk_size: int | None = None
 
     def check(self, who: str) -> None:
         """Raise ``ValueError`` naming ``who`` and the first bad option."""
         self._check_damping(who)
         check_interval(who, "accept_ratio", self.accept_ratio, 0, 1, include_low=True)
         check_in(who, "solver", self.solver, SOLVERS)
-        check_int_at_least(who, "dense_max_params", self.dense_max_params, 1)
+        for name in ("dense_max_params", "max_jacobian_bytes", "chunk_size"):
+            if getattr(self, name) is not None:
+                check_int_at_least(who, f"{name} (or None)", getattr(self, name), 1)
         check_interval(who, "cg_rtol", self.cg_rtol, 0, 1)
         check_nonnegative(who, "step_rtol", self.step_rtol)
 

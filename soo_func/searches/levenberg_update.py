@@ -2,7 +2,10 @@
 
 1. :func:`read_point` -- the extras at ``params`` (value, gradient, ``residual_fn``,
    published ``curvature``), checked.
-2. :func:`make_plan` -- the solver (dense QR or matrix-free CG) and the damping rule.
+2. :func:`make_plan` -- the solver (the Jacobian, in one ``vmap`` or in chunks, or
+   matrix-free CG: :func:`solver_choice`, then the memory budget on the m x n Jacobian),
+   the damping rule, and for the dense modes the Jacobian at ``params`` (cached or evaluated,
+   :mod:`soo_func.searches.levenberg_jacobian`).
 3. :func:`dense_trial` / :func:`matrix_free_trial` -- the damped model's step
    (:mod:`soo_func.searches.damped_gauss_newton`, Moré's step from
    :mod:`soo_func.searches.more_radius`) and the trial point's value and gradient.
@@ -22,11 +25,10 @@ import torch
 
 from soo_func import tree
 from soo_func.base import require_extras
-from soo_func.oracles import CountedObjective, charge, value_and_grad
+from soo_func.oracles import CountedObjective, charge, raw_function, value_and_grad
 from soo_func.searches.damped_gauss_newton import (
     DampedModel,
     dense_damped_step,
-    dense_jacobian,
     krylov_damped_step,
     marquardt_diag,
     model_operator,
@@ -38,22 +40,38 @@ from soo_func.searches.damping import (
     nielsen_update,
     start_damping,
 )
-from soo_func.searches.jacobian_cache import JacobianCache, cached_or_fresh, function_token
+from soo_func.searches.jacobian_cache import (
+    JacobianCache,
+    function_token,
+    lookup,
+    select_cached,
+)
+from soo_func.searches.levenberg_jacobian import (
+    chunk_count,
+    column_sq,
+    default_max_jacobian_bytes,
+    jacobian,
+)
 from soo_func.searches.levenberg_options import LevenbergOptions
 from soo_func.searches.more_radius import MoreStep, more_radius_update, more_step
 
 PyTree = Any
 
 __all__ = [
+    "Current",
     "Plan",
     "Point",
     "Trial",
+    "charge_jacobian",
+    "current_jacobian",
     "dense_trial",
+    "jacobian_budget",
     "make_plan",
     "matrix_free_trial",
     "next_damping",
     "read_point",
     "search_failed",
+    "solver_choice",
 ]
 
 
@@ -68,12 +86,29 @@ class Point(NamedTuple):
     grad: PyTree
 
 
-class Plan(NamedTuple):
-    """One update's choices: the dense solver or not, and the damping rule in force
-    (``"more"``, ``"nielsen"`` or ``"multiply"``)."""
+class Current(NamedTuple):
+    """The Jacobian ``jac`` and residuals ``r`` at ``params`` of the residual function with
+    token ``token``, and whether they were evaluated in this update (else cached)."""
 
-    dense: bool
+    jac: torch.Tensor
+    residuals: torch.Tensor
+    token: int
+    evaluated: bool
+
+
+class Plan(NamedTuple):
+    """One update's choices: the mode (one of
+    :data:`~soo_func.searches.levenberg_options.MODES`), the damping rule in force
+    (``"more"``, ``"nielsen"`` or ``"multiply"``) and, in the dense modes, the Jacobian at
+    ``params``."""
+
+    mode: str
     rule: str
+    current: Current | None
+
+    @property
+    def dense(self) -> bool:
+        return self.current is not None
 
 
 class Trial(NamedTuple):
@@ -105,56 +140,100 @@ def read_point(who: str, marquardt: bool, params: PyTree, extra: dict[str, Any])
     return Point(value_fn, residual_fn, extra.get("curvature"), value, grad)
 
 
-def make_plan(who: str, options: LevenbergOptions, point: Point, params: PyTree) -> Plan:
-    """The dense solver for least squares without upstream curvature (``"auto"``: up to
-    ``dense_max_params`` parameters); Moré's rule with it under ``"auto"``, else Nielsen's."""
+def solver_choice(options: LevenbergOptions, point: Point, n: int) -> str:
+    """``"cg"`` (matrix-free), ``"dense"`` or ``"fit"`` (dense when the Jacobian fits
+    ``max_jacobian_bytes``), from what the update knows before any evaluation: the
+    Jacobian needs ``residual_fn`` and no upstream curvature; ``solver="auto"`` takes
+    ``"fit"`` up to ``dense_max_params`` parameters (no limit when it is ``None``)."""
+    if point.residual_fn is None or point.curvature is not None:
+        return "cg"
+    if options.solver != "auto":
+        return options.solver
+    limit = options.dense_max_params
+    return "cg" if limit is not None and n > limit else "fit"
+
+
+def jacobian_budget(options: LevenbergOptions, params: PyTree) -> int:
+    """``options.max_jacobian_bytes``, else the default budget of the params' device."""
+    if options.max_jacobian_bytes is not None:
+        return options.max_jacobian_bytes
+    return default_max_jacobian_bytes(tree.leaves(params)[0].device)
+
+
+def current_jacobian(
+    options: LevenbergOptions, fit: bool, point: Point, params: PyTree, cache: JacobianCache
+) -> Current | None:
+    """The Jacobian at ``params``: the cached one when it is of this residual function at
+    this point (decided on the host where it may read), else evaluated (``n`` or ``m``
+    products and one residual evaluation), or ``None`` when ``fit`` and the m x n Jacobian
+    exceeds the budget (sized without an evaluation when ``m`` is known, else from the
+    first chunk, charged)."""
+    token = function_token(point.residual_fn)
+    if tree.host_reads_allowed():
+        cached = lookup(cache, params, token)
+        if cached is not None:
+            return Current(*cached, token, False)
+    budget = jacobian_budget(options, params) if fit else None
+    fresh = jacobian(raw_function(point.residual_fn), params, options.chunk_size, budget)
+    if fresh.residuals is not None:
+        charge_jacobian(point, fresh.products, value=1)
+    if fresh.jac is None:
+        return None
+    jac, r = fresh.jac, fresh.residuals
+    if not tree.host_reads_allowed():
+        jac, r = select_cached(cache, params, token, jac, r)
+    return Current(jac, r, token, True)
+
+
+def make_plan(
+    who: str, options: LevenbergOptions, point: Point, params: PyTree, cache: JacobianCache
+) -> Plan:
+    """The mode (:func:`solver_choice`, then the budget), with the Jacobian at ``params`` in
+    the dense modes; Moré's rule with the dense solver under ``"auto"``, else Nielsen's."""
     n = sum(leaf.numel() for leaf in tree.leaves(params))
-    dense = (
-        point.residual_fn is not None
-        and point.curvature is None
-        and (
-            options.solver == "dense"
-            or (options.solver == "auto" and n <= options.dense_max_params)
-        )
-    )
+    choice = solver_choice(options, point, n)
+    current = None
+    if choice != "cg":
+        current = current_jacobian(options, choice == "fit", point, params, cache)
+    dense = current is not None
+    mode = "matrix_free"
+    if dense:
+        chunks = chunk_count(current.jac.shape[0], n, options.chunk_size)
+        mode = "dense" if chunks == 1 else "dense_chunked"
     more = options.damping_rule == "more" or (options.damping_rule == "auto" and dense)
     if more and not dense:
         raise ValueError(
             f"{who}: damping_rule='more' needs the dense least-squares solver (an SVD of "
             "the Jacobian): pass residual_fn, no upstream curvature, and solver='dense' "
-            "(or 'auto' with at most dense_max_params parameters); or use 'nielsen'"
+            "(or 'auto' with at most dense_max_params parameters and a Jacobian within "
+            "max_jacobian_bytes); or use 'nielsen'"
         )
     if more:
-        return Plan(dense, "more")
-    return Plan(dense, "multiply" if options.damping_rule == "multiply" else "nielsen")
+        return Plan(mode, "more", current)
+    return Plan(mode, "multiply" if options.damping_rule == "multiply" else "nielsen", current)
 
 
-def charge_jacobian(point: Point, columns: int, value: int = 0) -> None:
-    """Charge a dense Jacobian: ``columns`` products (one ``jvp`` each). To ``residual_fn``
-    when it counts itself (``least_squares``; its call already counted the residuals), else
-    to ``value_fn`` (``value`` more when the residuals stand in for a value)."""
+def charge_jacobian(point: Point, products: int, value: int = 0) -> None:
+    """Charge a dense Jacobian: ``products`` products (a ``jvp`` per column or a ``vjp``
+    per row) and its one residual evaluation: to ``residual_fn`` when it counts itself
+    (``least_squares``), else to ``value_fn`` (``value`` there: 1 when the residuals stand
+    in for a value)."""
     if isinstance(point.residual_fn, CountedObjective):
-        charge(point.residual_fn, hvp=columns)
+        charge(point.residual_fn, hvp=products, value=1)
     else:
-        charge(point.value_fn, hvp=columns, value=value)
+        charge(point.value_fn, hvp=products, value=value)
 
 
 def dense_trial(
     options: LevenbergOptions, marquardt: bool, params: PyTree, point: Point, more: bool, *,
-    damping: torch.Tensor, damping_diag: PyTree, radius: torch.Tensor, cache: JacobianCache,
+    current: Current, damping: torch.Tensor, damping_diag: PyTree, radius: torch.Tensor,
 ) -> Trial:  # fmt: skip
-    """The QR (or Moré) step from the Jacobian at ``params`` (cached or evaluated), and the
-    trial point's value and gradient from its Jacobian (``n`` products and one residual).
+    """The QR (or Moré) step from the Jacobian at ``params`` (``current``), and the trial
+    point's value and gradient from its Jacobian (``n`` or ``m`` products and one residual).
 
-    ``damping`` (negative: not set yet), ``damping_diag`` (Marquardt's running ``D``), ``radius``
-    (Moré's) and ``cache`` are what the previous update left."""
-    residual_fn = point.residual_fn
-    token = function_token(residual_fn)
-    jac, r, evaluated = cached_or_fresh(
-        cache, params, token, lambda: dense_jacobian(residual_fn, params)
-    )
-    if evaluated:
-        charge_jacobian(point, jac.shape[1], value=1)
+    ``damping`` (negative: not set yet), ``damping_diag`` (Marquardt's running ``D``) and
+    ``radius`` (Moré's) are what the previous update left."""
+    jac, r = current.jac, current.residuals
     column_sq = (jac * jac).sum(0)
     if marquardt:
         flat_damping_diag = marquardt_diag(tree.ravel(damping_diag).flat, column_sq)
@@ -162,6 +241,7 @@ def dense_trial(
     else:
         flat_damping_diag = torch.ones_like(column_sq)
         estimate = options.tau * column_sq.max()
+    del column_sq
     more_model = more_step(radius, params, jac, r, flat_damping_diag) if more else None
     if more_model is None:
         damping = start_damping(damping, estimate, options.initial_damping)
@@ -169,14 +249,15 @@ def dense_trial(
     else:
         model = more_model.model
     trial = tree.add(params, model.step)
-    trial_jac, trial_r = dense_jacobian(residual_fn, trial)
-    charge_jacobian(point, trial_jac.shape[1], value=1)
+    fresh = jacobian(raw_function(point.residual_fn), trial, options.chunk_size)
+    charge_jacobian(point, fresh.products, value=1)
+    trial_jac, trial_r = fresh.jac, fresh.residuals
     return Trial(
         model=model,
         value=0.5 * torch.dot(trial_r, trial_r),
         grad=tree.unravel(trial_jac.T @ trial_r, params),
         more=more_model,
-        jacobians=((trial_jac, trial_r, trial), (jac, r, params), token),
+        jacobians=((trial_jac, trial_r, trial), (jac, r, params), current.token),
     )
 
 
@@ -185,12 +266,14 @@ def matrix_free_trial(
     damping: torch.Tensor, damping_diag: PyTree,
 ) -> Trial:  # fmt: skip
     """The CG step on the damped model, and ``value_and_grad`` at the trial point
-    (``damping`` and ``damping_diag`` as in :func:`dense_trial`)."""
-    if marquardt:  # diag(J^T J) needs the dense Jacobian: n products
-        jac, _ = dense_jacobian(point.residual_fn, params)
-        charge_jacobian(point, jac.shape[1])
-        column_sq = tree.unravel((jac * jac).sum(0), params)
-        damping_diag = tree.map_leaves(marquardt_diag, damping_diag, column_sq)
+    (``damping`` and ``damping_diag`` as in :func:`dense_trial`). Marquardt's
+    ``diag(J^T J)`` is accumulated a chunk of the Jacobian at a time, never storing it
+    (``n`` or ``m`` products)."""
+    if marquardt:
+        raw = raw_function(point.residual_fn)
+        flat_sq, products = column_sq(raw, params, options.chunk_size)
+        charge_jacobian(point, products)
+        damping_diag = tree.map_leaves(marquardt_diag, damping_diag, tree.unravel(flat_sq, params))
     operator = model_operator(params, point.value_fn, point.residual_fn, point.curvature)
     if marquardt:  # the damping is relative to D: no product needed for the first one
         estimate = torch.full_like(damping, options.tau)
