@@ -265,3 +265,22 @@ def test_building_the_jacobian_peaks_at_a_few_jacobians_not_n_forward_passes():
     assert peaks["bytes"] == 400 * 609 * 8
     assert peaks["new"] <= 20 * peaks["bytes"], peaks
     assert peaks["old"] > 20 * peaks["bytes"], peaks
+
+
+@pytest.mark.parametrize("points", [[8, 40], [40, 8]])  # wide then tall, tall then wide
+def test_a_stale_row_count_plans_chunks_but_never_shapes(points):
+    """The remembered ``m`` of a function object is a plan only: one function object whose
+    residual count changes between calls (a closure over a resized batch) still gets its
+    exact Jacobian."""
+    params = mlp_params([2, 5, 1])
+    box = {"residual": convection_residual(points[0])}
+
+    def residual(p):
+        return box["residual"](p)
+
+    for count in points:
+        box["residual"] = convection_residual(count)
+        built = jacobian(residual, params, 3)
+        torch.testing.assert_close(
+            built.jac, jacrev_matrix(box["residual"], params), rtol=1e-12, atol=1e-12
+        )

@@ -244,8 +244,9 @@ def jacobian_blocks(raw_fn: Callable, params: PyTree, chunk_size: int | None = N
             blocks = _column_blocks(flat_fn, x, k)
         else:
             blocks = itertools.chain([(0, first)], _column_blocks(flat_fn, x, k, first.shape[0]))
-        return Blocks(r, m, None, blocks, True, spent, n)
+        return Blocks(r, r.shape[0], None, blocks, True, spent, n)
     r, vjp_fn = tf.vjp(flat_fn, x)
+    m = r.shape[0]  # the memo only plans the chunks: the shapes are the evaluated ones
     blocks = _row_blocks(vjp_fn, r, chunk_length(m, m, chunk_size))
     return Blocks(r, m, None, blocks, False, spent, spent + m)
 
