@@ -60,6 +60,7 @@ from soo_func.searches import (
     armijo_sync_free,
     levenberg,
     levenberg_marquardt,
+    levenberg_mode,
     trust_region,
     wolfe,
 )
@@ -108,6 +109,7 @@ __all__ = [
     "least_squares",
     "levenberg",
     "levenberg_marquardt",
+    "levenberg_mode",
     "linearize_grad",
     "minimize",
     "multi_batch_lbfgs",

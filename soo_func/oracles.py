@@ -129,10 +129,6 @@ def _scalar_loss(fn: Callable, has_aux: bool) -> Callable:
     return checked
 
 
-def _in_functorch_transform() -> bool:
-    return torch._C._functorch.peek_interpreter_stack() is not None
-
-
 def value_and_grad(
     fn: Callable[..., torch.Tensor], has_aux: bool = False
 ) -> Callable[..., tuple[Any, PyTree]]:
@@ -149,7 +145,7 @@ def value_and_grad(
             return target.value_and_grad(params, *args, has_aux=has_aux)
         raw = _scalar_loss(target, has_aux)
         tree.check_tensor_leaves(params, "params")
-        if _in_functorch_transform() or not torch.is_grad_enabled():
+        if tree.in_functorch_transform() or not torch.is_grad_enabled():
             with torch.enable_grad():
                 grad, out = tf.grad_and_value(raw, has_aux=has_aux)(params, *args)
             return out, grad
@@ -352,7 +348,7 @@ def _shared_linearization(fn: Callable, params: PyTree, args: tuple) -> Callable
         if not saved:
             raw = _charged(fn, hvp=1)
             linearize = (
-                _functorch_linearization if _in_functorch_transform() else _eager_linearization
+                _functorch_linearization if tree.in_functorch_transform() else _eager_linearization
             )
             if isinstance(raw, ShardedFunction):  # distributed hook
                 linearize = type(raw).linearization

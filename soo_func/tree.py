@@ -31,6 +31,7 @@ __all__ = [
     "check_same_structure",
     "check_tensor_leaves",
     "host_reads_allowed",
+    "in_functorch_transform",
     "leaves",
     "map_leaves",
     "neg",
@@ -126,6 +127,12 @@ def no_host_reads() -> Iterator[None]:
         yield
     finally:
         _NO_HOST_READS.reset(token)
+
+
+def in_functorch_transform() -> bool:
+    """Whether this code runs inside a ``torch.func`` transform (``vmap``, ``grad``, ``jvp``,
+    ``vjp``): its tensors may be wrapped, and the eager autograd paths do not apply."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
 
 
 def host_reads_allowed() -> bool:

@@ -41,17 +41,13 @@ PyTree = Any
 __all__ = ["DataParallelObjective", "ShardedOutputs", "data_parallel", "sharded_residuals"]
 
 
-def _in_functorch_transform() -> bool:
-    return torch._C._functorch.peek_interpreter_stack() is not None
-
-
 def _refuse_differentiation(who: str, params: PyTree, what: str) -> None:
     """A call of a sharded objective that autograd or ``torch.func`` would differentiate
     directly would see only this rank's shard: refuse it with the supported routes."""
     traced = torch.is_grad_enabled() and any(
         t.requires_grad for t in optree.tree_leaves(params) if isinstance(t, torch.Tensor)
     )
-    if _in_functorch_transform() or traced:
+    if tree.in_functorch_transform() or traced:
         raise DistributedOracleError(routes_message(who, what))
 
 

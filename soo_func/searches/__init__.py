@@ -11,6 +11,7 @@ from soo_func.searches.levenberg import (
     LevenbergState,
     levenberg,
     levenberg_marquardt,
+    levenberg_mode,
 )
 from soo_func.searches.line import LineSearchState
 from soo_func.searches.trust_region import TrustRegionState, trust_region
@@ -25,6 +26,7 @@ __all__ = [
     "armijo_sync_free",
     "levenberg",
     "levenberg_marquardt",
+    "levenberg_mode",
     "trust_region",
     "wolfe",
 ]

@@ -251,15 +251,11 @@ def jacobian_blocks(raw_fn: Callable, params: PyTree, chunk_size: int | None = N
     return Blocks(r, m, None, blocks, False, spent, spent + m)
 
 
-def _in_functorch_transform() -> bool:
-    return torch._C._functorch.peek_interpreter_stack() is not None
-
-
 def _assemble(plan: Blocks, n: int) -> torch.Tensor:
     """The m x n Jacobian from its chunks, written into one preallocated tensor (the peak is
     ``J`` and one chunk); concatenated under a ``torch.func`` transform (a batched chunk
     cannot be written into a plain tensor)."""
-    if _in_functorch_transform():
+    if tree.in_functorch_transform():
         parts = [block.T if plan.columns else block for _, block in plan.blocks]
         return torch.cat(parts, dim=1 if plan.columns else 0)
     like = plan.residuals
