@@ -9,9 +9,14 @@ changes the rounding of slow, chaotic runs such as Broyden's on ill-conditioned 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 
-__all__ = ["dense_update", "ratio_or_zero"]
+from soo_func import tree
+
+__all__ = ["dense_curvature", "dense_update", "ratio_or_zero"]
 
 
 def ratio_or_zero(num: torch.Tensor | float, den: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
@@ -61,3 +66,17 @@ def dense_update(method: str, form: str, matrix, s, y, ok):
         hy = matrix @ y
         new = matrix + ratio_or_zero(1.0, s @ hy, ok) * torch.outer(s - hy, s @ matrix)
     return torch.where(ok, new, matrix)
+
+
+def dense_curvature(matrix: torch.Tensor, params: Any, inverse: bool) -> Callable[[Any], Any]:
+    """The published ``curvature`` of a dense quasi-Newton matrix: ``v -> B v`` on pytrees
+    like ``params``, solving ``H x = v`` when ``matrix`` is the inverse ``H`` (direct form:
+    one product)."""
+
+    def curvature(v: Any) -> Any:
+        flat = tree.ravel(v).flat
+        small = flat.to(matrix.dtype)
+        out = torch.linalg.solve_ex(matrix, small)[0] if inverse else matrix @ small
+        return tree.unravel(out.to(flat.dtype), params)
+
+    return curvature

@@ -44,7 +44,7 @@ import torch
 from soo_func import tree
 from soo_func.base import Transform, guarded
 from soo_func.directions import pair_memory as pm
-from soo_func.directions.dense_update import dense_update, ratio_or_zero
+from soo_func.directions.dense_update import dense_curvature, dense_update, ratio_or_zero
 from soo_func.directions.limited_memory import limited_memory
 from soo_func.options import check_in, check_interval, check_nonnegative, check_positive
 
@@ -218,14 +218,7 @@ def _dense(cfg: _Config, who: str) -> Transform:
 
     def publish(state: DenseQuasiNewtonState, params=None, **extra) -> dict[str, Any]:
         del extra
-        matrix = state.matrix
-
-        def curvature(v: Any) -> Any:
-            flat = tree.ravel(v).flat
-            small = flat.to(matrix.dtype)
-            out = _solve(matrix, small) if inverse else matrix @ small
-            return tree.unravel(out.to(flat.dtype), params)
-
+        curvature = dense_curvature(state.matrix, params, inverse)
         return {"curvature": curvature, "step_hint": state.step_hint}
 
     return guarded(who, Transform(init, update, publish), DenseQuasiNewtonState)

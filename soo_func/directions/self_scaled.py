@@ -62,7 +62,7 @@ import torch
 from soo_func import tree
 from soo_func.base import Transform, guarded
 from soo_func.directions import pair_memory as pm
-from soo_func.directions.dense_update import ratio_or_zero
+from soo_func.directions.dense_update import dense_curvature, ratio_or_zero
 from soo_func.options import check_in, check_nonnegative, check_positive
 
 __all__ = [
@@ -262,13 +262,7 @@ def _dense(cfg: _Config, who: str) -> Transform:
 
     def publish(state: SelfScaledState, params=None, **extra) -> dict[str, Any]:
         del extra
-        matrix = state.matrix
-
-        def curvature(v: Any) -> Any:
-            flat = tree.ravel(v).flat
-            out = torch.linalg.solve_ex(matrix, flat.to(matrix.dtype))[0]
-            return tree.unravel(out.to(flat.dtype), params)
-
+        curvature = dense_curvature(state.matrix, params, inverse=True)
         return {"curvature": curvature, "step_hint": state.step_hint}
 
     return guarded(who, Transform(init, update, publish), SelfScaledState)
