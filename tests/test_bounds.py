@@ -128,7 +128,8 @@ def feasible_run(fn, x0, lower, upper, **kwargs):
 
 
 @pytest.mark.parametrize(
-    "n, lower, upper", [(2, -2.0, 0.5), (5, -2.0, 0.8), (8, 0.2, 3.0), (6, -math.inf, 0.7), (10, 1.5, 3.0)]
+    "n, lower, upper",
+    [(2, -2.0, 0.5), (5, -2.0, 0.8), (8, 0.2, 3.0), (6, -math.inf, 0.7), (10, 1.5, 3.0)],
 )
 def test_lbfgs_b_agrees_with_scipy_on_bounded_rosenbrock(n, lower, upper):
     """A stationary point on the box (projected gradient 0) no higher than scipy's, and

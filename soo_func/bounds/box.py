@@ -20,6 +20,7 @@ PyTree = Any
 __all__ = [
     "Box",
     "active_bounds",
+    "bounded_publish",
     "flat_box",
     "project_to_bounds",
     "projected_gradient_norm",
@@ -101,3 +102,18 @@ def projected_gradient_norm(x: torch.Tensor, g: torch.Tensor, box: Box) -> torch
     if x.numel() == 0:
         return x.new_zeros(())
     return (box.project(x - g) - x).abs().amax()
+
+
+def bounded_publish(state: Any, value_fn: Any) -> dict[str, Any]:
+    """The keys every bounded whole optimizer publishes, read off its ``state``: the accepted
+    point's ``next_value`` / ``next_grad`` (reused by the driver with ``next_value_fn``),
+    ``search_failed``, ``num_active_bounds`` and ``projected_grad_inf`` (the driver's
+    ``gtol`` test on a box)."""
+    return {
+        "next_value": state.next_value,
+        "next_grad": state.next_grad,
+        "next_value_fn": value_fn,
+        "search_failed": state.search_failed,
+        "num_active_bounds": state.num_active_bounds,
+        "projected_grad_inf": state.projected_grad_inf,
+    }

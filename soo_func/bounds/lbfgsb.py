@@ -30,7 +30,7 @@ import torch
 
 from soo_func import tree
 from soo_func.base import Transform, guarded, require_extras
-from soo_func.bounds.box import flat_box, projected_gradient_norm
+from soo_func.bounds.box import bounded_publish, flat_box, projected_gradient_norm
 from soo_func.bounds.cauchy import generalized_cauchy_point, subspace_minimizer
 from soo_func.bounds.search import box_wolfe_search, max_feasible_step
 from soo_func.directions import pair_memory as pm
@@ -189,13 +189,6 @@ def lbfgs_b(
         return tree.unravel(delta, params), new_state
 
     def publish(state: LbfgsbState, params: PyTree = None, **extra: Any) -> dict[str, Any]:
-        return {
-            "next_value": state.next_value,
-            "next_grad": state.next_grad,
-            "next_value_fn": extra.get("value_fn"),
-            "search_failed": state.search_failed,
-            "num_active_bounds": state.num_active_bounds,
-            "projected_grad_inf": state.projected_grad_inf,
-        }
+        return bounded_publish(state, extra.get("value_fn"))
 
     return guarded("lbfgs_b", Transform(init, update, publish), LbfgsbState)

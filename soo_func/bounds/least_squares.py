@@ -52,7 +52,7 @@ import torch.func as tf
 
 from soo_func import tree
 from soo_func.base import Transform, guarded, require_extras
-from soo_func.bounds.box import Box, flat_box, projected_gradient_norm
+from soo_func.bounds.box import Box, bounded_publish, flat_box, projected_gradient_norm
 from soo_func.bounds.reflective_step import (
     ScaledModel,
     coleman_li_scaling,
@@ -309,15 +309,7 @@ def trust_region_reflective(
         return tree.unravel(found.delta, params), new_state
 
     def publish(state: ReflectiveState, params: PyTree = None, **extra: Any) -> dict[str, Any]:
-        return {
-            "next_value": state.next_value,
-            "next_grad": state.next_grad,
-            "next_value_fn": extra.get("value_fn"),
-            "search_failed": state.search_failed,
-            "num_active_bounds": state.num_active_bounds,
-            "projected_grad_inf": state.projected_grad_inf,
-            "radius": state.radius,
-            "ratio": state.ratio,
-        }
+        published = bounded_publish(state, extra.get("value_fn"))
+        return {**published, "radius": state.radius, "ratio": state.ratio}
 
     return guarded(WHO, Transform(init, update, publish), ReflectiveState)
