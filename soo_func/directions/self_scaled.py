@@ -328,8 +328,8 @@ def ssbroyden(
     limited-memory self-scaled method)."""
     if memory_size is not None:
         raise ValueError(
-            f"ssbroyden: memory_size={memory_size!r} is not supported: the self-scaled "
-            "Broyden class has no two-loop (limited-memory) form here; use the dense "
-            "ssbroyden() or the limited-memory ssbfgs(memory_size=m)"
+            f"ssbroyden: memory_size must be None (the dense form), got {memory_size!r}: the "
+            "self-scaled Broyden class has no two-loop (limited-memory) form here; use the "
+            "dense ssbroyden() or the limited-memory ssbfgs(memory_size=m)"
         )
     return _make("ssbroyden", _Config(True, "al-baali", curvature_eps, initial_scaling))
