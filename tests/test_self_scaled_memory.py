@@ -174,15 +174,6 @@ def test_ascent_resets_the_memory_and_its_weights():
     assert not bool(state.memory.valid.any()) and bool((state.inv_tau == 1).all())
 
 
-def test_state_round_trips_through_torch_load(tmp_path):
-    a, rhs, x = quadratic(4, 0)
-    transform = sf.ssbfgs(memory_size=2)
-    _, state = transform.update(a @ x - rhs, transform.init(x), x)
-    torch.save(state, tmp_path / "state.pt")
-    loaded = torch.load(tmp_path / "state.pt")
-    assert type(loaded) is type(state) and torch.equal(loaded.inv_tau, state.inv_tau)
-
-
 @pytest.mark.parametrize("memory_size", [0, -1, 2.5, True, "3"])
 def test_bad_memory_size(memory_size):
     with pytest.raises(ValueError, match="memory_size must be a positive int"):
