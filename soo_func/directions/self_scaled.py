@@ -308,7 +308,8 @@ def ssbfgs(
       curvature_eps: skip pairs with ``s^T y <= curvature_eps |s||y|`` (default: the
         dtype's machine epsilon).
 
-    Publishes ``curvature`` (``v -> H^{-1} v``, a dense solve) and ``step_hint``. Use it with
+    Publishes ``curvature`` (``v -> H^{-1} v``: a dense solve; with ``memory_size`` the
+    compact direct BFGS formula on the rescaled pairs) and ``step_hint``. Use it with
     a line search (``wolfe``, as the papers do): ``b`` is read off the line-search step.
     """
     return _make("ssbfgs", _Config(False, scaling, curvature_eps, initial_scaling), memory_size)
@@ -316,7 +317,7 @@ def ssbfgs(
 
 def ssbroyden(
     *,
-    memory_size: None = None,
+    memory_size: int | None = None,
     initial_scaling: float | None = 1.0,
     curvature_eps: float | None = None,
 ) -> Transform:
