@@ -29,6 +29,7 @@ from soo_func.directions.nonlinear_cg import NonlinearCgState
 from soo_func.directions.pair_memory import LastPoint, PairMemory
 from soo_func.directions.quasi_newton import DenseQuasiNewtonState
 from soo_func.directions.self_scaled import SelfScaledState
+from soo_func.directions.self_scaled_memory import SelfScaledMemoryState
 from soo_func.schedules import ScaleByScheduleState
 from soo_func.searches.jacobian_cache import JacobianCache
 from soo_func.searches.levenberg import LevenbergState
@@ -51,6 +52,7 @@ STATE_TYPES: tuple[type, ...] = (
     LastPoint,
     DenseQuasiNewtonState,
     SelfScaledState,
+    SelfScaledMemoryState,
     NewtonKrylovState,
     GaussNewtonState,
     NonlinearCgState,

@@ -256,6 +256,7 @@ SAVED_FAMILIES = {
     "bfgs+armijo": lambda: sf.chain(sf.bfgs(), sf.armijo()),
     "sr1(m)+trust_region": lambda: sf.chain(sf.sr1(memory_size=3), sf.trust_region()),
     "ssbroyden+armijo": lambda: sf.chain(sf.ssbroyden(), sf.armijo()),
+    "ssbfgs(m)+wolfe": lambda: sf.chain(sf.ssbfgs(memory_size=3), sf.wolfe()),
     "newton_krylov+trust_region": lambda: sf.chain(sf.newton_krylov(), sf.trust_region()),
     "gauss_newton+armijo_sync_free": lambda: sf.chain(sf.gauss_newton(), sf.armijo_sync_free()),
     "nonlinear_cg+wolfe": lambda: sf.chain(sf.nonlinear_cg(), sf.wolfe(c2=0.1)),

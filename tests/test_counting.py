@@ -158,6 +158,7 @@ MINIMIZE_FAMILIES = {
     "sr1(memory_size=5)+trust_region": lambda: sf.chain(sf.sr1(memory_size=5), sf.trust_region()),
     "dfp+wolfe": lambda: sf.chain(sf.dfp(), sf.wolfe()),
     "ssbfgs+wolfe": lambda: sf.chain(sf.ssbfgs(), sf.wolfe()),
+    "ssbfgs(memory_size=5)+wolfe": lambda: sf.chain(sf.ssbfgs(memory_size=5), sf.wolfe()),
     "broyden(memory_size=5)+armijo_sync_free": lambda: sf.chain(
         sf.broyden(memory_size=5), sf.armijo_sync_free()
     ),

@@ -36,6 +36,7 @@ FAMILIES: dict[str, tuple[Callable[[], sf.Transform], bool]] = {
     "lbfgs+wolfe": (lambda: sf.chain(sf.lbfgs(), sf.wolfe()), False),
     "bfgs+armijo": (lambda: sf.chain(sf.bfgs(), sf.armijo()), False),
     "ssbroyden+wolfe": (lambda: sf.chain(sf.ssbroyden(), sf.wolfe()), False),
+    "ssbfgs(m)+wolfe": (lambda: sf.chain(sf.ssbfgs(memory_size=3), sf.wolfe()), False),
     "nonlinear_cg+wolfe": (lambda: sf.chain(sf.nonlinear_cg(), sf.wolfe(c2=0.1)), False),
     "newton_krylov+trust_region": (
         lambda: sf.chain(sf.newton_krylov(), sf.trust_region()),

@@ -144,6 +144,7 @@ MINIMIZE = {
     "dfp+wolfe": lambda: sf.chain(sf.dfp(), sf.wolfe()),
     "broyden+wolfe": lambda: sf.chain(sf.broyden(), sf.wolfe()),
     "ssbfgs+wolfe": lambda: sf.chain(sf.ssbfgs(), sf.wolfe()),
+    "ssbfgs(memory_size=5)+wolfe": lambda: sf.chain(sf.ssbfgs(memory_size=5), sf.wolfe()),
     "ssbroyden+wolfe": lambda: sf.chain(sf.ssbroyden(), sf.wolfe()),
     "newton_krylov+armijo": lambda: sf.chain(sf.newton_krylov(), sf.armijo()),
     # wolfe(c2=0.1), as nonlinear_cg's docstring and N&W (sec. 5.2) prescribe for CG: with the

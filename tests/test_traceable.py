@@ -53,6 +53,9 @@ CASES = {
     "dfp+armijo_sync_free": lambda: sf.chain(sf.dfp(), sf.armijo_sync_free()),
     "ssbfgs+armijo_sync_free": lambda: sf.chain(sf.ssbfgs(), sf.armijo_sync_free()),
     "ssbroyden+armijo_sync_free": lambda: sf.chain(sf.ssbroyden(), sf.armijo_sync_free()),
+    "ssbfgs(m=3)+armijo_sync_free": lambda: sf.chain(
+        sf.ssbfgs(memory_size=3), sf.armijo_sync_free()
+    ),
     "sr1+trust_region": lambda: sf.chain(sf.sr1(), sf.trust_region()),
     "broyden+trust_region": lambda: sf.chain(sf.broyden(), sf.trust_region()),
     "nonlinear_cg+armijo_sync_free": lambda: sf.chain(sf.nonlinear_cg(), sf.armijo_sync_free()),

@@ -213,6 +213,7 @@ def two_loop_coefficients(
     sg: torch.Tensor,
     yg: torch.Tensor,
     gamma: torch.Tensor,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Coefficients ``[c_s; c_y]`` with ``H g = gamma g + S c_s + Y c_y`` (N&W Alg. 7.4).
 
@@ -226,6 +227,12 @@ def two_loop_coefficients(
     ``(I + diag(rho) L) beta = rho * (gamma (Y^T g - Y^T Y alpha) + L alpha)``,
     ``L = tril(Y^T S, -1)``. Forward substitution performs the loops' arithmetic, and
     ``H g = gamma g - gamma Y alpha + S (alpha - beta)``.
+
+    ``weights`` (``[m]``, default all ones) scale each pair's own rank-one term in the
+    second loop, ``r_{i+1} = r_i + s_i (w_i alpha_i - beta_i)``: the matrix is then
+    ``H = gamma V^T...V + sum_i w_i V_{>i}^T rho_i s_i s_i^T V_{>i}``, the unrolled
+    self-scaled BFGS of :mod:`soo_func.directions.self_scaled_memory` (``w_i`` the product
+    of the later ``1/tau_j``; ``gamma`` there already carries the product of all of them).
     """
     m = valid.shape[0]
     sy = gram[:m, m:]
@@ -239,10 +246,11 @@ def two_loop_coefficients(
         upper, (rho * sg)[:, None], upper=True, unitriangular=True
     )[:, 0]
     lower_sy = torch.tril(sy.T, -1)  # [i, j] = y_i . s_j for j < i
-    rhs = rho * (gamma * (yg - yy @ alpha) + lower_sy @ alpha)
+    own = alpha if weights is None else weights * alpha  # the pairs' own terms, w_i alpha_i
+    rhs = rho * (gamma * (yg - yy @ alpha) + lower_sy @ own)
     lower = eye + rho[:, None] * lower_sy
     beta = torch.linalg.solve_triangular(lower, rhs[:, None], upper=False, unitriangular=True)[:, 0]
-    return torch.cat([alpha - beta, -gamma * alpha])
+    return torch.cat([own - beta, -gamma * alpha])
 
 
 KERNELS: dict[str, tuple[Kernel, Kernel]] = {

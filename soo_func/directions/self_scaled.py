@@ -47,9 +47,11 @@ Safeguards as :func:`soo_func.bfgs` (``torch.where``, no host sync): a pair with
 ``s^T y <= eps |s| |y|`` (or non-finite) is skipped; where ``b`` is not positive and finite the
 update is the unscaled BFGS one; a non-descent or non-finite direction is replaced by ``-g``
 and the matrix reset to ``h0 I``. The update is one ``n x n`` scaling and one symmetric
-rank-two ``addmm_`` (:func:`self_scaled_update`). A limited-memory form is not offered: the
-scaling multiplies the whole ``H_k``, so the two-loop recursion would need a weight per
-stored pair (the product of the later ``1/tau_j``), which the shared pair memory lacks.
+rank-two ``addmm_`` (:func:`self_scaled_update`). ``ssbfgs(memory_size=m)`` is the
+limited-memory SSBFGS of :mod:`soo_func.directions.self_scaled_memory` (the two-loop
+recursion with a weight per stored pair, the product of the later ``1/tau_j``). SSBroyden has
+no limited-memory form here: its ``phi != 1`` members are not a two-loop recursion (a compact
+Broyden-class representation would be), and its ``tau`` needs ``y^T H y``.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ from soo_func import tree
 from soo_func.base import Transform, guarded
 from soo_func.directions import pair_memory as pm
 from soo_func.directions.dense_update import dense_curvature, ratio_or_zero
+from soo_func.directions.self_scaled_memory import limited_memory_ssbfgs, ssbfgs_tau
 from soo_func.options import check_in, check_nonnegative, check_positive
 
 __all__ = [
@@ -153,8 +156,8 @@ def self_scaled_parameters(b, h, n: int, first, broyden: bool, scaling: str = "a
     theta = _theta_ssbroyden(a, b, h) if broyden else torch.zeros_like(b)
     sigma = 1 + a * theta
     phi = (1 - theta) / sigma
-    rho_tilde = torch.clamp(1 / b, max=1.0)
     if broyden:
+        rho_tilde = ssbfgs_tau(b, "al-baali")
         power = torch.exp(torch.log(sigma) / (1 - n)) if n > 1 else torch.ones_like(sigma)
         positive = theta > 0
         safe_theta = torch.where(positive, theta, 1.0)
@@ -163,12 +166,8 @@ def self_scaled_parameters(b, h, n: int, first, broyden: bool, scaling: str = "a
             rho_tilde * torch.minimum(power, 1 / safe_theta),
             torch.minimum(rho_tilde * power, sigma),
         )
-    elif scaling == "al-baali":
-        tau = rho_tilde
-    elif scaling == "oren-luenberger":
-        tau = 1 / b
     else:
-        tau = torch.ones_like(b)
+        tau = ssbfgs_tau(b, scaling)
     return torch.where(first, h / sigma, tau), phi, theta
 
 
@@ -268,45 +267,70 @@ def _dense(cfg: _Config, who: str) -> Transform:
     return guarded(who, Transform(init, update, publish), SelfScaledState)
 
 
-def _make(who: str, cfg: _Config) -> Transform:
+def _make(who: str, cfg: _Config, memory_size: int | None = None) -> Transform:
     check_in(who, "scaling", cfg.scaling, SCALINGS)
     if cfg.curvature_eps is not None:
         check_nonnegative(who, "curvature_eps", cfg.curvature_eps)
     if cfg.initial_scaling is not None:
         check_positive(who, "initial_scaling", cfg.initial_scaling)
-    return _dense(cfg, who)
+    if memory_size is None:
+        return _dense(cfg, who)
+    return limited_memory_ssbfgs(
+        memory_size,
+        cfg.scaling,
+        cfg.initial_scaling,
+        cfg.curvature_eps,
+        f"{who}(memory_size={memory_size})",
+    )
 
 
 def ssbfgs(
     *,
+    memory_size: int | None = None,
     scaling: str = "al-baali",
     initial_scaling: float | None = 1.0,
     curvature_eps: float | None = None,
 ) -> Transform:
-    """The self-scaled BFGS direction (module docstring; dense ``n x n`` inverse ``H``).
+    """The self-scaled BFGS direction (module docstring; dense ``n x n`` inverse ``H``, or
+    limited memory with ``memory_size``).
 
     Args:
+      memory_size: ``None`` for the dense matrix, else the number of pairs ``(s, y)`` kept
+        (:mod:`soo_func.directions.self_scaled_memory`: the SSBFGS updates of the ``m``
+        newest pairs from ``H0``, by a weighted two-loop recursion).
       scaling: ``"al-baali"`` (``tau = min(1, 1/b)``, Urbán et al. eq. (11), the papers'
         SSBFGS), ``"oren-luenberger"`` (``tau = 1/b``) or ``"none"`` (BFGS).
       initial_scaling: ``H0 = initial_scaling * I``, self-scaled from the first pair (the
         papers' PINN setting, ``H0 = I``); ``None``: ``H0 = I`` rescaled by N&W eq. 6.20
-        at the first pair, as :func:`soo_func.bfgs` does by default.
+        at the first pair, as :func:`soo_func.bfgs` does by default (with ``memory_size``:
+        ``H0 = gamma I`` of the newest pair at every step, N&W eq. 7.20, as
+        :func:`soo_func.lbfgs`; ``scaling="none"`` is then ``bfgs(memory_size=m)``).
       curvature_eps: skip pairs with ``s^T y <= curvature_eps |s||y|`` (default: the
         dtype's machine epsilon).
 
-    Publishes ``curvature`` (``v -> H^{-1} v``, a dense solve) and ``step_hint``. Use it with
+    Publishes ``curvature`` (``v -> H^{-1} v``: a dense solve; with ``memory_size`` the
+    compact direct BFGS formula on the rescaled pairs) and ``step_hint``. Use it with
     a line search (``wolfe``, as the papers do): ``b`` is read off the line-search step.
     """
-    return _make("ssbfgs", _Config(False, scaling, curvature_eps, initial_scaling))
+    return _make("ssbfgs", _Config(False, scaling, curvature_eps, initial_scaling), memory_size)
 
 
 def ssbroyden(
     *,
+    memory_size: int | None = None,
     initial_scaling: float | None = 1.0,
     curvature_eps: float | None = None,
 ) -> Transform:
     """The self-scaled Broyden-class direction (Urbán et al. eqs. (13)-(23), ``SSBroyden2``;
     module docstring): ``theta``, ``phi`` and ``tau`` chosen per pair from ``a``, ``b``,
     ``h``. Args as :func:`ssbfgs` (``initial_scaling=None``: the papers' first-pair
-    ``tau = h / sigma``). Publishes ``curvature`` and ``step_hint``."""
+    ``tau = h / sigma``). Publishes ``curvature`` and ``step_hint``. Dense only: a
+    ``memory_size`` is refused (module docstring; ``ssbfgs(memory_size=m)`` is the
+    limited-memory self-scaled method)."""
+    if memory_size is not None:
+        raise ValueError(
+            f"ssbroyden: memory_size must be None (the dense form), got {memory_size!r}: the "
+            "self-scaled Broyden class has no two-loop (limited-memory) form here; use the "
+            "dense ssbroyden() or the limited-memory ssbfgs(memory_size=m)"
+        )
     return _make("ssbroyden", _Config(True, "al-baali", curvature_eps, initial_scaling))
