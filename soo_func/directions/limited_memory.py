@@ -32,7 +32,7 @@ from soo_func.directions.compact import (
     two_loop_coefficients,
 )
 
-__all__ = ["LimitedMemoryState", "first_step_hint", "limited_memory"]
+__all__ = ["LimitedMemoryState", "curvature_rule", "first_step_hint", "limited_memory"]
 
 
 class LimitedMemoryState(NamedTuple):
@@ -85,7 +85,7 @@ def _sr1_rule(gram, valid, kernel_fn, identity_coef, rtol, a_col, b_col):
     return torch.abs(ab - a_ma) > rtol * torch.sqrt(aa * residual_sq)
 
 
-def _curvature_rule(curvature_eps: float | None):
+def curvature_rule(curvature_eps: float | None) -> pm.AcceptRule:
     """The BFGS/DFP skip rule: keep the new pair when ``s^T y > eps |s| |y|``."""
 
     def accept_rule(gram: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -172,7 +172,7 @@ def _transform(o: _Options, who: str) -> Transform:
 
     def make_rule(gamma_sr1: torch.Tensor | None) -> pm.AcceptRule:
         if o.method in ("bfgs", "dfp"):
-            return _curvature_rule(o.curvature_eps)
+            return curvature_rule(o.curvature_eps)
 
         def accept_rule(gram: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
             ss = gram[m - 1, m - 1]

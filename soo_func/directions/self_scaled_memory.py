@@ -59,7 +59,7 @@ from soo_func.directions.compact import (
     newest_gamma,
     two_loop_coefficients,
 )
-from soo_func.directions.limited_memory import first_step_hint
+from soo_func.directions.limited_memory import curvature_rule, first_step_hint
 
 __all__ = [
     "SelfScaledMemoryState",
@@ -103,19 +103,6 @@ def pair_weights(inv_tau: torch.Tensor, valid: torch.Tensor):
     return w, w[0] * c[0]
 
 
-def _curvature_rule(curvature_eps: float | None) -> pm.AcceptRule:
-    """The BFGS skip rule on the new (last) slot: ``s^T y > eps |s| |y|``."""
-
-    def accept_rule(gram: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        del valid
-        m = gram.shape[0] // 2
-        ss, sy, yy = gram[m - 1, m - 1], gram[m - 1, -1], gram[-1, -1]
-        eps = torch.finfo(gram.dtype).eps if curvature_eps is None else curvature_eps
-        return sy > eps * torch.sqrt(ss * yy)
-
-    return accept_rule
-
-
 def _new_inv_tau(state: SelfScaledMemoryState, pushed: pm.Pushed, scaling: str):
     """``1/tau`` of the pair just pushed (1 where ``b`` is not positive and finite: the
     unscaled BFGS update, as the dense form)."""
@@ -144,7 +131,7 @@ def limited_memory_ssbfgs(
     m = memory_size
     fixed = initial_scaling is not None
     h0 = 1.0 if initial_scaling is None else initial_scaling
-    rule = _curvature_rule(curvature_eps)
+    rule = curvature_rule(curvature_eps)
 
     def init(params: Any) -> SelfScaledMemoryState:
         leaves = tree.leaves(params)
