@@ -192,10 +192,12 @@ def test_batched_result_carries_a_batched_state_and_counts():
     assert batched.num_grad_evals == 1 + 80 and batched.num_value_evals == 1 + 80 * 9
 
 
-@pytest.mark.parametrize("name", ["lbfgs", "gauss_newton"])
+@pytest.mark.parametrize("name", ["lbfgs", "gauss_newton", "levenberg_marquardt"])
 def test_counts_of_the_steps_run_equal_the_host_driver_counts(name):
     """Run for exactly the host run's steps, the sync-free driver counts what it does
-    (including least_squares' residual evaluations, counted through the steps' twins)."""
+    (including least_squares' residual evaluations, counted through the steps' twins);
+    Levenberg-Marquardt reuses its cached Jacobian from the second step on (the driver's
+    ``continues`` promise), as the host driver does after its check."""
     host = solve_one(name, X0S[0], DATAS[0])
     free = solve_one(name, X0S[0], DATAS[0], max_steps=host.num_steps, check_every=None)
     counts = ("num_value_evals", "num_grad_evals", "num_hvp_evals", "num_residual_evals")

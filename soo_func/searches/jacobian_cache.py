@@ -33,6 +33,7 @@ PyTree = Any
 __all__ = [
     "JacobianCache",
     "empty_jacobian_cache",
+    "filled",
     "function_token",
     "lookup",
     "select_cached",
@@ -76,6 +77,12 @@ def empty_jacobian_cache(params: PyTree) -> JacobianCache:
         at=torch.zeros((0,), **scalar),
         of=torch.zeros((), dtype=torch.int64, device=like.device),
     )
+
+
+def filled(cache: JacobianCache, params: PyTree) -> bool:
+    """Whether ``cache`` holds a Jacobian for params of this size (shapes only, no read)."""
+    n = sum(leaf.numel() for leaf in tree.leaves(params))
+    return cache.at.shape == (n,) and cache.jacobian.shape[-1:] == (n,)
 
 
 def lookup(
