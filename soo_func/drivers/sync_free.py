@@ -68,10 +68,12 @@ __all__ = [
     "Carry",
     "CompiledStep",
     "charge_uncharged",
+    "converged_code",
     "device_step",
     "freeze",
     "minimize_sync_free",
     "reason_names",
+    "start_carry",
 ]
 
 REASON_NAMES = ("max_steps", *RULES, "non_finite_value", "minus_inf_value", "non_finite_start")
@@ -100,6 +102,11 @@ class Carry(NamedTuple):
     num_steps: torch.Tensor  # 0-d int64: steps taken before stopping
     streaks: Streaks  # 0-d tensors
     uncharged: torch.Tensor  # [values, gradients] int64: published ``uncharged_evals``
+
+
+def converged_code(code: torch.Tensor) -> torch.Tensor:
+    """Whether each ``reason_code`` is one of the converged rules' (no host read)."""
+    return (code >= _CONVERGED_CODES[0]) & (code <= _CONVERGED_CODES[-1])
 
 
 def reason_names(result: MinimizeResult) -> str | list:
@@ -212,7 +219,7 @@ def make_step(
     return step
 
 
-def _start(
+def start_carry(
     objective: CountedObjective, params: PyTree, state: Any, tols: tuple
 ) -> tuple[Carry, StopRules]:
     """The first carry and the run's rules: a non-finite start is stopped (code
@@ -354,14 +361,13 @@ def minimize_sync_free(
             "minimize: callback and progress read the host every step; they need "
             "check_every=1 and compile=False (the host loop)"
         )
-    carry, rules = _start(objective, params, state, tols)
+    carry, rules = start_carry(objective, params, state, tols)
     tally, twin, extra = Tally.of(objective, dict(extra or {}))
     with tree.no_host_reads():
         steps = tuple(make_step(twin, optimizer, extra, rules, later) for later in (False, True))
         carry = _loop(steps, carry, tally, loop)
     charge_uncharged(objective, carry.uncharged, compiled=loop[2])
     grad_norm = tree.overflow_safe_norm(carry.grad)
-    low, high = _CONVERGED_CODES[0], _CONVERGED_CODES[-1]
     return MinimizeResult(
         params=carry.params,
         value=carry.value,
@@ -371,7 +377,7 @@ def minimize_sync_free(
         num_value_evals=objective.num_value_evals,
         num_grad_evals=objective.num_grad_evals,
         num_hvp_evals=objective.num_hvp_evals,
-        converged=(carry.code >= low) & (carry.code <= high),
+        converged=converged_code(carry.code),
         reason=SYNC_FREE_REASON,
         state=carry.state,
         history=[],
