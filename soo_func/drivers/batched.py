@@ -45,7 +45,7 @@ PyTree = Any
 
 __all__ = ["COMPACT_EVERY", "batched_least_squares", "batched_minimize"]
 
-COMPACT_EVERY = 2
+COMPACT_EVERY = 1
 """The default ``compact_every`` of the batched solves: steps between two compactions."""
 
 _TOLS = {"gtol": 1e-5, "gtol_rel": 0.0, "ftol": 0.0, "xtol": 0.0}
