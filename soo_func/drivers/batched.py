@@ -43,10 +43,13 @@ from soo_func.searches.levenberg import levenberg_marquardt
 
 PyTree = Any
 
-__all__ = ["COMPACT_EVERY", "batched_least_squares", "batched_minimize"]
+__all__ = ["COMPACT_EVERY", "CPU_CHUNK_SIZE", "batched_least_squares", "batched_minimize"]
 
 COMPACT_EVERY = 1
 """The default ``compact_every`` of the batched solves: steps between two compactions."""
+
+CPU_CHUNK_SIZE = 16384
+"""``chunk_size="auto"`` on the CPU: problems solved at a time (their tensors stay in cache)."""
 
 _TOLS = {"gtol": 1e-5, "gtol_rel": 0.0, "ftol": 0.0, "xtol": 0.0}
 
@@ -65,9 +68,11 @@ def _solve(
     tols = tuple(options["kwargs"].get(name, default) for name, default in _TOLS.items())
     problem = BatchedProblem(bind, optimizer, tuple(options["args"]), options["args_dims"], tols)
     params = tree.map_leaves(torch.Tensor.detach, params)
-    return solve_batched(
-        problem, params, options["max_steps"], compact_every, options["chunk_size"]
-    )
+    chunk_size = options["chunk_size"]
+    if chunk_size == "auto":
+        on_cpu = tree.leaves(params)[0].device.type == "cpu"
+        chunk_size = CPU_CHUNK_SIZE if on_cpu else None
+    return solve_batched(problem, params, options["max_steps"], compact_every, chunk_size)
 
 
 def batched_minimize(
@@ -79,7 +84,7 @@ def batched_minimize(
     args_dims: Any = 0,
     max_steps: int = 100,
     compact_every: int | None = COMPACT_EVERY,
-    chunk_size: int | None = None,
+    chunk_size: int | str | None = "auto",
     extra: dict[str, Any] | None = None,
     **kwargs: Any,
 ) -> MinimizeResult:
@@ -99,7 +104,9 @@ def batched_minimize(
         stopped (one host read), goes on with the others only, and ends when all have
         stopped (:mod:`soo_func.drivers.batched_loop`). ``None``: every problem runs all
         ``max_steps`` steps in one vmapped run with no host read.
-      chunk_size: solve this many problems at a time (less memory, ``vmap``'s option).
+      chunk_size: solve this many problems at a time (``vmap``'s option: less memory, and
+        on the CPU tensors that stay in cache); ``"auto"``: ``CPU_CHUNK_SIZE`` on the CPU,
+        the whole batch (``None``) on other devices.
       extra: more keyword extras for the optimizer's ``update``.
       kwargs: :func:`~soo_func.minimize`'s stopping options ``gtol``, ``gtol_rel``,
         ``ftol``, ``xtol``.
@@ -128,7 +135,7 @@ def batched_least_squares(
     args_dims: Any = 0,
     max_steps: int = 100,
     compact_every: int | None = COMPACT_EVERY,
-    chunk_size: int | None = None,
+    chunk_size: int | str | None = "auto",
     extra: dict[str, Any] | None = None,
     **kwargs: Any,
 ) -> MinimizeResult:

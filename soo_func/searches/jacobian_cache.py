@@ -14,6 +14,10 @@ random offset, so that a state restored in another process does not match that
 process's functions. A callable that cannot be weakly referenced or hashed gets a new
 token at every call (its Jacobian is never reused: correct, at ``n + 1`` more
 evaluations per step).
+
+Where the host may read, :func:`lookup` checks the point and the token; a traced or
+vmapped update evaluates and picks by :func:`select_cached`; a caller that promises the
+point (the ``continues`` extra) skips both, given a :func:`filled` cache.
 """
 
 from __future__ import annotations
