@@ -306,6 +306,10 @@ EXTRAS: dict[str, Declared] = {
                          "`model_only=True`: a later chain member solves the model itself "
                          "(`Transform.solves_model`, trust_region's Steihaug): publish the "
                          "curvature and skip the direction's own solve"),
+    "continues": _extra("levenberg, levenberg_marquardt (the dense Jacobian cache)",
+                        "`continues=True`: params and the state are those the previous update "
+                        "published, with the same functions (the sync-free driver from its "
+                        "second step): a cache kept there is reused without a check"),
     "overlap_value_fn": _extra("multi_batch_lbfgs",
                                "`overlap_value_fn=fn`: the loss on the overlap of two batches"),
 }  # fmt: skip

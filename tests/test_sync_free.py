@@ -83,11 +83,12 @@ def solve_one(name: str, x0: torch.Tensor, data: torch.Tensor, **kwargs) -> sf.M
     return sf.minimize(loss, x0, make(), args=(data,), **kwargs)
 
 
-def solve_batch(name: str) -> sf.MinimizeResult:
+def solve_batch(name: str, **kwargs) -> sf.MinimizeResult:
     is_lsq, make, max_steps = CASES[name]
+    kwargs.update(args=(DATAS,), max_steps=max_steps)
     if is_lsq:
-        return sf.batched_least_squares(residual, X0S, make(), args=(DATAS,), max_steps=max_steps)
-    return sf.batched_minimize(loss, X0S, make(), args=(DATAS,), max_steps=max_steps)
+        return sf.batched_least_squares(residual, X0S, make(), **kwargs)
+    return sf.batched_minimize(loss, X0S, make(), **kwargs)
 
 
 # ----------------------------------------------------------------------- no host read
@@ -185,17 +186,19 @@ def test_multi_start_lbfgs_on_rosenbrock():
 
 
 def test_batched_result_carries_a_batched_state_and_counts():
-    batched = solve_batch("lbfgs")
+    batched = solve_batch("lbfgs", compact_every=None)  # lockstep: every step for all
     leaves = [x for x in sf.tree.leaves(batched.state) if isinstance(x, torch.Tensor)]
     assert leaves and all(x.shape[:1] == (len(X0S),) for x in leaves)
     # every problem runs every step: a start, then per step 8 trial values and one gradient
     assert batched.num_grad_evals == 1 + 80 and batched.num_value_evals == 1 + 80 * 9
 
 
-@pytest.mark.parametrize("name", ["lbfgs", "gauss_newton"])
+@pytest.mark.parametrize("name", ["lbfgs", "gauss_newton", "levenberg_marquardt"])
 def test_counts_of_the_steps_run_equal_the_host_driver_counts(name):
     """Run for exactly the host run's steps, the sync-free driver counts what it does
-    (including least_squares' residual evaluations, counted through the steps' twins)."""
+    (including least_squares' residual evaluations, counted through the steps' twins);
+    Levenberg-Marquardt reuses its cached Jacobian from the second step on (the driver's
+    ``continues`` promise), as the host driver does after its check."""
     host = solve_one(name, X0S[0], DATAS[0])
     free = solve_one(name, X0S[0], DATAS[0], max_steps=host.num_steps, check_every=None)
     counts = ("num_value_evals", "num_grad_evals", "num_hvp_evals", "num_residual_evals")

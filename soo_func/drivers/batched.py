@@ -18,57 +18,61 @@ with the whole result batched. The optimizer must trace under ``vmap`` (no host 
 in its update: ``chain(lbfgs(), armijo_sync_free())``, ``chain(gauss_newton(),
 armijo_sync_free())``, ``levenberg_marquardt()``; host-deciding searches such as
 ``wolfe`` cannot be batched).
+
+The host loop of :mod:`soo_func.drivers.batched_loop` runs the vmapped steps
+``compact_every`` at a time and drops the problems that have stopped from the batch
+between rounds (one host read a round): the results are those of the pattern above, at
+the cost of the problems still running.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-import optree
 import torch
 
-from soo_func.base import Transform
-from soo_func.drivers.least_squares import least_squares
-from soo_func.drivers.minimize import minimize
+from soo_func import tree
+from soo_func.base import Transform, check_transform
+from soo_func.drivers.adjoint import bind_args
+from soo_func.drivers.batched_loop import BatchedProblem, solve_batched
 from soo_func.drivers.result import MinimizeResult
+from soo_func.options import check_int_at_least
+from soo_func.oracles import CountedObjective, raw_function
+from soo_func.searches.levenberg import levenberg_marquardt
 
 PyTree = Any
 
-__all__ = ["batched_least_squares", "batched_minimize"]
+__all__ = ["COMPACT_EVERY", "CPU_CHUNK_SIZE", "batched_least_squares", "batched_minimize"]
 
-_BATCHED_FIELDS = ("params", "value", "grad", "grad_norm", "num_steps", "converged", "reason_code")
+COMPACT_EVERY = 1
+"""The default ``compact_every`` of the batched solves: steps between two compactions."""
+
+CPU_CHUNK_SIZE = 16384
+"""``chunk_size="auto"`` on the CPU: problems solved at a time (their tensors stay in cache)."""
+
+_TOLS = {"gtol": 1e-5, "gtol_rel": 0.0, "ftol": 0.0, "xtol": 0.0}
 
 
-def _vmapped(
-    solve: Callable[..., MinimizeResult],
-    params: PyTree,
-    args: tuple,
-    args_dims: Any,
-    chunk_size: int | None,
+def _solve(
+    who: str, bind: Callable, params: PyTree, optimizer: Transform, options: dict[str, Any]
 ) -> MinimizeResult:
-    """``solve(params_i, args_i)`` for every problem ``i`` of the batch, as one result whose
-    tensors have the batch dimension first (the counts are one problem's)."""
-    last: dict[str, Any] = {}
-
-    def one(p: PyTree, a: tuple) -> tuple:
-        result = solve(p, a)
-        state_leaves, state_spec = optree.tree_flatten(result.state, none_is_leaf=True)
-        is_tensor = [isinstance(leaf, torch.Tensor) for leaf in state_leaves]
-        last.update(result=result, state=(state_leaves, state_spec, is_tensor))
-        batched = tuple(getattr(result, name) for name in _BATCHED_FIELDS)
-        return batched, [leaf for leaf, t in zip(state_leaves, is_tensor, strict=True) if t]
-
-    vmapped = torch.func.vmap(one, in_dims=(0, args_dims), chunk_size=chunk_size)
-    batched, state_tensors = vmapped(params, args)
-    leaves, spec, is_tensor = last["state"]
-    tensors = iter(state_tensors)
-    state = spec.unflatten(
-        [next(tensors) if t else leaf for leaf, t in zip(leaves, is_tensor, strict=True)]
-    )
-    fields = dict(zip(_BATCHED_FIELDS, batched, strict=True))
-    return dataclasses.replace(last["result"], state=state, **fields)
+    """Check the options and run :func:`~soo_func.drivers.batched_loop.solve_batched`."""
+    check_transform(who, optimizer)
+    unknown = set(options["kwargs"]) - set(_TOLS)
+    if unknown:
+        raise TypeError(f"{who}: unexpected keyword argument(s) {sorted(unknown)}")
+    compact_every = options["compact_every"]
+    if compact_every is not None:
+        check_int_at_least(who, "compact_every", compact_every, 1)
+    tols = tuple(options["kwargs"].get(name, default) for name, default in _TOLS.items())
+    problem = BatchedProblem(bind, optimizer, tuple(options["args"]), options["args_dims"], tols)
+    params = tree.map_leaves(torch.Tensor.detach, params)
+    chunk_size = options["chunk_size"]
+    if chunk_size == "auto":
+        on_cpu = tree.leaves(params)[0].device.type == "cpu"
+        chunk_size = CPU_CHUNK_SIZE if on_cpu else None
+    return solve_batched(problem, params, options["max_steps"], compact_every, chunk_size)
 
 
 def batched_minimize(
@@ -79,7 +83,9 @@ def batched_minimize(
     args: tuple = (),
     args_dims: Any = 0,
     max_steps: int = 100,
-    chunk_size: int | None = None,
+    compact_every: int | None = COMPACT_EVERY,
+    chunk_size: int | str | None = "auto",
+    extra: dict[str, Any] | None = None,
     **kwargs: Any,
 ) -> MinimizeResult:
     """Minimize a batch of independent problems ``value_fn(params[i], *args[i])``.
@@ -91,25 +97,33 @@ def batched_minimize(
       optimizer: a :class:`~soo_func.Transform` that traces under ``vmap`` (module
         docstring), e.g. ``chain(lbfgs(), armijo_sync_free())``.
       args: extra arguments of ``value_fn``; their tensors have the batch dimension at
-        ``args_dims`` (``torch.func.vmap``'s ``in_dims`` for them: ``0``, ``None`` for
-        shared ones, or a tuple with one entry per argument).
-      max_steps: the steps every problem runs (a problem that stops earlier is frozen).
-      chunk_size: solve this many problems at a time (less memory, ``vmap``'s option).
-      kwargs: :func:`~soo_func.minimize`'s stopping options (``gtol``, ``gtol_rel``,
-        ``ftol``, ``xtol``, ``extra``).
+        ``args_dims`` (``torch.func.vmap``'s ``in_dims`` for them: an int, ``None`` for
+        shared ones, or a tuple with one int or ``None`` per argument).
+      max_steps: the most steps a problem runs (a problem that stops earlier is frozen).
+      compact_every: steps between two compactions: the loop reads which problems have
+        stopped (one host read), goes on with the others only, and ends when all have
+        stopped (:mod:`soo_func.drivers.batched_loop`). ``None``: every problem runs all
+        ``max_steps`` steps in one vmapped run with no host read.
+      chunk_size: solve this many problems at a time (``vmap``'s option: less memory, and
+        on the CPU tensors that stay in cache); ``"auto"``: ``CPU_CHUNK_SIZE`` on the CPU,
+        the whole batch (``None``) on other devices.
+      extra: more keyword extras for the optimizer's ``update``.
+      kwargs: :func:`~soo_func.minimize`'s stopping options ``gtol``, ``gtol_rel``,
+        ``ftol``, ``xtol``.
 
     Returns one :class:`~soo_func.MinimizeResult` whose ``params``, ``value``, ``grad``,
     ``grad_norm``, ``num_steps``, ``converged``, ``reason_code`` and the tensors of
-    ``state`` have the batch dimension first; the evaluation counts are those of one
-    problem (every problem runs every step, frozen or not).
+    ``state`` have the batch dimension first; each problem's are those of its own
+    sync-free solve (``minimize(..., check_every=None)``). The evaluation counts are those
+    of one problem that ran every step the loop ran.
     """
 
-    def solve(p: PyTree, a: tuple) -> MinimizeResult:
-        return minimize(
-            value_fn, p, optimizer, args=a, max_steps=max_steps, check_every=None, **kwargs
-        )
+    def bind(a: tuple) -> tuple[CountedObjective, dict[str, Any]]:
+        return CountedObjective(bind_args(value_fn, a)), dict(extra or {})
 
-    return _vmapped(solve, params, tuple(args), args_dims, chunk_size)
+    options = dict(args=args, args_dims=args_dims, max_steps=max_steps, kwargs=kwargs)
+    options.update(compact_every=compact_every, chunk_size=chunk_size)
+    return _solve("batched_minimize", bind, params, optimizer, options)
 
 
 def batched_least_squares(
@@ -120,15 +134,19 @@ def batched_least_squares(
     args: tuple = (),
     args_dims: Any = 0,
     max_steps: int = 100,
-    chunk_size: int | None = None,
+    compact_every: int | None = COMPACT_EVERY,
+    chunk_size: int | str | None = "auto",
+    extra: dict[str, Any] | None = None,
     **kwargs: Any,
 ) -> MinimizeResult:
     """Solve a batch of independent least-squares problems
     ``min 0.5 |residual_fn(params[i], *args[i])|^2`` (10,000 small curve fits in one run).
 
-    As :func:`batched_minimize`, with :func:`~soo_func.least_squares` per problem
-    (``optimizer`` ``None``: ``levenberg_marquardt()``), so ``num_residual_evals`` is
-    filled too. Example, ``y = a exp(-b t) + c`` fitted to each row of ``ys``::
+    As :func:`batched_minimize` (``compact_every`` included), with
+    :func:`~soo_func.least_squares` per problem (``optimizer`` ``None``:
+    ``levenberg_marquardt()``; the optimizer gets the counted ``residual_fn`` extra), so
+    ``num_residual_evals`` is filled too. Example, ``y = a exp(-b t) + c`` fitted to each
+    row of ``ys``::
 
         def residual(p, y):
             return p[0] * torch.exp(-p[1] * t) + p[2] - y
@@ -136,10 +154,17 @@ def batched_least_squares(
         result = sf.batched_least_squares(residual, x0s, args=(ys,), max_steps=50)
         result.params  # (batch, 3)
     """
+    optimizer = levenberg_marquardt() if optimizer is None else optimizer
+    raw = raw_function(residual_fn)
 
-    def solve(p: PyTree, a: tuple) -> MinimizeResult:
-        return least_squares(
-            residual_fn, p, optimizer, args=a, max_steps=max_steps, check_every=None, **kwargs
-        )
+    def value_fn(p: PyTree, *a: Any) -> torch.Tensor:
+        return 0.5 * tree.sum_of_squares(raw(p, *a))
 
-    return _vmapped(solve, params, tuple(args), args_dims, chunk_size)
+    def bind(a: tuple) -> tuple[CountedObjective, dict[str, Any]]:
+        residuals = CountedObjective(bind_args(raw, a))
+        objective = CountedObjective(bind_args(value_fn, a))
+        return objective, dict(extra or {}, residual_fn=residuals)
+
+    options = dict(args=args, args_dims=args_dims, max_steps=max_steps, kwargs=kwargs)
+    options.update(compact_every=compact_every, chunk_size=chunk_size)
+    return _solve("batched_least_squares", bind, params, optimizer, options)

@@ -68,10 +68,12 @@ __all__ = [
     "Carry",
     "CompiledStep",
     "charge_uncharged",
+    "converged_code",
     "device_step",
     "freeze",
     "minimize_sync_free",
     "reason_names",
+    "start_carry",
 ]
 
 REASON_NAMES = ("max_steps", *RULES, "non_finite_value", "minus_inf_value", "non_finite_start")
@@ -100,6 +102,11 @@ class Carry(NamedTuple):
     num_steps: torch.Tensor  # 0-d int64: steps taken before stopping
     streaks: Streaks  # 0-d tensors
     uncharged: torch.Tensor  # [values, gradients] int64: published ``uncharged_evals``
+
+
+def converged_code(code: torch.Tensor) -> torch.Tensor:
+    """Whether each ``reason_code`` is one of the converged rules' (no host read)."""
+    return (code >= _CONVERGED_CODES[0]) & (code <= _CONVERGED_CODES[-1])
 
 
 def reason_names(result: MinimizeResult) -> str | list:
@@ -161,14 +168,24 @@ def _rule_code(flags: tuple[Any, ...], like: torch.Tensor) -> torch.Tensor:
 
 
 def make_step(
-    objective: CountedObjective, optimizer: Transform, extra: dict[str, Any], rules: StopRules
+    objective: CountedObjective,
+    optimizer: Transform,
+    extra: dict[str, Any],
+    rules: StopRules,
+    continues: bool = False,
 ) -> Callable[[Carry], Carry]:
     """One sync-free step: the host loop's step (update, apply, reuse the search's value
     and gradient or evaluate), its stopping rules on tensors, and the freeze of a problem
-    that had stopped or whose new value is not finite."""
+    that had stopped or whose new value is not finite.
+
+    ``continues=True`` passes the ``continues`` extra: the carry is one a step of this run
+    returned, so its params are the point the optimizer's last update published (moved to,
+    or kept with the state by the freeze) and its functions are unchanged; an optimizer may
+    then reuse what it cached there without a check (levenberg's Jacobian)."""
+    promise = {"continues": True} if continues else {}
 
     def step(carry: Carry) -> Carry:
-        kwargs = dict(extra, value=carry.value, grad=carry.grad, value_fn=objective)
+        kwargs = dict(extra, **promise, value=carry.value, grad=carry.grad, value_fn=objective)
         updates, state, published = update_and_publish(
             optimizer, carry.grad, carry.state, carry.params, **kwargs
         )
@@ -202,7 +219,7 @@ def make_step(
     return step
 
 
-def _start(
+def start_carry(
     objective: CountedObjective, params: PyTree, state: Any, tols: tuple
 ) -> tuple[Carry, StopRules]:
     """The first carry and the run's rules: a non-finite start is stopped (code
@@ -283,10 +300,11 @@ GUARDED_CALLS = 2
 """Compiled calls of a run made with dynamo's guards evaluated in full (see :func:`_loop`)."""
 
 
-def _loop(step: Callable, carry: Carry, tally: Tally, loop: tuple) -> Carry:
-    """Run ``step`` up to ``max_steps`` times, reading ``done`` on the host before the
-    first step and after every ``check_every`` steps (never when ``None``); compiled from
-    the second step on (the first one fills what the optimizer's state fills once).
+def _loop(steps: tuple[Callable, Callable], carry: Carry, tally: Tally, loop: tuple) -> Carry:
+    """Run up to ``max_steps`` steps, reading ``done`` on the host before the first step
+    and after every ``check_every`` steps (never when ``None``): ``steps`` is the first
+    step and the step that continues the run (:func:`make_step`), which is compiled (the
+    first one fills what the optimizer's state fills once).
 
     A compiled graph is guarded: each call checks every input's metadata and the Python
     values it read (about a millisecond a step for an L-BFGS carry). After
@@ -296,6 +314,7 @@ def _loop(step: Callable, carry: Carry, tally: Tally, loop: tuple) -> Carry:
     (``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``, scoped to this loop).
     """
     max_steps, check_every, compile, _ = loop
+    first, step = steps
     compiled = CompiledStep(step) if compile else None
     with contextlib.ExitStack() as stack:
         for taken in range(max_steps):
@@ -304,7 +323,8 @@ def _loop(step: Callable, carry: Carry, tally: Tally, loop: tuple) -> Carry:
             if compiled is not None and taken == 1 + GUARDED_CALLS and compiled.whole:
                 stance = torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
                 stack.enter_context(stance)
-            carry = (compiled if compiled is not None and taken > 0 else step)(carry)
+            later = compiled if compiled is not None else step
+            carry = (later if taken > 0 else first)(carry)
             tally.settle()
     return carry
 
@@ -341,13 +361,13 @@ def minimize_sync_free(
             "minimize: callback and progress read the host every step; they need "
             "check_every=1 and compile=False (the host loop)"
         )
-    carry, rules = _start(objective, params, state, tols)
+    carry, rules = start_carry(objective, params, state, tols)
     tally, twin, extra = Tally.of(objective, dict(extra or {}))
     with tree.no_host_reads():
-        carry = _loop(make_step(twin, optimizer, extra, rules), carry, tally, loop)
+        steps = tuple(make_step(twin, optimizer, extra, rules, later) for later in (False, True))
+        carry = _loop(steps, carry, tally, loop)
     charge_uncharged(objective, carry.uncharged, compiled=loop[2])
     grad_norm = tree.overflow_safe_norm(carry.grad)
-    low, high = _CONVERGED_CODES[0], _CONVERGED_CODES[-1]
     return MinimizeResult(
         params=carry.params,
         value=carry.value,
@@ -357,7 +377,7 @@ def minimize_sync_free(
         num_value_evals=objective.num_value_evals,
         num_grad_evals=objective.num_grad_evals,
         num_hvp_evals=objective.num_hvp_evals,
-        converged=(carry.code >= low) & (carry.code <= high),
+        converged=converged_code(carry.code),
         reason=SYNC_FREE_REASON,
         state=carry.state,
         history=[],

@@ -14,6 +14,10 @@ random offset, so that a state restored in another process does not match that
 process's functions. A callable that cannot be weakly referenced or hashed gets a new
 token at every call (its Jacobian is never reused: correct, at ``n + 1`` more
 evaluations per step).
+
+Where the host may read, :func:`lookup` checks the point and the token; a traced or
+vmapped update evaluates and picks by :func:`select_cached`; a caller that promises the
+point (the ``continues`` extra) skips both, given a :func:`filled` cache.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ PyTree = Any
 __all__ = [
     "JacobianCache",
     "empty_jacobian_cache",
+    "filled",
     "function_token",
     "lookup",
     "select_cached",
@@ -76,6 +81,12 @@ def empty_jacobian_cache(params: PyTree) -> JacobianCache:
         at=torch.zeros((0,), **scalar),
         of=torch.zeros((), dtype=torch.int64, device=like.device),
     )
+
+
+def filled(cache: JacobianCache, params: PyTree) -> bool:
+    """Whether ``cache`` holds a Jacobian for params of this size (shapes only, no read)."""
+    n = sum(leaf.numel() for leaf in tree.leaves(params))
+    return cache.at.shape == (n,) and cache.jacobian.shape[-1:] == (n,)
 
 
 def lookup(

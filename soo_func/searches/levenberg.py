@@ -64,7 +64,9 @@ it for the next update (:mod:`soo_func.searches.jacobian_cache`, keyed on the po
 residual function): a step costs ``min(m, n) + 1``, accepted or not (MINPACK: 1 per trial,
 ``n`` per accepted step). The matrix-free modes evaluate the trial with
 ``value_and_grad``. Host syncs: dense mode one per update (is the cached Jacobian the one
-at ``params``?); acceptance is a ``torch.where``.
+at ``params``?), none when the caller passes ``continues=True`` (the sync-free driver from
+its second step: the cache is then at ``params`` by construction); acceptance is a
+``torch.where``.
 """
 
 from __future__ import annotations

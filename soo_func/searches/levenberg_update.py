@@ -42,6 +42,7 @@ from soo_func.searches.damping import (
 )
 from soo_func.searches.jacobian_cache import (
     JacobianCache,
+    filled,
     function_token,
     lookup,
     select_cached,
@@ -77,13 +78,16 @@ __all__ = [
 
 class Point(NamedTuple):
     """What an update knows at ``params``: the objective, the optional least-squares
-    residuals and published curvature, and the value and gradient there."""
+    residuals and published curvature, the value and gradient there, and whether the
+    caller promised that ``params`` continues the previous update (the ``continues``
+    extra)."""
 
     value_fn: Callable
     residual_fn: Callable | None
     curvature: Callable | None
     value: torch.Tensor
     grad: PyTree
+    continues: bool = False
 
 
 class Current(NamedTuple):
@@ -123,7 +127,9 @@ class Trial(NamedTuple):
 
 
 def read_point(who: str, marquardt: bool, params: PyTree, extra: dict[str, Any]) -> Point:
-    """The extras an update needs, checked; the value and gradient computed when absent."""
+    """The extras an update needs, checked; the value and gradient computed when absent.
+    ``continues`` is the caller's promise (the ``continues`` extra) that ``params`` and the
+    state are those the previous update published, with the same functions."""
     require_extras(who, extra, "value_fn")
     if params is None:
         raise TypeError(f"{who} needs params in update(): pass update(grad, state, params, ...)")
@@ -137,7 +143,8 @@ def read_point(who: str, marquardt: bool, params: PyTree, extra: dict[str, Any])
         value, grad = value_and_grad(value_fn)(params)
     else:
         value, grad = extra["value"], extra["grad"]
-    return Point(value_fn, residual_fn, extra.get("curvature"), value, grad)
+    continues = extra.get("continues") is True
+    return Point(value_fn, residual_fn, extra.get("curvature"), value, grad, continues)
 
 
 def solver_choice(options: LevenbergOptions, point: Point, n: int) -> str:
@@ -164,11 +171,19 @@ def current_jacobian(
     options: LevenbergOptions, fit: bool, point: Point, params: PyTree, cache: JacobianCache
 ) -> Current | None:
     """The Jacobian at ``params``: the cached one when it is of this residual function at
-    this point (decided on the host where it may read), else evaluated (``n`` or ``m``
-    products and one residual evaluation), or ``None`` when ``fit`` and the m x n Jacobian
-    exceeds the budget (sized without an evaluation when ``m`` is known, else from the
-    first chunk, charged)."""
+    this point, else evaluated (``n`` or ``m`` products and one residual evaluation), or
+    ``None`` when ``fit`` and the m x n Jacobian exceeds the budget (sized without an
+    evaluation when ``m`` is known, else from the first chunk, charged).
+
+    Whether the cache belongs here is known three ways: ``point.continues`` (the caller
+    promises that ``params`` is the point the previous update stored the cache at, for the
+    same function: the sync-free driver from its second step) takes a filled cache as it
+    is; else the host compares the point and the function's token where it may read; else
+    (traced or vmapped, no promise) the Jacobian is evaluated and the cached one selected
+    by ``torch.where`` (:func:`~soo_func.searches.jacobian_cache.select_cached`)."""
     token = function_token(point.residual_fn)
+    if point.continues and filled(cache, params):
+        return Current(cache.jacobian, cache.residuals, token, False)
     if tree.host_reads_allowed():
         cached = lookup(cache, params, token)
         if cached is not None:

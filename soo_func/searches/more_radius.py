@@ -11,7 +11,8 @@ radius follows Moré's rules: ``rho <= 1/4`` shrinks it to ``mu min(radius, 10 |
 ``lam = 0``) sets it to ``2 |D p|``. The first radius is ``100 |D x0|`` (MINPACK's
 ``factor``), cut to ``|D p|`` after the first step.
 
-:func:`lm_parameter` finds ``lam`` from the SVD of ``J D^{-1} = U S V^T``: with
+:func:`lm_parameter` finds ``lam`` from the SVD of ``J D^{-1} = U S V^T`` (for
+``m > n`` from the SVD of the n x n triangle of a QR of ``J``: :func:`scaled_svd`): with
 ``c = U^T r``, ``|D p(lam)| = |s c / (s^2 + lam)|``, and ``lam`` solves the secular
 equation ``1/radius - 1/|D p(lam)| = 0`` by Newton's method safeguarded by a bisection
 bracket (Moré's Algorithm 5.5, Hebden's iteration; Nocedal & Wright, *Numerical
@@ -40,6 +41,7 @@ __all__ = [
     "lm_parameter",
     "more_radius_update",
     "more_step",
+    "scaled_svd",
 ]
 
 RADIUS_FACTOR = 100.0
@@ -54,6 +56,25 @@ class LMStep(NamedTuple):
     scaled_norm: torch.Tensor
 
 
+def scaled_svd(
+    jac: torch.Tensor, r: torch.Tensor, diag: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(s, V^T, U^T r)`` of the thin SVD ``J D^{-1} = U S V^T``.
+
+    For ``m > n`` by the QR ``J = Q R`` first (Moré 1978 §3 reduces ``J`` to a triangle
+    the same way; Golub & Van Loan, *Matrix Computations*, 4th ed., §8.6.3, R-SVD): then
+    ``J D^{-1} = Q (R D^{-1})`` and the SVD ``R D^{-1} = U' S V^T`` of the n x n factor
+    gives ``U = Q U'`` and ``U^T r = U'^T (Q^T r)``, so only an n x n matrix is
+    decomposed by the SVD."""
+    m, n = jac.shape
+    if m <= n:
+        u, s, vt = torch.linalg.svd(jac / diag, full_matrices=False)
+        return s, vt, u.T @ r
+    q, upper = torch.linalg.qr(jac)
+    u, s, vt = torch.linalg.svd(upper / diag, full_matrices=False)
+    return s, vt, u.T @ (q.T @ r)
+
+
 def lm_parameter(
     jac: torch.Tensor, r: torch.Tensor, diag: torch.Tensor, radius: torch.Tensor, iters: int = 40
 ) -> LMStep:
@@ -63,8 +84,7 @@ def lm_parameter(
     Singular values below ``max(s) n eps`` count as zero (the Gauss-Newton step is then
     the minimum-norm one).
     """
-    u, s, vt = torch.linalg.svd(jac / diag, full_matrices=False)
-    c = u.T @ r
+    s, vt, c = scaled_svd(jac, r, diag)
     sc = s * c
     rank_tol = s.max() * max(jac.shape) * torch.finfo(s.dtype).eps
     keep = s > rank_tol

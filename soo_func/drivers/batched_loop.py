@@ -1,0 +1,223 @@
+"""The host loop of the batched solves, with compaction of the stopped problems.
+
+A batch of independent problems runs the sync-free step (:mod:`soo_func.drivers.sync_free`)
+under ``torch.func.vmap``, ``compact_every`` steps at a time. Between two rounds the loop
+reads the batch's ``done`` mask on the host once, gathers the problems still running (their
+carry: params, value, gradient, optimizer state, streaks; their stopping rules and their
+rows of the data), runs the next round on them alone, and scatters the results back. A
+stopped problem is frozen by the step anyway (its carry does not change), so leaving it out
+changes no result: compaction only removes the work. The loop ends when every problem has
+stopped or after ``max_steps`` steps. ``compact_every=None`` is one round of ``max_steps``
+steps on the whole batch, with no host read.
+
+The first round always runs the whole batch (the optimizer's state may fill caches, whose
+shapes change, at its first step). Every later round's first step continues the problem's
+run (``make_step(..., continues=True)``): the gathered carry is the one its last step
+returned.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import optree
+import torch
+
+from soo_func import tree
+from soo_func.base import Transform
+from soo_func.drivers.result import MinimizeResult
+from soo_func.drivers.sync_free import (
+    SYNC_FREE_REASON,
+    Carry,
+    Tally,
+    converged_code,
+    make_step,
+    start_carry,
+)
+from soo_func.oracles import CountedObjective
+
+PyTree = Any
+Bind = Callable[[tuple], tuple[CountedObjective, dict[str, Any]]]
+
+__all__ = ["BatchedProblem", "solve_batched"]
+
+COUNTS = ("num_value_evals", "num_grad_evals", "num_hvp_evals")
+
+
+class BatchedProblem(NamedTuple):
+    """What the loop solves: ``bind(args) -> (objective, extra)`` builds one problem's
+    counted objective and the optimizer's extras from its arguments; ``args`` carry the
+    batch at ``args_dims`` (an int or ``None`` for all, or one per argument)."""
+
+    bind: Bind
+    optimizer: Transform
+    args: tuple
+    args_dims: Any
+    tols: tuple[float, float, float, float]
+
+
+class Split:
+    """A pytree's tensor leaves (what crosses a ``vmap`` boundary) and its other leaves,
+    which are the same for every problem of the batch."""
+
+    def __init__(self, value: PyTree):
+        leaves, self.spec = optree.tree_flatten(value, none_is_leaf=True)
+        self.mask = [isinstance(leaf, torch.Tensor) for leaf in leaves]
+        self.others = [None if m else leaf for leaf, m in zip(leaves, self.mask, strict=True)]
+        self.tensors = [leaf for leaf, m in zip(leaves, self.mask, strict=True) if m]
+
+    def rebuild(self, tensors: list[torch.Tensor]) -> PyTree:
+        it = iter(tensors)
+        leaves = [next(it) if m else o for m, o in zip(self.mask, self.others, strict=True)]
+        return self.spec.unflatten(leaves)
+
+
+def _arg_dims(problem: BatchedProblem) -> tuple:
+    dims = problem.args_dims
+    return tuple(dims) if isinstance(dims, tuple) else (dims,) * len(problem.args)
+
+
+def _gather_args(args: tuple, dims: tuple, rows: torch.Tensor | None) -> tuple:
+    """The arguments of the problems ``rows`` (all when ``None``)."""
+    if rows is None:
+        return args
+    return tuple(
+        arg if dim is None else tree.map_leaves(lambda x, d=dim: x.index_select(d, rows), arg)
+        for arg, dim in zip(args, dims, strict=True)
+    )
+
+
+def _counts(objective: CountedObjective, extra: dict[str, Any]) -> dict[str, int]:
+    """The counts of ``objective`` and, as ``residual_*``, of ``extra``'s counted residuals."""
+    counts = {name: getattr(objective, name) for name in COUNTS}
+    residual = extra.get("residual_fn")
+    if isinstance(residual, CountedObjective):
+        counts.update({f"residual_{name}": getattr(residual, name) for name in COUNTS})
+    return counts
+
+
+class _Rounds:
+    """The vmapped start and rounds of one batched solve; ``counts`` sums one problem's
+    counts over them (a ``vmap`` chunk calls the function once per chunk: the last call's
+    counts are one problem's)."""
+
+    def __init__(self, problem: BatchedProblem, chunk_size: int | None):
+        self.problem, self.chunk_size = problem, chunk_size
+        self.in_dims = (0, _arg_dims(problem))
+        self.counts: dict[str, int] = {}
+        self.split: Split | None = None
+
+    def _add(self, last: dict[str, dict[str, int]]) -> None:
+        for name, count in last["counts"].items():
+            self.counts[name] = self.counts.get(name, 0) + count
+
+    def start(self, params: PyTree) -> list[torch.Tensor]:
+        last: dict[str, Any] = {}
+
+        def one(p: PyTree, a: tuple) -> list[torch.Tensor]:
+            objective, extra = self.problem.bind(a)
+            state = self.problem.optimizer.init(p)
+            split = Split(start_carry(objective, p, state, self.problem.tols))
+            last.update(split=split, counts=_counts(objective, extra))
+            return split.tensors
+
+        tensors = torch.func.vmap(one, self.in_dims, chunk_size=self.chunk_size)(
+            params, self.problem.args
+        )
+        self.split = last["split"]
+        self._add(last)
+        return tensors
+
+    def run(self, tensors: list, args: tuple, steps: int, continues: bool) -> list:
+        """``steps`` steps of every problem in ``tensors`` (their ``args``); the first step
+        continues the run when ``continues``."""
+        last: dict[str, Any] = {}
+        split_in = self.split
+
+        def one(ts: list[torch.Tensor], a: tuple) -> list[torch.Tensor]:
+            carry, rules = split_in.rebuild(ts)
+            objective, extra = self.problem.bind(a)
+            tally, twin, twin_extra = Tally.of(objective, extra)
+            first, later = (
+                make_step(twin, self.problem.optimizer, twin_extra, rules, flag)
+                for flag in (continues, True)
+            )
+            with tree.no_host_reads():
+                for taken in range(steps):
+                    carry = (later if taken > 0 else first)(carry)
+                    tally.settle()
+            split = Split((carry, rules))
+            last.update(split=split, counts=_counts(objective, extra))
+            return split.tensors
+
+        out = torch.func.vmap(one, self.in_dims, chunk_size=self.chunk_size)(tensors, args)
+        self.split = last["split"]
+        self._add(last)
+        return out
+
+
+def _scatter(full: list, rows: torch.Tensor, part: list) -> list:
+    """``full`` with the rows ``rows`` replaced by ``part``."""
+    out = []
+    for whole, some in zip(full, part, strict=True):
+        if whole.shape[1:] != some.shape[1:]:
+            raise RuntimeError(
+                "batched solve: the optimizer's state changed shape after its first step; "
+                "pass compact_every=None"
+            )
+        out.append(whole.index_copy(0, rows, some))
+    return out
+
+
+def solve_batched(
+    problem: BatchedProblem,
+    params: PyTree,
+    max_steps: int,
+    compact_every: int | None,
+    chunk_size: int | None,
+) -> MinimizeResult:
+    """Run the batch (module docstring) and return one result whose tensors have the batch
+    dimension first; its counts are those of a problem that ran every step the loop ran."""
+    rounds = _Rounds(problem, chunk_size)
+    tensors = rounds.start(params)
+    dims, taken = _arg_dims(problem), 0
+    while taken < max_steps:
+        steps = (
+            max_steps - taken if compact_every is None else min(compact_every, max_steps - taken)
+        )
+        rows = None
+        if taken > 0:
+            carry, _ = rounds.split.rebuild(tensors)
+            rows = torch.nonzero(~carry.done).reshape(-1)  # the round's one host read
+            if rows.numel() == 0:
+                break
+            if rows.numel() == carry.done.numel():
+                rows = None
+        part = tensors if rows is None else [t.index_select(0, rows) for t in tensors]
+        args = _gather_args(problem.args, dims, rows)
+        part = rounds.run(part, args, steps, continues=taken > 0)
+        tensors = part if rows is None else _scatter(tensors, rows, part)
+        taken += steps
+    carry, _ = rounds.split.rebuild(tensors)
+    return _result(carry, rounds.counts)
+
+
+def _result(carry: Carry, counts: dict[str, int]) -> MinimizeResult:
+    grad_norm = torch.func.vmap(tree.overflow_safe_norm)(carry.grad)
+    return MinimizeResult(
+        params=carry.params,
+        value=carry.value,
+        grad=carry.grad,
+        grad_norm=grad_norm,
+        num_steps=carry.num_steps,
+        num_value_evals=counts["num_value_evals"],
+        num_grad_evals=counts["num_grad_evals"],
+        num_hvp_evals=counts["num_hvp_evals"] + counts.get("residual_num_hvp_evals", 0),
+        converged=converged_code(carry.code),
+        reason=SYNC_FREE_REASON,
+        state=carry.state,
+        history=[],
+        num_residual_evals=counts.get("residual_num_value_evals", 0),
+        reason_code=carry.code,
+    )
