@@ -17,7 +17,8 @@ radius follows Moré's rules: ``rho <= 1/4`` shrinks it to ``mu min(radius, 10 |
 equation ``1/radius - 1/|D p(lam)| = 0`` by Newton's method safeguarded by a bisection
 bracket (Moré's Algorithm 5.5, Hebden's iteration; Nocedal & Wright, *Numerical
 Optimization*, 2nd ed., Algorithm 4.3 and section 10.3), for a fixed number of iterations with
-``torch.where`` (no host synchronisation).
+``torch.where`` (no host synchronisation): at most 10, MINPACK ``lmpar``'s own limit; a
+``lam`` within 10% stays fixed for the remaining ones.
 
 Used by :func:`~soo_func.searches.levenberg_marquardt` with the dense solver (its default
 there); the model pieces are in :mod:`soo_func.searches.damped_gauss_newton`.
@@ -76,7 +77,7 @@ def scaled_svd(
 
 
 def lm_parameter(
-    jac: torch.Tensor, r: torch.Tensor, diag: torch.Tensor, radius: torch.Tensor, iters: int = 40
+    jac: torch.Tensor, r: torch.Tensor, diag: torch.Tensor, radius: torch.Tensor, iters: int = 10
 ) -> LMStep:
     """``lam >= 0`` with ``|D p(lam)|`` within 10% of ``radius`` (or 0), and ``p(lam)``.
 
