@@ -7,14 +7,14 @@ sufficient decrease condition (3.4) and the interpolation of section 3.5.
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
 from soo_func import tree
 from soo_func.base import Transform, guarded, require_extras
 from soo_func.options import check_interval
-from soo_func.oracles import raw_function, value_and_grad
+from soo_func.oracles import value_and_grad
 from soo_func.searches.line import (
     LineSearchState,
     Ray,
@@ -31,6 +31,12 @@ from soo_func.searches.line import (
     read_start,
     resolve_alias,
     safeguard,
+)
+from soo_func.searches.sync_free_backtrack import (
+    Found,
+    compiled_search,
+    compiles_control_flow,
+    next_trial,
 )
 
 PyTree = Any
@@ -191,114 +197,6 @@ def _initial_step_tensor(
     return alpha0
 
 
-class _Found(NamedTuple):
-    """What the compiled search returns (all tensors: the outputs of ``torch.cond``)."""
-
-    alpha: torch.Tensor  # the accepted step length (0 when none)
-    value: torch.Tensor  # the value at params + alpha d (f0 when none)
-    grad: PyTree  # its gradient (the start's when none)
-    found: torch.Tensor
-    num_evals: torch.Tensor
-    num_grads: torch.Tensor
-
-
-def _next_trial(
-    f: torch.Tensor, alpha: torch.Tensor, f0: torch.Tensor, slope: torch.Tensor,
-    min_shrink: float, max_shrink: float,
-) -> torch.Tensor:  # fmt: skip
-    """The next trial after a rejected ``alpha`` with value ``f``: the quadratic's minimiser
-    (N&W eq. (3.57)) in ``[min_shrink alpha, max_shrink alpha]`` (``max_shrink alpha`` when
-    the quadratic has none), ``min_shrink alpha`` after a non-finite value."""
-    finite = torch.isfinite(f)
-    curvature = (f - f0 - slope * alpha) / (alpha * alpha)
-    candidate = -slope / (2.0 * curvature)
-    usable = finite & torch.isfinite(candidate) & (curvature > 0)
-    candidate = torch.where(usable, candidate, max_shrink * alpha)
-    candidate = torch.minimum(torch.maximum(candidate, min_shrink * alpha), max_shrink * alpha)
-    return torch.where(finite, candidate, min_shrink * alpha)
-
-
-def compiles_control_flow() -> bool:
-    """Whether the sync-free searches may branch with ``torch.cond`` here: while
-    ``torch.compile`` traces, outside ``torch.func`` transforms (a batched predicate runs
-    both branches, so ``vmap`` keeps the all-trials ``torch.where`` path). Eager code keeps
-    that path too (an eager ``torch.cond`` would read its predicate on the host)."""
-    return torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()
-
-
-def _compiled_search(
-    value_fn: Any, params: PyTree, updates: PyTree, grad: PyTree, f0: torch.Tensor,
-    slope: torch.Tensor, alpha0: torch.Tensor, ok_start: torch.Tensor, options: tuple,
-) -> _Found:  # fmt: skip
-    """The backtracking of :func:`armijo_sync_free` as nested ``torch.cond``: each trial is
-    evaluated only when every earlier one was rejected, so an accepted first trial costs
-    one ``value_and_grad``; a later accepted trial costs its values and one more
-    ``value_and_grad``. The accepted step, value and gradient are the all-trials path's.
-    ``value_fn`` is called unwrapped inside the branches (no host counter can be charged
-    there): ``num_evals``/``num_grads`` carry the count, published as ``uncharged_evals``."""
-    slope_rtol, min_shrink, max_shrink, max_steps = options
-    raw = raw_function(value_fn)
-    # The branches read these; leaves that are views of one buffer (a raveled direction)
-    # would be aliased inputs, which torch.cond refuses: one copy each.
-    params, updates, grad = (tree.map_leaves(torch.clone, t) for t in (params, updates, grad))
-
-    # Every tensor a branch returns is made inside it (a branch may not return its inputs).
-    def zero() -> torch.Tensor:
-        return torch.zeros_like(f0)
-
-    def true() -> torch.Tensor:
-        return torch.ones((), dtype=torch.bool, device=f0.device)
-
-    def count(k: int) -> torch.Tensor:
-        return torch.full((), k, dtype=torch.int64, device=f0.device)
-
-    def point(alpha: torch.Tensor) -> PyTree:
-        return tree.add(params, tree.scale(alpha, updates))
-
-    def sufficient(f: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-        return torch.isfinite(f) & (f <= f0 + slope_rtol * alpha * slope)
-
-    def none_found(num_evals: torch.Tensor, num_grads: int) -> _Found:
-        found = _Found(zero(), f0, grad, ~true(), num_evals, count(num_grads))
-        return tree.map_leaves(torch.clone, found)
-
-    def evaluated(alpha: torch.Tensor, num_evals: torch.Tensor, num_grads: int) -> _Found:
-        value, g = value_and_grad(raw)(point(alpha))
-        # cloned: gradient leaves may be views of one buffer (outputs may not alias either)
-        found = _Found(alpha, value.detach().reshape(()), g, true(), num_evals, count(num_grads))
-        return tree.map_leaves(torch.clone, found)
-
-    def trial(k: int, alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Trials ``k..max_steps`` by value: ``(accepted alpha, found, values evaluated)``."""
-        with torch.no_grad():
-            f = raw(point(alpha)).detach().reshape(())
-        good = sufficient(f, alpha)
-        if k == max_steps:
-            return torch.where(good, alpha, zero()), good.clone(), count(k - 1)
-        following = _next_trial(f, alpha, f0, slope, min_shrink, max_shrink)
-        return torch.cond(
-            good, lambda: (alpha.clone(), true(), count(k - 1)), lambda: trial(k + 1, following), ()
-        )
-
-    def search() -> _Found:
-        first = evaluated(alpha0, count(1), 1)
-        good = sufficient(first.value, alpha0)
-
-        def backtrack() -> _Found:
-            if max_steps == 1:
-                return none_found(count(1), 1)
-            alpha, found, num_values = trial(2, _next_trial(
-                first.value, alpha0, f0, slope, min_shrink, max_shrink))  # fmt: skip
-            evals = num_values + 1
-            return torch.cond(
-                found, lambda: evaluated(alpha, evals + 1, 2), lambda: none_found(evals, 1), ()
-            )
-
-        return torch.cond(good, lambda: tree.map_leaves(torch.clone, first), backtrack, ())
-
-    return torch.cond(ok_start, search, lambda: none_found(count(0), 0), ())
-
-
 def armijo_sync_free(
     slope_rtol: float | None = None,
     min_shrink: float = 0.1,
@@ -320,7 +218,7 @@ def armijo_sync_free(
     gradient are evaluated once. So an update costs ``max_steps + 1`` values and one
     gradient, and never waits for the device (``state.num_syncs`` stays 0).
 
-    Under ``torch.compile`` the trials are nested ``torch.cond`` (:func:`_compiled_search`):
+    Under ``torch.compile`` the trials are nested ``torch.cond`` (:mod:`~soo_func.searches.sync_free_backtrack`):
     the first trial is evaluated with its gradient and each later one only when the
     previous was rejected, so a step whose first trial is accepted costs one
     ``value_and_grad``, as with :func:`armijo`; ``num_search_evals`` and
@@ -337,7 +235,7 @@ def armijo_sync_free(
     )
     options = (slope_rtol, min_shrink, max_shrink, max_steps)
 
-    def all_trials(value_fn, params, updates, grad, f0, slope, alpha, ok_start) -> _Found:
+    def all_trials(value_fn, params, updates, grad, f0, slope, alpha, ok_start) -> Found:
         """Every trial by value, then ``value_and_grad`` at the accepted one (or at params)."""
         accepted = torch.zeros_like(alpha)
         found = torch.zeros((), dtype=torch.bool, device=f0.device)
@@ -347,11 +245,11 @@ def armijo_sync_free(
             good = ok_start & ~found & torch.isfinite(f) & (f <= f0 + slope_rtol * alpha * slope)
             accepted = torch.where(good, alpha, accepted)
             found = found | good
-            alpha = _next_trial(f, alpha, f0, slope, min_shrink, max_shrink)
+            alpha = next_trial(f, alpha, f0, slope, min_shrink, max_shrink)
         step = tree.where(found, tree.scale(accepted, updates), tree.zeros_like(updates))
         new_value, new_grad = value_and_grad(value_fn)(tree.add(params, step))
         count = torch.full((), max_steps + 1, dtype=torch.int64, device=f0.device)
-        return _Found(
+        return Found(
             accepted,
             torch.where(found, new_value.reshape(()), f0),
             tree.where(found, new_grad, grad),
@@ -372,10 +270,12 @@ def armijo_sync_free(
         alpha = _initial_step_tensor(initial_step, f0, slope, grad, state, extra.get("step_hint"))
         inputs = (value_fn, params, updates, grad, f0, slope, alpha, ok_start)
         if compiles_control_flow():
-            result = _compiled_search(*inputs, options)
+            result, step = compiled_search(*inputs, options)
         else:
             result = all_trials(*inputs)
-        step = tree.where(result.found, tree.scale(result.alpha, updates), tree.zeros_like(updates))
+            step = tree.where(
+                result.found, tree.scale(result.alpha, updates), tree.zeros_like(updates)
+            )
         new_state = LineSearchState(
             step_size=result.alpha,
             next_value=result.value,
