@@ -13,10 +13,12 @@ The pairs live in a tuple of ``memory_size`` slots, oldest first, each a ``[2, n
 tensor holding ``s_i`` (row 0) and ``y_i`` (row 1). A new pair is appended by
 rebuilding the *tuple* (drop the oldest slot, append the new one): no tensor of the
 old memory is copied or written, which keeps ``update`` pure without paying a copy of
-the whole ``[m, 2, n]`` buffer at every step. Small memories (at most
-``STACK_MAX_ELEMENTS`` numbers) are one ``[m, 2, n]`` tensor instead, rebuilt by one
-concatenation per step, so that each product with the memory is one operation (see
-"Measured choices" in ``docs/design.md``). The choice is made by
+the whole ``[m, 2, n]`` buffer at every step. Small memories are one ``[m, 2, n]`` tensor
+instead, rebuilt by one concatenation per step, so that each product with the memory is
+one operation (see "Measured choices" in ``docs/design.md``): those of at most
+``STACK_ALWAYS_ELEMENTS`` numbers, and those of at most ``STACK_MAX_ELEMENTS`` numbers whose
+vectors are short (``n <= STACK_MAX_SLOT``: the per-slot operations of the tuple then cost
+more than the copy). The choice is made by
 :func:`init_memory` from the sizes (never from tensor values). Every slot is always
 occupied; a slot whose pair was rejected (bad curvature), not yet filled, or dropped by a
 reset holds ``valid = False`` and contributes nothing (its coefficients are zero; its
@@ -58,8 +60,14 @@ __all__ = [
     "push_pair",
 ]
 
-STACK_MAX_ELEMENTS = 1 << 17
-"""Memories of at most this many numbers (``2 m n``) are stored as one stacked tensor."""
+STACK_MAX_ELEMENTS = 1 << 20
+"""No memory of more than this many numbers (``2 m n``) is stored as one stacked tensor."""
+
+STACK_ALWAYS_ELEMENTS = 1 << 17
+"""Memories of at most this many numbers are stacked whatever ``n``."""
+
+STACK_MAX_SLOT = 2048
+"""Larger memories (up to ``STACK_MAX_ELEMENTS``) are stacked when ``n`` is at most this."""
 
 
 class PairMemory(NamedTuple):
@@ -116,7 +124,8 @@ def init_memory(memory_size: int, n: int, dtype: torch.dtype, device: torch.devi
     The pairs are stored in ``dtype``; the Gram matrix in :func:`compute_dtype`.
     """
     small = compute_dtype(dtype)
-    if 2 * memory_size * n <= STACK_MAX_ELEMENTS:
+    size = 2 * memory_size * n
+    if size <= STACK_MAX_ELEMENTS and (size <= STACK_ALWAYS_ELEMENTS or n <= STACK_MAX_SLOT):
         pairs = torch.zeros(memory_size, 2, n, dtype=dtype, device=device)
     else:
         zeros = torch.zeros(2, n, dtype=dtype, device=device)
