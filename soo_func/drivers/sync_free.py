@@ -33,17 +33,15 @@ from __future__ import annotations
 
 import contextlib
 import math
-import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import optree
 import torch
-from torch._inductor.compile_fx import compile_fx
-from torch._inductor.decomposition import select_decomp_table
 
 from soo_func import tree
 from soo_func.base import Transform, apply_updates, update_and_publish
+from soo_func.drivers.compiled_step import CompiledStep
 from soo_func.drivers.outcome import reusable
 from soo_func.drivers.result import MinimizeResult
 from soo_func.drivers.stopping import (
@@ -270,49 +268,6 @@ class Tally(NamedTuple):
             for name in ("num_value_evals", "num_grad_evals", "num_hvp_evals"):
                 setattr(counted, name, getattr(counted, name) + getattr(twin, name))
                 setattr(twin, name, 0)
-
-
-BLAS_PRODUCTS = (
-    torch.ops.aten.mv.default,
-    torch.ops.aten.addmv.default,
-    torch.ops.aten.dot.default,
-)
-"""Products that inductor would decompose into its own loops (``mv`` becomes a multiply and
-a row sum) and that the compiled step keeps as calls of the eager (BLAS) kernels."""
-
-
-def blas_inductor(graph: torch.fx.GraphModule, example_inputs: list) -> Callable:
-    """The inductor backend with :data:`BLAS_PRODUCTS` kept whole (a matrix-vector product
-    of the objective or of the pair memory runs as one BLAS call)."""
-    table = {op: fn for op, fn in select_decomp_table().items() if op not in BLAS_PRODUCTS}
-    return compile_fx(graph, example_inputs, decompositions=table)
-
-
-class CompiledStep:
-    """``step`` compiled with ``fullgraph=True``, or with graph breaks and a warning when
-    the chain does not trace whole (dynamo raises at the first call, before running
-    anything). ``whole`` says whether the one graph held. The backend is inductor with the
-    matrix-vector products kept as BLAS calls (:func:`blas_inductor`)."""
-
-    def __init__(self, step: Callable[[Carry], Carry]):
-        self.step = step
-        self.whole = True
-        self.compiled = torch.compile(step, fullgraph=True, backend=blas_inductor)
-
-    def __call__(self, carry: Carry) -> Carry:
-        if not self.whole:
-            return self.compiled(carry)
-        try:
-            return self.compiled(carry)
-        except Exception as err:  # dynamo's errors share no public base class
-            first_line = (str(err).splitlines() or [""])[0]
-            warnings.warn(
-                f"compile=True: the step does not compile as one graph ({type(err).__name__}: "
-                f"{first_line}); compiling it with graph breaks",
-                stacklevel=5,
-            )
-        self.whole, self.compiled = False, torch.compile(self.step, backend=blas_inductor)
-        return self.compiled(carry)
 
 
 GUARDED_CALLS = 2
