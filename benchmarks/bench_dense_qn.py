@@ -5,9 +5,11 @@ Suite ``dense_bfgs_speed`` (``python -m benchmarks.run --suite dense_bfgs_speed 
 Rosenbrock function (a cheap objective, so the ``n x n`` update dominates) at n = 1,000 and
 5,000 (``--quick``: 1,000 only), float64, each for the same number of iterations
 (``STEPS``) from the standard start. Reported: seconds per iteration (wall and CPU of this
-process), objective evaluations per iteration and the ratio ours / scipy. scipy's BFGS
+process), objective evaluations per iteration, the ratio ours / scipy, and the peak memory
+of one of our updates in ``n x n`` buffers above the state already held
+(``update_peak_nxn``, Linux). scipy's BFGS
 update ``(I - rho s y^T) H (I - rho y s^T) + rho s s^T`` costs two ``n^3`` matrix products;
-ours is ``O(n^2)`` (outer products and matrix-vector products).
+ours is ``O(n^2)`` (rank-one updates and matrix-vector products).
 """
 
 from __future__ import annotations
@@ -39,6 +41,25 @@ def _timed(run) -> tuple[float, float, object]:
     return time.perf_counter() - wall, time.process_time() - cpu, out
 
 
+def _proc_bytes(key: str) -> int:
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if key in line)
+
+
+def update_peak_buffers(n: int) -> float | None:
+    """Peak memory of one ``bfgs`` update above what is held before it, in ``n x n`` float64
+    buffers (the new matrix is one); Linux only (``/proc``: peak reset, then ``VmHWM``)."""
+    grad, x, transform = torch.func.grad(extended_rosenbrock), start(n), sf.bfgs()
+    d, state = transform.update(grad(x), transform.init(x), x)
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        before = _proc_bytes("VmRSS")
+    except OSError:
+        return None
+    transform.update(grad(x + 1e-3 * d), state, x + 1e-3 * d)
+    return (_proc_bytes("VmHWM") - before) / (8 * n * n)
+
+
 def run_ours(n: int) -> dict:
     opt = sf.chain(sf.bfgs(), sf.wolfe())
     wall, cpu, res = _timed(
@@ -47,7 +68,7 @@ def run_ours(n: int) -> dict:
     steps = max(res.num_steps, 1)
     return {"seconds_per_iter": wall / steps, "cpu_per_iter": cpu / steps,
             "evals_per_iter": res.num_value_evals / steps, "iters": res.num_steps,
-            "value": float(res.value)}  # fmt: skip
+            "value": float(res.value), "update_peak_nxn": update_peak_buffers(n)}  # fmt: skip
 
 
 def run_scipy(n: int) -> dict:

@@ -94,7 +94,7 @@ def _sr1_rule(a, b, m_a, rtol):
     return torch.abs(a @ residual) > rtol * norms
 
 
-def _accept(cfg: _Config, matrix, s, y, b_s, h_y) -> torch.Tensor:
+def _accept(cfg: _Config, s, y, b_s, h_y) -> torch.Tensor:
     """The skip rule of ``cfg.method`` for the pair ``(s, y)``; ``b_s = B s``, ``h_y = H y``.
 
     SR1 needs both eq. 6.26 (the direct update's denominator) and its dual
@@ -121,13 +121,13 @@ def _scalable(s, y) -> torch.Tensor:
     return (sy > 0) & (yy > 0) & torch.isfinite(sy)
 
 
-def _sized(matrix, s, y, h_y, ok, inverse: bool) -> torch.Tensor:
-    """Oren & Luenberger's sizing ``H <- tau H`` (``B <- B / tau``), ``tau = s^T y / y^T H y``
-    (eq. 6.20 at every step; Contreras & Tapia, JOTA 78, 1993), where ``ok`` and ``tau > 0``."""
+def _sizing(s, y, h_y, ok) -> torch.Tensor:
+    """Oren & Luenberger's sizing factor: ``H <- tau H`` (``B <- B / tau``),
+    ``tau = s^T y / y^T H y`` (eq. 6.20 at every step; Contreras & Tapia, JOTA 78, 1993),
+    where ``ok`` and ``tau > 0``, else 1."""
     sy, yhy = s @ y, y @ h_y
     usable = ok & (sy > 0) & (yhy > 0) & torch.isfinite(sy / yhy)
-    tau = torch.where(usable, ratio_or_zero(sy, yhy, usable), torch.ones_like(sy))
-    return matrix * tau if inverse else matrix / tau
+    return torch.where(usable, ratio_or_zero(sy, yhy, usable), torch.ones_like(sy))
 
 
 def _along(s: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
@@ -145,6 +145,17 @@ def _powell_damped(s, y, b_s) -> torch.Tensor:
     return theta * y + (1 - theta) * b_s
 
 
+def _reset(matrix: torch.Tensor, keep: torch.Tensor, h0: float) -> torch.Tensor:
+    """``matrix`` where ``keep``, else ``h0 I``: written into ``matrix`` (the fresh buffer of
+    this update), except inside a ``torch.func`` transform (out of place there)."""
+    if tree.in_functorch_transform():
+        matrix = torch.where(keep, matrix, 0.0)
+    else:
+        matrix = matrix.masked_fill_(~keep, 0.0)
+    matrix.diagonal().add_(torch.where(keep, 0.0, h0))
+    return matrix
+
+
 def _dense(cfg: _Config, who: str) -> Transform:
     inverse = cfg.form == "inverse"
 
@@ -156,7 +167,7 @@ def _dense(cfg: _Config, who: str) -> Transform:
         diag = h0 if inverse else 1.0 / h0
         one = torch.ones((), dtype=dtype, device=device)
         return DenseQuasiNewtonState(
-            matrix=diag * torch.eye(n, dtype=dtype, device=device),
+            matrix=torch.eye(n, dtype=dtype, device=device).mul_(diag),
             prev_point=torch.zeros(2, n, dtype=dtype, device=device),
             has_prev=torch.zeros((), dtype=torch.bool, device=device),
             scaled=torch.full((), cfg.initial_scaling is not None, device=device),
@@ -164,16 +175,33 @@ def _dense(cfg: _Config, who: str) -> Transform:
             ascent=torch.zeros((), dtype=torch.bool, device=device),
         )
 
-    def initial_matrix(state, s, y):
+    def initial_factor(state, s, y):
         """N&W eq. 6.20: ``H0 = (y^T s / y^T y) I`` before the first update. Until then the
-        matrix is ``I`` (``scaled`` false), so ``H0`` is the matrix times ``gamma``: one
-        pass, no identity built."""
+        matrix is ``I`` (``scaled`` false), so ``H0`` is the matrix times ``gamma`` (``B0``:
+        divided by it); 1 after the first update."""
         sy, yy = s @ y, y @ y
         usable = _scalable(s, y)
         gamma = torch.where(usable, ratio_or_zero(sy, yy, usable), torch.ones_like(sy))
         factor = gamma if inverse else 1.0 / gamma
         first = state.has_prev & ~state.scaled
-        return state.matrix * torch.where(first, factor, torch.ones_like(factor))
+        return torch.where(first, factor, torch.ones_like(factor))
+
+    def products(matrix, scale, s, y):
+        """``B s`` and ``H y`` of ``scale * matrix`` (``None`` where no rule reads them: the
+        inverse form's ``B s`` and the direct form's ``H y`` cost a dense solve)."""
+        if inverse:
+            b_s = _solve(matrix, s) / scale if cfg.damping or cfg.method == "sr1" else None
+        else:
+            b_s = scale * (matrix @ s)
+        if cfg.damping:
+            y = _powell_damped(s, y, b_s)
+        if inverse:
+            h_y = scale * (matrix @ y)
+        elif cfg.method == "sr1" or (cfg.method == "dfp" and cfg.initial_scaling is None):
+            h_y = _solve(matrix, y) / scale
+        else:
+            h_y = None
+        return b_s, h_y, y
 
     def update(updates, state: DenseQuasiNewtonState, params=None, **extra):
         del extra
@@ -182,17 +210,17 @@ def _dense(cfg: _Config, who: str) -> Transform:
         point = pm.flat_point(params, updates).to(state.matrix.dtype)
         s, y = point - state.prev_point
         g = point[1]
-        matrix = initial_matrix(state, s, y)
-        # B s costs a dense solve in the inverse form: made only for the rules that read it.
-        needs_b_s = cfg.damping or cfg.method == "sr1"
-        b_s = (_solve(matrix, s) if inverse else matrix @ s) if needs_b_s or not inverse else None
-        if cfg.damping:
-            y = _powell_damped(s, y, b_s)
-        h_y = matrix @ y if inverse else _solve(matrix, y)
-        ok = state.has_prev & _accept(cfg, matrix, s, y, b_s, h_y)
+        scale = initial_factor(state, s, y)
+        b_s, h_y, y = products(state.matrix, scale, s, y)
+        ok = state.has_prev & _accept(cfg, s, y, b_s, h_y)
         if cfg.method == "dfp" and cfg.initial_scaling is None:
-            matrix = _sized(matrix, s, y, h_y, ok & state.scaled, inverse)
-        matrix = dense_update(cfg.method, cfg.form, matrix, s, y, ok)
+            tau = _sizing(s, y, h_y, ok & state.scaled)
+            if inverse:
+                scale, h_y = scale * tau, h_y * tau
+            else:
+                scale, b_s = scale / tau, b_s / tau
+        product = h_y if inverse else b_s
+        matrix = dense_update(cfg.method, cfg.form, state.matrix, s, y, ok, scale, product)
         scaled = state.scaled | ok | (state.has_prev & _scalable(s, y))
         direction = -(matrix @ g) if inverse else -_solve(matrix, g)
         slope = g @ direction
@@ -203,8 +231,7 @@ def _dense(cfg: _Config, who: str) -> Transform:
         h0 = 1.0
         if cfg.initial_scaling is not None:
             h0 = cfg.initial_scaling if inverse else 1.0 / cfg.initial_scaling
-        matrix = torch.where(keep, matrix, 0.0)  # the reset to h0 I: zero, then the diagonal
-        matrix.diagonal().add_(torch.where(keep, 0.0, h0))  # (a fresh tensor: no input written)
+        matrix = _reset(matrix, keep, h0)
         direction = torch.where(descent, direction, -g)
         scaled = scaled & (keep | torch.full_like(scaled, cfg.initial_scaling is not None))
         gg = g @ g
