@@ -10,10 +10,9 @@ coefficients: a rejected pair may hold NaN or inf, which a zero coefficient woul
 The symmetric updates (BFGS, DFP, SR1) are written as ``sum_k sign_k p_k p_k^T``, i.e.
 ``l_k = sign_k p_k``, ``r_k = p_k``: each rank-one update adds ``sign_k (p_ik p_jk)`` to
 entry ``(i, j)`` and the same product to ``(j, i)``, so a symmetric ``M`` gives an exactly
-symmetric result (no rounding drift between ``H_ij`` and ``H_ji``). Measured on MKL: a
-single rank-two ``gemm`` sums its two products differently in different tiles, and
-``addr_``'s vectorized body and scalar tail round ``p_i p_j + h`` differently; both broke the
-symmetry where the rank-one ``gemm`` kept it. Where the correction is already a signed sum
+symmetric result (no rounding drift between ``H_ij`` and ``H_ji``): a rank-one update adds
+one product per entry, where a rank-two ``gemm`` may sum its two products in a different
+order for ``(i, j)`` than for ``(j, i)``. Where the correction is already a signed sum
 of squares (BFGS's ``B``, DFP's ``H``, SR1) ``p_k`` is a column scaled by ``sqrt|coef|``;
 the other two (BFGS's ``H``, DFP's ``B``) have the ``2 x 2`` coefficient matrix ``C`` on
 ``[a, M b]``, split by ``eigh`` on the normalized basis (``C = V diag(lam) V^T``,
