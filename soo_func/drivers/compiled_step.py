@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch._inductor.compile_fx import compile_fx
 from torch._inductor.decomposition import select_decomp_table
+from torch._inductor.lowering import lowerings, make_fallback
 
 __all__ = ["BLAS_PRODUCTS", "CompiledStep", "blas_inductor"]
 
@@ -32,8 +33,22 @@ a row sum) and that the compiled step keeps as calls of the eager (BLAS) kernels
 def blas_inductor(graph: torch.fx.GraphModule, example_inputs: list) -> Callable:
     """The inductor backend with :data:`BLAS_PRODUCTS` kept whole (a matrix-vector product
     of the objective or of the pair memory runs as one BLAS call)."""
+    register_blas_fallbacks()
     table = {op: fn for op, fn in select_decomp_table().items() if op not in BLAS_PRODUCTS}
     return compile_fx(graph, example_inputs, decompositions=table)
+
+
+def register_blas_fallbacks() -> None:
+    """Give inductor an explicit fallback lowering (the eager kernel) for each of
+    :data:`BLAS_PRODUCTS`, once per process.
+
+    Without it inductor makes the fallback implicitly when it meets the op, and that path
+    raises where the environment variable ``CI`` is set, because a decomposition exists.
+    The default inductor never sees these ops at lowering time (it decomposes them first),
+    so the registration changes nothing for other compiles."""
+    for op in BLAS_PRODUCTS:
+        if op not in lowerings:
+            make_fallback(op, override_decomp=True)
 
 
 class CompiledStep:
