@@ -87,6 +87,20 @@ def test_update_matches_the_dense_formula_and_the_secant_condition(seed, tau, ph
     assert torch.equal(skipped, h)
 
 
+@pytest.mark.parametrize("tau,phi", [(0.7, 1.0), (1.3, 0.3)])
+def test_update_is_exactly_symmetric(tau, phi):
+    """Two rank-one corrections add the same product to ``(i, j)`` and ``(j, i)``: the
+    update of a symmetric matrix is symmetric bit for bit, at a size where BLAS blocks."""
+    gen = torch.Generator().manual_seed(5)
+    n = 300
+    h = random_spd(n, gen)
+    for _ in range(3):
+        s, y = random_pair(n, gen)
+        tau_, phi_ = torch.tensor(tau, dtype=D), torch.tensor(phi, dtype=D)
+        h = self_scaled_update(h, s, y, h @ y, tau_, phi_, torch.tensor(True))
+        assert torch.equal(h, h.T)
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_unit_scaling_is_the_bfgs_and_dfp_updates(seed):
     gen = torch.Generator().manual_seed(seed)

@@ -200,16 +200,13 @@ def _transform(o: _Options, who: str) -> Transform:
         return torch.linalg.solve_ex(lhs, -(kernel @ projected) / sigma)[0]
 
     def init(params: Any) -> LimitedMemoryState:
-        leaves = tree.leaves(params)
-        n = sum(leaf.numel() for leaf in leaves)
-        dtype, device = leaves[0].dtype, leaves[0].device
-        one = torch.ones((), dtype=pm.compute_dtype(dtype), device=device)
+        memory, last, one = pm.init_for(params, m)
         return LimitedMemoryState(
-            memory=pm.init_memory(m, n, dtype, device),
-            last=pm.init_last_point(m, n, dtype, device),
+            memory=memory,
+            last=last,
             gamma=one,
             step_hint=one,
-            scaled=torch.full((), fixed, device=device),
+            scaled=torch.full((), fixed, device=one.device),
         )
 
     def update(updates, state: LimitedMemoryState, params=None, **extra):

@@ -53,6 +53,7 @@ __all__ = [
     "complete_gram",
     "compute_dtype",
     "flat_point",
+    "init_for",
     "init_last_point",
     "init_memory",
     "project",
@@ -146,6 +147,18 @@ def init_last_point(
         products=torch.zeros(memory_size, 2, dtype=compute_dtype(dtype), device=device),
         has_prev=torch.zeros((), dtype=torch.bool, device=device),
     )
+
+
+def init_for(params, memory_size: int) -> tuple[PairMemory, LastPoint, torch.Tensor]:
+    """What a method over consecutive points starts from, for ``params`` (a pytree): the
+    empty memory and last point of ``memory_size`` slots over the raveled leaves, and a 0-d
+    one in :func:`compute_dtype` (the initial scalings' dtype)."""
+    leaves = tree.leaves(params)
+    n = sum(leaf.numel() for leaf in leaves)
+    dtype, device = leaves[0].dtype, leaves[0].device
+    one = torch.ones((), dtype=compute_dtype(dtype), device=device)
+    memory = init_memory(memory_size, n, dtype, device)
+    return memory, init_last_point(memory_size, n, dtype, device), one
 
 
 def _products(pairs: tuple[torch.Tensor, ...] | torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -46,8 +46,8 @@ papers' PINN runs do (``H0 = I``, ``initial_scale=False``).
 Safeguards as :func:`soo_func.bfgs` (``torch.where``, no host sync): a pair with
 ``s^T y <= eps |s| |y|`` (or non-finite) is skipped; where ``b`` is not positive and finite the
 update is the unscaled BFGS one; a non-descent or non-finite direction is replaced by ``-g``
-and the matrix reset to ``h0 I``. The update is one ``n x n`` scaling and one symmetric
-rank-two ``addmm_`` (:func:`self_scaled_update`). ``ssbfgs(memory_size=m)`` is the
+and the matrix reset to ``h0 I``. The update is one ``n x n`` scaling and two symmetric
+rank-one ``addmm_`` (:func:`self_scaled_update`). ``ssbfgs(memory_size=m)`` is the
 limited-memory SSBFGS of :mod:`soo_func.directions.self_scaled_memory` (the two-loop
 recursion with a weight per stored pair, the product of the later ``1/tau_j``). SSBroyden has
 no limited-memory form here: its ``phi != 1`` members are not a two-loop recursion (a compact
@@ -64,7 +64,7 @@ import torch
 from soo_func import tree
 from soo_func.base import Transform, guarded
 from soo_func.directions import pair_memory as pm
-from soo_func.directions.dense_update import dense_curvature, ratio_or_zero
+from soo_func.directions.dense_update import add_low_rank, dense_curvature, ratio_or_zero
 from soo_func.directions.self_scaled_memory import limited_memory_ssbfgs, ssbfgs_tau
 from soo_func.options import check_in, check_nonnegative, check_positive
 
@@ -111,13 +111,14 @@ def self_scaled_update(matrix, s, y, h_y, tau, phi, ok) -> torch.Tensor:
         H+ = H / tau + (phi - 1) / (tau c) u u^T - phi r / tau (s u^T + u s^T)
              + (phi c r^2 / tau + r) s s^T,
 
-    evaluated as one fresh ``H / tau`` and one rank-two ``addmm_``. The ``2 x 2``
-    coefficient matrix ``C`` on ``[u, s]`` is split by ``eigh`` into ``C = V diag(lam) V^T``,
-    so the correction is ``sum_k sign(lam_k) p_k p_k^T`` with ``p_k = sqrt|lam_k| [u, s] v_k``:
-    every entry is a sum of products ``p_i p_j``, and the result stays symmetric to the
-    rounding of its own entries (a product ``[u, s] C [u, s]^T`` drifts from symmetry by the
-    rounding of its cancelling terms: ``1e-10`` relative in 40 SSBroyden steps on Wood). Rejected pairs get
-    ``tau = 1`` and zero vectors: no ``n x n`` select."""
+    evaluated as one fresh ``H / tau`` and two rank-one ``addmm_``
+    (:func:`~soo_func.directions.dense_update.add_low_rank`). The ``2 x 2`` coefficient
+    matrix ``C`` on ``[u, s]`` is split by ``eigh`` into ``C = V diag(lam) V^T``, so the
+    correction is ``sum_k sign(lam_k) p_k p_k^T`` with ``p_k = sqrt|lam_k| [u, s] v_k``: each
+    rank-one update adds the same product ``p_ik p_jk`` to ``(i, j)`` and ``(j, i)``, so the
+    result is exactly symmetric (a product ``[u, s] C [u, s]^T`` drifts from symmetry by the
+    rounding of its cancelling terms: ``1e-10`` relative in 40 SSBroyden steps on Wood).
+    Rejected pairs get ``tau = 1`` and zero vectors: no ``n x n`` select."""
     sy, c = s @ y, y @ h_y
     one = torch.ones_like(sy)
     r = ratio_or_zero(one, sy, ok)
@@ -129,8 +130,7 @@ def self_scaled_update(matrix, s, y, h_y, tau, phi, ok) -> torch.Tensor:
     lam, vecs = torch.linalg.eigh(coefs)
     basis = torch.stack([torch.where(ok, h_y, 0.0), torch.where(ok, s, 0.0)], dim=1)
     factors = basis @ (vecs * torch.sqrt(torch.abs(lam)))
-    new = matrix * inv_tau
-    return new.addmm_(factors * torch.sign(lam), factors.mT)
+    return add_low_rank(matrix, factors * torch.sign(lam), factors, ok, scale=inv_tau)
 
 
 def _theta_ssbroyden(a, b, h) -> torch.Tensor:
@@ -238,7 +238,7 @@ def _dense(cfg: _Config, who: str) -> Transform:
         direction = -(matrix @ g)
         slope = g @ direction
         descent = torch.isfinite(slope) & (slope < 0)
-        matrix = torch.where(descent, matrix, 0.0)  # the reset to h0 I: zero, then the diagonal
+        matrix = matrix.masked_fill(~descent, 0.0)  # the reset to h0 I: zero, then the diagonal
         matrix.diagonal().add_(torch.where(descent, 0.0, h0))  # (a fresh tensor)
         direction = torch.where(descent, direction, -g)
         gg = g @ g

@@ -134,15 +134,12 @@ def limited_memory_ssbfgs(
     rule = curvature_rule(curvature_eps)
 
     def init(params: Any) -> SelfScaledMemoryState:
-        leaves = tree.leaves(params)
-        n = sum(leaf.numel() for leaf in leaves)
-        dtype, device = leaves[0].dtype, leaves[0].device
-        one = torch.ones((), dtype=pm.compute_dtype(dtype), device=device)
+        memory, last, one = pm.init_for(params, m)
         return SelfScaledMemoryState(
-            memory=pm.init_memory(m, n, dtype, device),
-            last=pm.init_last_point(m, n, dtype, device),
+            memory=memory,
+            last=last,
             gamma=one * h0,
-            inv_tau=torch.ones(m, dtype=one.dtype, device=device),
+            inv_tau=torch.ones(m, dtype=one.dtype, device=one.device),
             direction_curvature=torch.zeros_like(one),
             step_hint=one,
         )
