@@ -18,7 +18,29 @@ from soo_func import tree
 
 PyTree = Any
 
-__all__ = ["check_like", "check_state", "check_transform", "check_updates", "guarded"]
+__all__ = [
+    "BOUNDED_INSTEAD",
+    "SYNC_FREE_SEARCHES",
+    "check_like",
+    "check_state",
+    "check_transform",
+    "check_updates",
+    "guarded",
+    "refuse_vmap",
+]
+
+SYNC_FREE_SEARCHES = (
+    "Under vmap use armijo_sync_free() (backtracking decided by masks), trust_region() or "
+    "levenberg(), with minimize(..., check_every=None)"
+)
+"""What a search that decides on the host names instead of itself under ``vmap``."""
+
+BOUNDED_INSTEAD = (
+    "The bounded optimizers decide on the host: run the problems in a Python loop, or "
+    "bound the params by a change of variables (x = lower + (upper - lower) * "
+    "sigmoid(z)) and vmap an unbounded chain"
+)
+"""What the bounded optimizers name instead of themselves under ``vmap``."""
 
 
 def check_like(
@@ -98,6 +120,17 @@ def check_updates(who: str, updates: PyTree, params: PyTree = None, like: PyTree
         check_like(updates, params, "updates", who=who)
     elif like is not None:
         check_like(updates, like, "updates", who=who, reference="params held by the state")
+
+
+def refuse_vmap(who: str, reads: str, instead: str) -> None:
+    """Raise where ``torch.func.vmap`` runs code that reads a tensor on the host
+    (``reads`` says what; ``instead`` names the path that works under vmap): a batched
+    tensor has no single value to read."""
+    if tree.in_vmap():
+        raise ValueError(
+            f"{who} reads {reads} on the host, which torch.func.vmap cannot do: a batched "
+            f"tensor has no single value. {instead}"
+        )
 
 
 def guarded(

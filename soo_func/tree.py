@@ -32,6 +32,7 @@ __all__ = [
     "check_tensor_leaves",
     "host_reads_allowed",
     "in_functorch_transform",
+    "in_vmap",
     "leaves",
     "map_leaves",
     "neg",
@@ -149,9 +150,15 @@ def host_reads_allowed() -> bool:
         return False
     if _NO_HOST_READS.get():
         return False
+    return not in_vmap()
+
+
+def in_vmap() -> bool:
+    """Whether this code runs inside ``torch.func.vmap`` (at any level): a batched tensor
+    has no single value to read on the host."""
     stack = torch._C._functorch.get_interpreter_stack() or ()
     vmap = torch._C._functorch.TransformType.Vmap
-    return all(level.key() != vmap for level in stack)
+    return any(level.key() == vmap for level in stack)
 
 
 def _all_tensors(leaves: list[Any]) -> bool:

@@ -33,6 +33,7 @@ from soo_func.base import Transform, guarded, require_extras
 from soo_func.bounds.box import bounded_publish, flat_box, projected_gradient_norm
 from soo_func.bounds.cauchy import generalized_cauchy_point, subspace_minimizer
 from soo_func.bounds.search import box_wolfe_search, max_feasible_step
+from soo_func.checks import BOUNDED_INSTEAD, refuse_vmap
 from soo_func.directions import pair_memory as pm
 from soo_func.directions.compact import bfgs_direct_kernel, newest_gamma
 from soo_func.options import check_int_at_least, check_interval
@@ -145,6 +146,7 @@ def lbfgs_b(
 
     def update(updates: PyTree, state: LbfgsbState, params: PyTree = None, **extra: Any):
         require_extras("lbfgs_b", extra, "value_fn")
+        refuse_vmap("lbfgs_b", "its projected search's trial values", BOUNDED_INSTEAD)
         if params is None:
             raise TypeError("lbfgs_b needs params in update(updates, state, params, ...)")
         value_fn = extra["value_fn"]

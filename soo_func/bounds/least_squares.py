@@ -62,6 +62,7 @@ from soo_func.bounds.reflective_step import (
     trust_region_solution,
 )
 from soo_func.bounds.search import feasible_step
+from soo_func.checks import BOUNDED_INSTEAD, refuse_vmap
 from soo_func.options import check_int_at_least, check_nonnegative, check_positive
 from soo_func.oracles import charge, raw_function
 
@@ -274,6 +275,7 @@ def trust_region_reflective(
 
     def update(updates: PyTree, state: ReflectiveState, params: PyTree = None, **extra: Any):
         require_extras(WHO, extra, "residual_fn")
+        refuse_vmap(WHO, "each trial step's predicted and actual reductions", BOUNDED_INSTEAD)
         if params is None:
             raise TypeError(f"{WHO} needs params in update(updates, state, params, ...)")
         residual_fn = extra["residual_fn"]

@@ -41,6 +41,7 @@ from soo_func.base import (
     check_transform,
     update_and_publish,
 )
+from soo_func.checks import refuse_vmap
 from soo_func.drivers.adjoint import bind_args, check_adjoint, with_adjoint
 from soo_func.drivers.outcome import reusable
 from soo_func.drivers.result import MinimizeResult, attach_partial_result
@@ -277,6 +278,13 @@ def minimize(
     check_params(params)
     check_transform("minimize", optimizer)
     check_adjoint("minimize", adjoint, args)
+    if check_every is not None:
+        refuse_vmap(
+            "minimize",
+            f"whether the problem stopped (check_every={check_every!r})",
+            "Under vmap pass check_every=None (the sync-free loop), or use "
+            "sf.batched_minimize / sf.batched_least_squares",
+        )
     if adjoint == "unrolled":  # autograd records the steps: soo_func.drivers.unrolled
         options = dict(max_steps=max_steps, gtol=gtol, gtol_rel=gtol_rel, ftol=ftol, xtol=xtol)
         options.update(state=state, callback=callback, extra=extra)

@@ -13,6 +13,7 @@ import torch
 
 from soo_func import tree
 from soo_func.base import Transform, guarded, require_extras
+from soo_func.checks import SYNC_FREE_SEARCHES, refuse_vmap
 from soo_func.options import check_interval
 from soo_func.oracles import value_and_grad
 from soo_func.searches.line import (
@@ -156,6 +157,7 @@ def armijo(
         if params is None:
             raise TypeError("armijo needs params in update(updates, state, params, ...)")
         check_extras("armijo", updates, state, extra)
+        refuse_vmap("armijo", "each trial's value", SYNC_FREE_SEARCHES)
         ray = Ray(extra["value_fn"], params, updates)
         start = read_start(
             ray, extra["value"], extra["grad"], state, initial_step, extra.get("step_hint")

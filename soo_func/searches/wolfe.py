@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from soo_func.base import Transform, guarded, require_extras
+from soo_func.checks import SYNC_FREE_SEARCHES, refuse_vmap
 from soo_func.options import check_interval
 from soo_func.searches.line import (
     LineSearchState,
@@ -202,6 +203,7 @@ def wolfe(
         if params is None:
             raise TypeError("wolfe needs params in update(updates, state, params, ...)")
         check_extras("wolfe", updates, state, extra)
+        refuse_vmap("wolfe", "each trial's value", SYNC_FREE_SEARCHES)
         value, grad = extra["value"], extra["grad"]
         ray = Ray(extra["value_fn"], params, updates)
         start = read_start(ray, value, grad, state, initial_step, extra.get("step_hint"))
