@@ -41,7 +41,7 @@ def test_lbfgs_vs_torch_row_eager(monkeypatch):
     row = bench_compiled.compare(
         "logreg", torch.float64, "eager", quick=True, steps=3, repeats=1, compile_ours=False
     )
-    assert row["ours_steps"] == row["torch_evals"] > 0
+    assert row["ours_steps"] == row["torch_evals"] - 1 > 0  # both counts include the start
     assert row["ours_loss"] < np.log(2.0) and row["torch_loss"] < np.log(2.0)
     assert row["ratio_cpu"] > 0
 

@@ -1,10 +1,16 @@
 """The compiled step of the sync-free driver: ``torch.compile`` with ``fullgraph=True`` (graph
 breaks and a warning when the chain does not trace whole), on inductor with the
-matrix-vector products kept as BLAS calls.
+matrix-vector products that read a matrix by columns kept as BLAS calls.
 
 Inductor decomposes ``aten.mv``, ``addmv`` and ``dot`` into its own multiply-and-reduce
-loops (it has no lowering for them); :func:`blas_inductor` leaves them out of the
-decomposition table so that they run as calls of the eager kernels.
+loops (it has no lowering for them). ``A v`` with the rows of ``A`` contiguous is a
+reduction along contiguous memory, which inductor's vectorised loop streams; ``A^T r``
+(``A`` row-major, so its transpose strided by rows) is a reduction across rows, where
+inductor's loop is the slower one and the BLAS ``gemv`` reads ``A`` row by row.
+:func:`blas_inductor` keeps ``dot`` and every ``mv``/``addmv`` whose matrix is not
+contiguous along its rows as calls of the eager kernels, and decomposes the others as
+inductor does. A linear model's objective and gradient (``X w``, then ``X^T r``) then
+take one inductor row reduction and one BLAS call on ``X``, and neither copies ``X``.
 """
 
 from __future__ import annotations
@@ -18,7 +24,14 @@ from torch._inductor.compile_fx import compile_fx
 from torch._inductor.decomposition import select_decomp_table
 from torch._inductor.lowering import lowerings, make_fallback
 
-__all__ = ["BLAS_PRODUCTS", "CompiledStep", "blas_inductor"]
+__all__ = [
+    "BLAS_PRODUCTS",
+    "ROW_PRODUCTS",
+    "CompiledStep",
+    "blas_inductor",
+    "by_rows",
+    "rows_contiguous",
+]
 
 
 BLAS_PRODUCTS = (
@@ -27,15 +40,44 @@ BLAS_PRODUCTS = (
     torch.ops.aten.dot.default,
 )
 """Products that inductor would decompose into its own loops (``mv`` becomes a multiply and
-a row sum) and that the compiled step keeps as calls of the eager (BLAS) kernels."""
+a row sum) and that the compiled step keeps as calls of the eager (BLAS) kernels, except
+the row-contiguous ones of :data:`ROW_PRODUCTS`."""
+
+
+ROW_PRODUCTS = {torch.ops.aten.mv.default: 0, torch.ops.aten.addmv.default: 1}
+"""The products of :data:`BLAS_PRODUCTS` that inductor's decomposition takes when their
+matrix (the argument at this index) is contiguous along its rows."""
 
 
 def blas_inductor(graph: torch.fx.GraphModule, example_inputs: list) -> Callable:
-    """The inductor backend with :data:`BLAS_PRODUCTS` kept whole (a matrix-vector product
-    of the objective or of the pair memory runs as one BLAS call)."""
+    """The inductor backend with :data:`BLAS_PRODUCTS` kept whole (one BLAS call) except
+    the row-contiguous matrix-vector products (:func:`by_rows`), which inductor decomposes
+    into its own row reductions."""
     register_blas_fallbacks()
-    table = {op: fn for op, fn in select_decomp_table().items() if op not in BLAS_PRODUCTS}
+    decompositions = select_decomp_table()
+    table = {op: fn for op, fn in decompositions.items() if op not in BLAS_PRODUCTS}
+    for op, matrix_index in ROW_PRODUCTS.items():
+        if op in decompositions:
+            table[op] = by_rows(decompositions[op], matrix_index)
     return compile_fx(graph, example_inputs, decompositions=table)
+
+
+def rows_contiguous(matrix: torch.Tensor) -> bool:
+    """Whether each row of the 2-D ``matrix`` is contiguous (unit stride along a row)."""
+    return matrix.dim() == 2 and (matrix.size(1) <= 1 or matrix.stride(1) == 1)
+
+
+def by_rows(decomposition: Callable, matrix_index: int) -> Callable:
+    """``decomposition`` where the product's matrix (argument ``matrix_index``) has
+    contiguous rows (a sum along each row, ``(A * v).sum(1)``); elsewhere
+    ``NotImplemented``, which keeps the op (its BLAS fallback)."""
+
+    def decompose(*args: Any, **kwargs: Any) -> Any:
+        if rows_contiguous(args[matrix_index]):
+            return decomposition(*args, **kwargs)
+        return NotImplemented
+
+    return decompose
 
 
 def register_blas_fallbacks() -> None:
