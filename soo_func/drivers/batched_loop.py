@@ -108,6 +108,13 @@ class _Rounds:
         self.counts: dict[str, int] = {}
         self.split: Split | None = None
 
+    def _chunk(self, batch: int) -> int | None:
+        """``vmap``'s ``chunk_size`` for ``batch`` problems: ``None`` when one chunk holds
+        them all (a chunked ``vmap`` splits the inputs and concatenates the outputs even
+        for one chunk)."""
+        size = self.chunk_size
+        return None if size is None or batch <= size else size
+
     def _add(self, last: dict[str, dict[str, int]]) -> None:
         for name, count in last["counts"].items():
             self.counts[name] = self.counts.get(name, 0) + count
@@ -122,7 +129,8 @@ class _Rounds:
             last.update(split=split, counts=_counts(objective, extra))
             return split.tensors
 
-        tensors = torch.func.vmap(one, self.in_dims, chunk_size=self.chunk_size)(
+        batch = tree.leaves(params)[0].shape[0]
+        tensors = torch.func.vmap(one, self.in_dims, chunk_size=self._chunk(batch))(
             params, self.problem.args
         )
         self.split = last["split"]
@@ -151,7 +159,8 @@ class _Rounds:
             last.update(split=split, counts=_counts(objective, extra))
             return split.tensors
 
-        out = torch.func.vmap(one, self.in_dims, chunk_size=self.chunk_size)(tensors, args)
+        chunk = self._chunk(tensors[0].shape[0])
+        out = torch.func.vmap(one, self.in_dims, chunk_size=chunk)(tensors, args)
         self.split = last["split"]
         self._add(last)
         return out

@@ -31,7 +31,7 @@ from typing import Any, NamedTuple
 import torch
 
 from soo_func import tree
-from soo_func.searches.damped_gauss_newton import DampedModel, least_squares_reduction
+from soo_func.searches.damped_gauss_newton import DampedModel
 
 PyTree = Any
 
@@ -50,11 +50,14 @@ RADIUS_FACTOR = 100.0
 
 
 class LMStep(NamedTuple):
-    """The step ``p`` (flat), its parameter ``lam`` and scaled length ``|D p|``."""
+    """The step ``p`` (flat), its parameter ``lam``, scaled length ``|D p|``, and the model
+    terms ``|J p|^2`` (``model_sq``) and ``-<r, J p>`` (``model_slope``), from the SVD."""
 
     step: torch.Tensor
     damping: torch.Tensor
     scaled_norm: torch.Tensor
+    model_sq: torch.Tensor
+    model_slope: torch.Tensor
 
 
 def scaled_svd(
@@ -83,7 +86,10 @@ def lm_parameter(
 
     ``jac`` is ``m x n``, ``r`` the residuals, ``diag`` the positive scaling ``D``.
     Singular values below ``max(s) n eps`` count as zero (the Gauss-Newton step is then
-    the minimum-norm one).
+    the minimum-norm one). With ``w`` the step's coordinates in ``V`` (``D p = -V w``),
+    ``J p = -U S w``, so ``|J p|^2 = |S w|^2`` and ``-<r, J p> = <S c, w>``: the model's
+    terms come from n-vectors, without a product with ``J`` (MINPACK ``lmder`` takes them
+    from the triangle ``R`` the same way).
     """
     s, vt, c = scaled_svd(jac, r, diag)
     sc = s * c
@@ -116,7 +122,10 @@ def lm_parameter(
     w = torch.where(use_gn, w_gn, w)
     lam = torch.where(use_gn, torch.zeros_like(lam), lam)
     q = -(vt.T @ w)
-    return LMStep(q / diag, lam, torch.where(use_gn, gn_norm, norm))
+    sw = s * w
+    return LMStep(
+        q / diag, lam, torch.where(use_gn, gn_norm, norm), (sw * sw).sum(), (sc * w).sum()
+    )
 
 
 def more_radius_update(
@@ -174,12 +183,11 @@ def more_step(
     radius = torch.where(first, start, radius)
     lm = lm_parameter(jac, r, diag, radius)
     radius = torch.where(first, torch.minimum(radius, lm.scaled_norm), radius)
-    jp = jac @ lm.step
     twice_value = torch.clamp(torch.dot(r, r), min=torch.finfo(r.dtype).tiny)
-    decrease = (torch.dot(jp, jp) + lm.damping * lm.scaled_norm**2) / twice_value
+    decrease = (lm.model_sq + lm.damping * lm.scaled_norm**2) / twice_value
     model = DampedModel(
         step=tree.unravel(lm.step, params),
-        predicted=least_squares_reduction(jac, r, lm.step),
+        predicted=lm.model_slope - 0.5 * lm.model_sq,  # m(0) - m(p), m(p) = 0.5 |J p + r|^2
         damping=lm.damping,
         damping_diag=tree.unravel(damping_diag, params),
         valid=torch.isfinite(lm.step).all(),
