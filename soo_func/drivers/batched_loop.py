@@ -166,8 +166,10 @@ class _Rounds:
         return out
 
 
-def _scatter(full: list, rows: torch.Tensor, part: list) -> list:
-    """``full`` with the rows ``rows`` replaced by ``part``."""
+def _scatter(full: list, rows: torch.Tensor, part: list, in_place: bool) -> list:
+    """``full`` with the rows ``rows`` replaced by ``part``: written into ``full`` itself when
+    ``in_place`` (the loop owns its tensors after the first scatter), else into a copy (the
+    first round's outputs may share memory with the caller's params)."""
     out = []
     for whole, some in zip(full, part, strict=True):
         if whole.shape[1:] != some.shape[1:]:
@@ -175,7 +177,9 @@ def _scatter(full: list, rows: torch.Tensor, part: list) -> list:
                 "batched solve: the optimizer's state changed shape after its first step; "
                 "pass compact_every=None"
             )
-        out.append(whole.index_copy(0, rows, some))
+        out.append(
+            whole.index_copy_(0, rows, some) if in_place else whole.index_copy(0, rows, some)
+        )
     return out
 
 
@@ -190,7 +194,7 @@ def solve_batched(
     dimension first; its counts are those of a problem that ran every step the loop ran."""
     rounds = _Rounds(problem, chunk_size)
     tensors = rounds.start(params)
-    dims, taken = _arg_dims(problem), 0
+    dims, taken, owned = _arg_dims(problem), 0, False
     while taken < max_steps:
         steps = (
             max_steps - taken if compact_every is None else min(compact_every, max_steps - taken)
@@ -206,7 +210,9 @@ def solve_batched(
         part = tensors if rows is None else [t.index_select(0, rows) for t in tensors]
         args = _gather_args(problem.args, dims, rows)
         part = rounds.run(part, args, steps, continues=taken > 0)
-        tensors = part if rows is None else _scatter(tensors, rows, part)
+        if rows is not None:
+            part = _scatter(tensors, rows, part, owned)
+        tensors, owned = part, rows is not None
         taken += steps
     carry, _ = rounds.split.rebuild(tensors)
     return _result(carry, rounds.counts)
