@@ -79,6 +79,13 @@ def scaled_svd(
     return s, vt, u.T @ (q.T @ r)
 
 
+def _total(v: torch.Tensor, ones: torch.Tensor) -> torch.Tensor:
+    """The sum of the n-vector ``v`` as the product ``v @ ones`` (``ones`` unbatched): under
+    ``vmap`` one matrix-vector product over the batch, where a reduction over a short inner
+    dimension runs a slow kernel on the CPU."""
+    return v @ ones
+
+
 def lm_parameter(
     jac: torch.Tensor, r: torch.Tensor, diag: torch.Tensor, radius: torch.Tensor, iters: int = 10
 ) -> LMStep:
@@ -92,40 +99,44 @@ def lm_parameter(
     from the triangle ``R`` the same way).
     """
     s, vt, c = scaled_svd(jac, r, diag)
+    ones = torch.ones(s.shape[-1], dtype=s.dtype, device=s.device)
     sc = s * c
     rank_tol = s.max() * max(jac.shape) * torch.finfo(s.dtype).eps
     keep = s > rank_tol
+    s2, sc2 = s * s, sc * sc
+    sc_kept = torch.where(keep, sc, torch.zeros_like(sc))
+    s2_kept = torch.where(keep, s2, ones)  # w = sc_kept / (s2_kept + lam) is 0 off ``keep``
 
     def scaled(lam):
-        w = torch.where(keep, sc / (s * s + lam), torch.zeros_like(s))
-        return w, torch.linalg.vector_norm(w)
+        w = sc_kept / (s2_kept + lam)
+        return w, torch.sqrt(_total(w * w, ones))
 
-    w_gn = torch.where(keep, c / torch.where(keep, s, torch.ones_like(s)), torch.zeros_like(s))
-    gn_norm = torch.linalg.vector_norm(w_gn)
+    w_gn = torch.where(keep, c / torch.where(keep, s, ones), torch.zeros_like(s))
+    gn_norm = torch.sqrt(_total(w_gn * w_gn, ones))
     tiny = torch.finfo(s.dtype).tiny
     lo = torch.zeros_like(radius)
-    hi = torch.linalg.vector_norm(sc) / torch.clamp(radius, min=tiny)  # |q(hi)| <= radius
+    hi = torch.sqrt(_total(sc2, ones)) / torch.clamp(radius, min=tiny)  # |q(hi)| <= radius
     lam = hi * 1e-3
-    done = gn_norm <= 1.1 * radius
+    use_gn = gn_norm <= 1.1 * radius
+    done, tenth = use_gn, 0.1 * radius
     for _ in range(iters):
         _, norm = scaled(lam)
-        done = done | ((norm - radius).abs() <= 0.1 * radius)
-        lo = torch.where(norm > radius, lam, lo)
-        hi = torch.where(norm > radius, hi, lam)
-        slope = (sc * sc / (s * s + lam) ** 3).sum() / torch.clamp(norm, min=tiny)  # -d|q|/dlam
+        above = norm > radius
+        done = done | ((norm - radius).abs() <= tenth)
+        lo = torch.where(above, lam, lo)
+        hi = torch.where(above, hi, lam)
+        slope = _total(sc2 / (s2 + lam) ** 3, ones) / torch.clamp(norm, min=tiny)  # -d|q|/dlam
         newton = lam + (norm / radius - 1) * norm / torch.clamp(slope, min=tiny)
         inside = (newton > lo) & (newton < hi) & torch.isfinite(newton)
         fallback = torch.where(lo > 0, torch.sqrt(lo * hi), hi * 1e-2)
         lam = torch.where(done, lam, torch.where(inside, newton, fallback))
-    use_gn = gn_norm <= 1.1 * radius
     w, norm = scaled(lam)
     w = torch.where(use_gn, w_gn, w)
     lam = torch.where(use_gn, torch.zeros_like(lam), lam)
     q = -(vt.T @ w)
     sw = s * w
-    return LMStep(
-        q / diag, lam, torch.where(use_gn, gn_norm, norm), (sw * sw).sum(), (sc * w).sum()
-    )
+    model_sq, model_slope = _total(sw * sw, ones), _total(sc * w, ones)
+    return LMStep(q / diag, lam, torch.where(use_gn, gn_norm, norm), model_sq, model_slope)
 
 
 def more_radius_update(
