@@ -44,6 +44,9 @@ __all__ = ["BatchedProblem", "solve_batched"]
 
 COUNTS = ("num_value_evals", "num_grad_evals", "num_hvp_evals")
 
+COMPACT_BELOW = 0.9
+"""Compact between two rounds when at most this fraction of the round's problems runs."""
+
 
 class BatchedProblem(NamedTuple):
     """What the loop solves: ``bind(args) -> (objective, extra)`` builds one problem's
@@ -169,7 +172,7 @@ class _Rounds:
 def _scatter(full: list, rows: torch.Tensor, part: list, in_place: bool) -> list:
     """``full`` with the rows ``rows`` replaced by ``part``: written into ``full`` itself when
     ``in_place`` (the loop owns its tensors after the first scatter), else into a copy (the
-    first round's outputs may share memory with the caller's params)."""
+    first round's outputs may share memory with each other or with the caller's params)."""
     out = []
     for whole, some in zip(full, part, strict=True):
         if whole.shape[1:] != some.shape[1:]:
@@ -183,6 +186,42 @@ def _scatter(full: list, rows: torch.Tensor, part: list, in_place: bool) -> list
     return out
 
 
+class _Batch:
+    """The whole batch's tensors ``full`` and the running part ``part`` (the rows ``rows`` of
+    it; ``None``: all): a problem's tensors are written back into ``full`` once, when a
+    compaction drops it, or at the end."""
+
+    def __init__(self, tensors: list[torch.Tensor]):
+        self.full, self.part, self.rows, self.owned = tensors, tensors, None, False
+
+    def ran(self, part: list[torch.Tensor]) -> None:
+        """The part after a round (the whole batch while nothing was dropped)."""
+        self.part = part
+        if self.rows is None:
+            self.full, self.owned = part, False
+
+    def compact(self, running: torch.Tensor) -> None:
+        """Keep the part's rows ``running`` (local indices); write the others back."""
+        stopped = torch.ones(len(self.part[0]), dtype=torch.bool, device=running.device)
+        stopped[running] = False
+        dropped = torch.nonzero(stopped).reshape(-1)
+        self._write(dropped)
+        self.part = [t.index_select(0, running) for t in self.part]
+        self.rows = running if self.rows is None else self.rows.index_select(0, running)
+
+    def _write(self, local: torch.Tensor) -> None:
+        rows = local if self.rows is None else self.rows.index_select(0, local)
+        part = [t.index_select(0, local) for t in self.part]
+        self.full, self.owned = _scatter(self.full, rows, part, self.owned), True
+
+    def finish(self) -> list[torch.Tensor]:
+        """The whole batch, the running part written back."""
+        if self.rows is None:
+            return self.part
+        self._write(torch.arange(len(self.part[0]), device=self.rows.device))
+        return self.full
+
+
 def solve_batched(
     problem: BatchedProblem,
     params: PyTree,
@@ -191,30 +230,29 @@ def solve_batched(
     chunk_size: int | None,
 ) -> MinimizeResult:
     """Run the batch (module docstring) and return one result whose tensors have the batch
-    dimension first; its counts are those of a problem that ran every step the loop ran."""
+    dimension first; its counts are those of a problem that ran every step the loop ran.
+    Between rounds the running problems are gathered only when at most ``COMPACT_BELOW``
+    of the round's batch still runs (else the next round runs the same rows: the stopped
+    ones are frozen)."""
     rounds = _Rounds(problem, chunk_size)
-    tensors = rounds.start(params)
-    dims, taken, owned = _arg_dims(problem), 0, False
+    batch = _Batch(rounds.start(params))
+    dims, taken = _arg_dims(problem), 0
+    args = problem.args
     while taken < max_steps:
         steps = (
             max_steps - taken if compact_every is None else min(compact_every, max_steps - taken)
         )
-        rows = None
         if taken > 0:
-            carry, _ = rounds.split.rebuild(tensors)
-            rows = torch.nonzero(~carry.done).reshape(-1)  # the round's one host read
-            if rows.numel() == 0:
+            carry, _ = rounds.split.rebuild(batch.part)
+            running = torch.nonzero(~carry.done).reshape(-1)  # the round's one host read
+            if running.numel() == 0:
                 break
-            if rows.numel() == carry.done.numel():
-                rows = None
-        part = tensors if rows is None else [t.index_select(0, rows) for t in tensors]
-        args = _gather_args(problem.args, dims, rows)
-        part = rounds.run(part, args, steps, continues=taken > 0)
-        if rows is not None:
-            part = _scatter(tensors, rows, part, owned)
-        tensors, owned = part, rows is not None
+            if running.numel() <= COMPACT_BELOW * carry.done.numel():
+                batch.compact(running)
+                args = _gather_args(problem.args, dims, batch.rows)
+        batch.ran(rounds.run(batch.part, args, steps, continues=taken > 0))
         taken += steps
-    carry, _ = rounds.split.rebuild(tensors)
+    carry, _ = rounds.split.rebuild(batch.finish())
     return _result(carry, rounds.counts)
 
 
