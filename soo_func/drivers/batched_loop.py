@@ -2,11 +2,12 @@
 
 A batch of independent problems runs the sync-free step (:mod:`soo_func.drivers.sync_free`)
 under ``torch.func.vmap``, ``compact_every`` steps at a time. Between two rounds the loop
-reads the batch's ``done`` mask on the host once, gathers the problems still running (their
-carry: params, value, gradient, optimizer state, streaks; their stopping rules and their
-rows of the data), runs the next round on them alone, and scatters the results back. A
-stopped problem is frozen by the step anyway (its carry does not change), so leaving it out
-changes no result: compaction only removes the work. The loop ends when every problem has
+reads the batch's ``done`` mask on the host once and, when at most ``COMPACT_BELOW`` of the
+round's problems still run, gathers those (their carry: params, value, gradient, optimizer
+state, streaks; their stopping rules and their rows of the data) and runs the next round on
+them alone; the dropped problems' tensors are written back into the whole batch's then (the
+running ones' at the end). A stopped problem is frozen by the step anyway (its carry does
+not change), so leaving it out, or in, changes no result: compaction only removes the work. The loop ends when every problem has
 stopped or after ``max_steps`` steps. ``compact_every=None`` is one round of ``max_steps``
 steps on the whole batch, with no host read.
 
