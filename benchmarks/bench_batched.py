@@ -5,8 +5,9 @@
   [0.5, 2], ``c`` in [-0.5, 0.5]; every fit starts at ``(1, 1, 0)``), 10,000 and 100,000 of
   them (1,000 and 3,000 quick). Ours: ``sf.batched_least_squares(residual, x0s,
   args=(ys,), max_steps=LM_STEPS)`` (the default ``levenberg_marquardt``, the vmapped
-  sync-free driver, the stopped fits dropped from the batch after every step: the default
-  ``compact_every=1``). Peers: a
+  sync-free driver, the stopped fits dropped from the batch after a step once at least a
+  tenth of the round's have stopped: the defaults ``compact_every=1``,
+  ``COMPACT_BELOW=0.9``). Peers: a
   Python loop of ``scipy.optimize.least_squares(method="lm")`` (MINPACK, its default
   finite-difference Jacobian) timed on the first ``SCIPY_SUBSET`` fits and extrapolated
   linearly to the whole batch, and torchimize's ``lsq_lma_parallel`` (analytic Jacobian,

@@ -13,6 +13,7 @@ import torch
 from test_sync_free import CASES, DATAS, STARTS, X0S, rosenbrock, solve_batch, solve_one
 
 import soo_func as sf
+from soo_func.drivers import batched_loop
 
 
 @pytest.mark.parametrize("every", [1, 3])
@@ -68,3 +69,17 @@ def test_compact_every_is_checked():
         solve_batch("lbfgs", compact_every=0)
     with pytest.raises(TypeError, match="unexpected"):
         solve_batch("lbfgs", gtoll=1e-3)
+
+
+@pytest.mark.parametrize("below", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("name", ["levenberg_marquardt", "lbfgs"])
+def test_compaction_threshold_changes_no_result(name, below, monkeypatch):
+    """``COMPACT_BELOW`` 0 never compacts (the stopped problems stay in the rounds, frozen),
+    1 compacts at every read: the results equal the lockstep run either way."""
+    lockstep = solve_batch(name, compact_every=None)
+    monkeypatch.setattr(batched_loop, "COMPACT_BELOW", below)
+    compacted = solve_batch(name, compact_every=1)
+    assert compacted.num_steps.tolist() == lockstep.num_steps.tolist()
+    assert compacted.reason_code.tolist() == lockstep.reason_code.tolist()
+    torch.testing.assert_close(compacted.params, lockstep.params, rtol=0, atol=1e-10)
+    torch.testing.assert_close(compacted.grad_norm, lockstep.grad_norm, rtol=0, atol=1e-10)

@@ -101,8 +101,9 @@ def batched_minimize(
         shared ones, or a tuple with one int or ``None`` per argument).
       max_steps: the most steps a problem runs (a problem that stops earlier is frozen).
       compact_every: steps between two compactions: the loop reads which problems have
-        stopped (one host read), goes on with the others only, and ends when all have
-        stopped (:mod:`soo_func.drivers.batched_loop`). ``None``: every problem runs all
+        stopped (one host read), goes on with the others only (when at most
+        ``COMPACT_BELOW`` of them run), and ends when all have stopped
+        (:mod:`soo_func.drivers.batched_loop`). ``None``: every problem runs all
         ``max_steps`` steps in one vmapped run with no host read.
       chunk_size: solve this many problems at a time (``vmap``'s option: less memory, and
         on the CPU tensors that stay in cache); ``"auto"``: ``CPU_CHUNK_SIZE`` on the CPU,

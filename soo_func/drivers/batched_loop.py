@@ -2,11 +2,12 @@
 
 A batch of independent problems runs the sync-free step (:mod:`soo_func.drivers.sync_free`)
 under ``torch.func.vmap``, ``compact_every`` steps at a time. Between two rounds the loop
-reads the batch's ``done`` mask on the host once, gathers the problems still running (their
-carry: params, value, gradient, optimizer state, streaks; their stopping rules and their
-rows of the data), runs the next round on them alone, and scatters the results back. A
-stopped problem is frozen by the step anyway (its carry does not change), so leaving it out
-changes no result: compaction only removes the work. The loop ends when every problem has
+reads the batch's ``done`` mask on the host once and, when at most ``COMPACT_BELOW`` of the
+round's problems still run, gathers those (their carry: params, value, gradient, optimizer
+state, streaks; their stopping rules and their rows of the data) and runs the next round on
+them alone; the dropped problems' tensors are written back into the whole batch's then (the
+running ones' at the end). A stopped problem is frozen by the step anyway (its carry does
+not change), so leaving it out, or in, changes no result: compaction only removes the work. The loop ends when every problem has
 stopped or after ``max_steps`` steps. ``compact_every=None`` is one round of ``max_steps``
 steps on the whole batch, with no host read.
 
@@ -43,6 +44,9 @@ Bind = Callable[[tuple], tuple[CountedObjective, dict[str, Any]]]
 __all__ = ["BatchedProblem", "solve_batched"]
 
 COUNTS = ("num_value_evals", "num_grad_evals", "num_hvp_evals")
+
+COMPACT_BELOW = 0.9
+"""Compact between two rounds when at most this fraction of the round's problems runs."""
 
 
 class BatchedProblem(NamedTuple):
@@ -108,6 +112,13 @@ class _Rounds:
         self.counts: dict[str, int] = {}
         self.split: Split | None = None
 
+    def _chunk(self, batch: int) -> int | None:
+        """``vmap``'s ``chunk_size`` for ``batch`` problems: ``None`` when one chunk holds
+        them all (a chunked ``vmap`` splits the inputs and concatenates the outputs even
+        for one chunk)."""
+        size = self.chunk_size
+        return None if size is None or batch <= size else size
+
     def _add(self, last: dict[str, dict[str, int]]) -> None:
         for name, count in last["counts"].items():
             self.counts[name] = self.counts.get(name, 0) + count
@@ -122,7 +133,8 @@ class _Rounds:
             last.update(split=split, counts=_counts(objective, extra))
             return split.tensors
 
-        tensors = torch.func.vmap(one, self.in_dims, chunk_size=self.chunk_size)(
+        batch = tree.leaves(params)[0].shape[0]
+        tensors = torch.func.vmap(one, self.in_dims, chunk_size=self._chunk(batch))(
             params, self.problem.args
         )
         self.split = last["split"]
@@ -151,14 +163,17 @@ class _Rounds:
             last.update(split=split, counts=_counts(objective, extra))
             return split.tensors
 
-        out = torch.func.vmap(one, self.in_dims, chunk_size=self.chunk_size)(tensors, args)
+        chunk = self._chunk(tensors[0].shape[0])
+        out = torch.func.vmap(one, self.in_dims, chunk_size=chunk)(tensors, args)
         self.split = last["split"]
         self._add(last)
         return out
 
 
-def _scatter(full: list, rows: torch.Tensor, part: list) -> list:
-    """``full`` with the rows ``rows`` replaced by ``part``."""
+def _scatter(full: list, rows: torch.Tensor, part: list, in_place: bool) -> list:
+    """``full`` with the rows ``rows`` replaced by ``part``: written into ``full`` itself when
+    ``in_place`` (the loop owns its tensors after the first scatter), else into a copy (the
+    first round's outputs may share memory with each other or with the caller's params)."""
     out = []
     for whole, some in zip(full, part, strict=True):
         if whole.shape[1:] != some.shape[1:]:
@@ -166,8 +181,46 @@ def _scatter(full: list, rows: torch.Tensor, part: list) -> list:
                 "batched solve: the optimizer's state changed shape after its first step; "
                 "pass compact_every=None"
             )
-        out.append(whole.index_copy(0, rows, some))
+        out.append(
+            whole.index_copy_(0, rows, some) if in_place else whole.index_copy(0, rows, some)
+        )
     return out
+
+
+class _Batch:
+    """The whole batch's tensors ``full`` and the running part ``part`` (the rows ``rows`` of
+    it; ``None``: all): a problem's tensors are written back into ``full`` once, when a
+    compaction drops it, or at the end."""
+
+    def __init__(self, tensors: list[torch.Tensor]):
+        self.full, self.part, self.rows, self.owned = tensors, tensors, None, False
+
+    def ran(self, part: list[torch.Tensor]) -> None:
+        """The part after a round (the whole batch while nothing was dropped)."""
+        self.part = part
+        if self.rows is None:
+            self.full, self.owned = part, False
+
+    def compact(self, running: torch.Tensor) -> None:
+        """Keep the part's rows ``running`` (local indices); write the others back."""
+        stopped = torch.ones(len(self.part[0]), dtype=torch.bool, device=running.device)
+        stopped[running] = False
+        dropped = torch.nonzero(stopped).reshape(-1)
+        self._write(dropped)
+        self.part = [t.index_select(0, running) for t in self.part]
+        self.rows = running if self.rows is None else self.rows.index_select(0, running)
+
+    def _write(self, local: torch.Tensor) -> None:
+        rows = local if self.rows is None else self.rows.index_select(0, local)
+        part = [t.index_select(0, local) for t in self.part]
+        self.full, self.owned = _scatter(self.full, rows, part, self.owned), True
+
+    def finish(self) -> list[torch.Tensor]:
+        """The whole batch, the running part written back."""
+        if self.rows is None:
+            return self.part
+        self._write(torch.arange(len(self.part[0]), device=self.rows.device))
+        return self.full
 
 
 def solve_batched(
@@ -178,28 +231,29 @@ def solve_batched(
     chunk_size: int | None,
 ) -> MinimizeResult:
     """Run the batch (module docstring) and return one result whose tensors have the batch
-    dimension first; its counts are those of a problem that ran every step the loop ran."""
+    dimension first; its counts are those of a problem that ran every step the loop ran.
+    Between rounds the running problems are gathered only when at most ``COMPACT_BELOW``
+    of the round's batch still runs (else the next round runs the same rows: the stopped
+    ones are frozen)."""
     rounds = _Rounds(problem, chunk_size)
-    tensors = rounds.start(params)
+    batch = _Batch(rounds.start(params))
     dims, taken = _arg_dims(problem), 0
+    args = problem.args
     while taken < max_steps:
         steps = (
             max_steps - taken if compact_every is None else min(compact_every, max_steps - taken)
         )
-        rows = None
         if taken > 0:
-            carry, _ = rounds.split.rebuild(tensors)
-            rows = torch.nonzero(~carry.done).reshape(-1)  # the round's one host read
-            if rows.numel() == 0:
+            carry, _ = rounds.split.rebuild(batch.part)
+            running = torch.nonzero(~carry.done).reshape(-1)  # the round's one host read
+            if running.numel() == 0:
                 break
-            if rows.numel() == carry.done.numel():
-                rows = None
-        part = tensors if rows is None else [t.index_select(0, rows) for t in tensors]
-        args = _gather_args(problem.args, dims, rows)
-        part = rounds.run(part, args, steps, continues=taken > 0)
-        tensors = part if rows is None else _scatter(tensors, rows, part)
+            if running.numel() <= COMPACT_BELOW * carry.done.numel():
+                batch.compact(running)
+                args = _gather_args(problem.args, dims, batch.rows)
+        batch.ran(rounds.run(batch.part, args, steps, continues=taken > 0))
         taken += steps
-    carry, _ = rounds.split.rebuild(tensors)
+    carry, _ = rounds.split.rebuild(batch.finish())
     return _result(carry, rounds.counts)
 
 

@@ -36,7 +36,6 @@ import torch
 import torch.func as tf
 
 from soo_func import tree
-from soo_func.searches.damped_gauss_newton import dense_jacobian
 
 try:  # optional: the host's available memory
     import psutil
@@ -121,14 +120,26 @@ def chunk_length(count: int, rows: int, chunk_size: int | None) -> int:
 
 def flat_residual_fn(raw_fn: Callable, like: PyTree) -> Callable[[torch.Tensor], torch.Tensor]:
     """``x -> r``: ``raw_fn`` on the flat parameter vector ``x`` (unraveled like ``like``),
-    its output pytree flattened."""
+    its output pytree flattened (one leaf is reshaped, not copied)."""
     raveled = tree.ravel(like)
 
     def flat_fn(flat: torch.Tensor) -> torch.Tensor:
-        out = raw_fn(tree.unravel(flat, raveled))
-        return torch.cat([leaf.reshape(-1) for leaf in tree.leaves(out)])
+        leaves = tree.leaves(raw_fn(tree.unravel(flat, raveled)))
+        if len(leaves) == 1:
+            return leaves[0].reshape(-1)
+        return torch.cat([leaf.reshape(-1) for leaf in leaves])
 
     return flat_fn
+
+
+def _whole_jacobian(flat_fn: Callable, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(J, r)`` of ``flat_fn`` at ``x`` from one ``jacfwd`` (``vmap`` over ``n`` ``jvp``s)."""
+
+    def with_aux(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        r = flat_fn(flat)
+        return r, r
+
+    return tf.jacfwd(with_aux, has_aux=True)(x)
 
 
 class Jacobian(NamedTuple):
@@ -233,7 +244,7 @@ def jacobian_blocks(raw_fn: Callable, params: PyTree, chunk_size: int | None = N
             r, first = _first_columns(flat_fn, x, k0)
             m, spent = r.shape[0], k0
     if first is None and (m is None or (n <= m and chunk_length(n, m, chunk_size) >= n)):
-        whole, r = dense_jacobian(raw_fn, params)  # one chunk: jacfwd as it is
+        whole, r = _whole_jacobian(flat_fn, x)  # one chunk: jacfwd as it is
         _remember_rows(raw_fn, r.shape[0])
         return Blocks(r, r.shape[0], whole, iter(()), True, n, n)
     _remember_rows(raw_fn, m)

@@ -31,7 +31,7 @@ from typing import Any, NamedTuple
 import torch
 
 from soo_func import tree
-from soo_func.searches.damped_gauss_newton import DampedModel, least_squares_reduction
+from soo_func.searches.damped_gauss_newton import DampedModel
 
 PyTree = Any
 
@@ -50,11 +50,14 @@ RADIUS_FACTOR = 100.0
 
 
 class LMStep(NamedTuple):
-    """The step ``p`` (flat), its parameter ``lam`` and scaled length ``|D p|``."""
+    """The step ``p`` (flat), its parameter ``lam``, scaled length ``|D p|``, and the model
+    terms ``|J p|^2`` (``model_sq``) and ``-<r, J p>`` (``model_slope``), from the SVD."""
 
     step: torch.Tensor
     damping: torch.Tensor
     scaled_norm: torch.Tensor
+    model_sq: torch.Tensor
+    model_slope: torch.Tensor
 
 
 def scaled_svd(
@@ -76,6 +79,13 @@ def scaled_svd(
     return s, vt, u.T @ (q.T @ r)
 
 
+def _total(v: torch.Tensor, ones: torch.Tensor) -> torch.Tensor:
+    """The sum of the n-vector ``v`` as the product ``v @ ones`` (``ones`` unbatched): under
+    ``vmap`` one matrix-vector product over the batch, where a reduction over a short inner
+    dimension runs a slow kernel on the CPU."""
+    return v @ ones
+
+
 def lm_parameter(
     jac: torch.Tensor, r: torch.Tensor, diag: torch.Tensor, radius: torch.Tensor, iters: int = 10
 ) -> LMStep:
@@ -83,40 +93,50 @@ def lm_parameter(
 
     ``jac`` is ``m x n``, ``r`` the residuals, ``diag`` the positive scaling ``D``.
     Singular values below ``max(s) n eps`` count as zero (the Gauss-Newton step is then
-    the minimum-norm one).
+    the minimum-norm one). With ``w`` the step's coordinates in ``V`` (``D p = -V w``),
+    ``J p = -U S w``, so ``|J p|^2 = |S w|^2`` and ``-<r, J p> = <S c, w>``: the model's
+    terms come from n-vectors, without a product with ``J`` (MINPACK ``lmder`` takes them
+    from the triangle ``R`` the same way).
     """
     s, vt, c = scaled_svd(jac, r, diag)
+    ones = torch.ones(s.shape[-1], dtype=s.dtype, device=s.device)
     sc = s * c
     rank_tol = s.max() * max(jac.shape) * torch.finfo(s.dtype).eps
     keep = s > rank_tol
+    s2, sc2 = s * s, sc * sc
+    sc_kept = torch.where(keep, sc, torch.zeros_like(sc))
+    s2_kept = torch.where(keep, s2, ones)  # w = sc_kept / (s2_kept + lam) is 0 off ``keep``
 
     def scaled(lam):
-        w = torch.where(keep, sc / (s * s + lam), torch.zeros_like(s))
-        return w, torch.linalg.vector_norm(w)
+        w = sc_kept / (s2_kept + lam)
+        return w, torch.sqrt(_total(w * w, ones))
 
-    w_gn = torch.where(keep, c / torch.where(keep, s, torch.ones_like(s)), torch.zeros_like(s))
-    gn_norm = torch.linalg.vector_norm(w_gn)
+    w_gn = torch.where(keep, c / torch.where(keep, s, ones), torch.zeros_like(s))
+    gn_norm = torch.sqrt(_total(w_gn * w_gn, ones))
     tiny = torch.finfo(s.dtype).tiny
     lo = torch.zeros_like(radius)
-    hi = torch.linalg.vector_norm(sc) / torch.clamp(radius, min=tiny)  # |q(hi)| <= radius
+    hi = torch.sqrt(_total(sc2, ones)) / torch.clamp(radius, min=tiny)  # |q(hi)| <= radius
     lam = hi * 1e-3
-    done = gn_norm <= 1.1 * radius
+    use_gn = gn_norm <= 1.1 * radius
+    done, tenth = use_gn, 0.1 * radius
     for _ in range(iters):
         _, norm = scaled(lam)
-        done = done | ((norm - radius).abs() <= 0.1 * radius)
-        lo = torch.where(norm > radius, lam, lo)
-        hi = torch.where(norm > radius, hi, lam)
-        slope = (sc * sc / (s * s + lam) ** 3).sum() / torch.clamp(norm, min=tiny)  # -d|q|/dlam
+        above = norm > radius
+        done = done | ((norm - radius).abs() <= tenth)
+        lo = torch.where(above, lam, lo)
+        hi = torch.where(above, hi, lam)
+        slope = _total(sc2 / (s2 + lam) ** 3, ones) / torch.clamp(norm, min=tiny)  # -d|q|/dlam
         newton = lam + (norm / radius - 1) * norm / torch.clamp(slope, min=tiny)
         inside = (newton > lo) & (newton < hi) & torch.isfinite(newton)
         fallback = torch.where(lo > 0, torch.sqrt(lo * hi), hi * 1e-2)
         lam = torch.where(done, lam, torch.where(inside, newton, fallback))
-    use_gn = gn_norm <= 1.1 * radius
     w, norm = scaled(lam)
     w = torch.where(use_gn, w_gn, w)
     lam = torch.where(use_gn, torch.zeros_like(lam), lam)
     q = -(vt.T @ w)
-    return LMStep(q / diag, lam, torch.where(use_gn, gn_norm, norm))
+    sw = s * w
+    model_sq, model_slope = _total(sw * sw, ones), _total(sc * w, ones)
+    return LMStep(q / diag, lam, torch.where(use_gn, gn_norm, norm), model_sq, model_slope)
 
 
 def more_radius_update(
@@ -174,12 +194,11 @@ def more_step(
     radius = torch.where(first, start, radius)
     lm = lm_parameter(jac, r, diag, radius)
     radius = torch.where(first, torch.minimum(radius, lm.scaled_norm), radius)
-    jp = jac @ lm.step
     twice_value = torch.clamp(torch.dot(r, r), min=torch.finfo(r.dtype).tiny)
-    decrease = (torch.dot(jp, jp) + lm.damping * lm.scaled_norm**2) / twice_value
+    decrease = (lm.model_sq + lm.damping * lm.scaled_norm**2) / twice_value
     model = DampedModel(
         step=tree.unravel(lm.step, params),
-        predicted=least_squares_reduction(jac, r, lm.step),
+        predicted=lm.model_slope - 0.5 * lm.model_sq,  # m(0) - m(p), m(p) = 0.5 |J p + r|^2
         damping=lm.damping,
         damping_diag=tree.unravel(damping_diag, params),
         valid=torch.isfinite(lm.step).all(),
