@@ -232,8 +232,7 @@ PEAK_SCRIPT = textwrap.dedent(
     import torch
     sys.path.insert(0, {tests!r})
     from test_levenberg_memory import convection_residual, mlp_params
-    from soo_func.searches.damped_gauss_newton import dense_jacobian
-    from soo_func.searches.levenberg_jacobian import jacobian
+    from soo_func.searches.levenberg_jacobian import dense_jacobian, jacobian
     torch.set_num_threads(1)
     residual, params = convection_residual({points}), mlp_params({sizes})
     small = mlp_params([2, 2, 1])

@@ -13,8 +13,9 @@ Marquardt 1963, Moré 1978). For least squares ``f = 0.5 |r|^2``, ``g = J^T r`` 
 
 * :func:`dense_damped_step` -- ``min |[J; sqrt(lam D)] p + [r; 0]|`` by a QR factorisation
   of the augmented matrix (N&W eq. (10.34)), never forming ``J^T J``; for ``m < n`` by the
-  m x m reduced problem (:func:`solve_damped_wide`); ``J`` from :func:`dense_jacobian`
-  (``vmap`` over ``n`` ``jvp``s) or in chunks (:mod:`soo_func.searches.levenberg_jacobian`).
+  m x m reduced problem (:func:`solve_damped_wide`); ``J`` from
+  :func:`~soo_func.searches.levenberg_jacobian.dense_jacobian` (``vmap`` over ``n``
+  ``jvp``s) or in chunks (:mod:`soo_func.searches.levenberg_jacobian`).
 * :func:`krylov_damped_step` -- matrix-free CG (:func:`soo_func.krylov.cg`, N&W Algorithm
   5.2) on ``(B + lam D) p = -g`` with ``B`` an operator ``v -> B v``:
   :func:`gauss_newton_operator` (``J^T J v``, one GGN product each), a published
@@ -33,7 +34,6 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
-import torch.func as tf
 
 from soo_func import tree
 from soo_func.krylov import cg
@@ -45,7 +45,6 @@ Operator = Callable[[PyTree], PyTree]
 __all__ = [
     "DampedModel",
     "dense_damped_step",
-    "dense_jacobian",
     "floor_damping_diag",
     "gauss_newton_operator",
     "krylov_damped_step",
@@ -68,28 +67,6 @@ class DampedModel(NamedTuple):
     damping: torch.Tensor
     damping_diag: PyTree
     valid: torch.Tensor
-
-
-def _flat_residuals(residual_fn: Callable, like: tree.Raveled) -> Callable:
-    def flat_fn(flat: torch.Tensor) -> torch.Tensor:
-        out = residual_fn(tree.unravel(flat, like))
-        return torch.cat([leaf.reshape(-1) for leaf in tree.leaves(out)])
-
-    return flat_fn
-
-
-def dense_jacobian(residual_fn: Callable, params: PyTree) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(J, r)``: the m x n Jacobian of the flattened residuals and the residuals, from
-    one ``jacfwd`` (``vmap`` over ``n`` ``jvp``s). Charges nothing (the caller does)."""
-    raveled = tree.ravel(params)
-    flat_fn = _flat_residuals(residual_fn, raveled)
-
-    def with_aux(x):
-        r = flat_fn(x)
-        return r, r
-
-    jac, r = tf.jacfwd(with_aux, has_aux=True)(raveled.flat)
-    return jac, r
 
 
 def floor_damping_diag(damping_diag: torch.Tensor) -> torch.Tensor:

@@ -55,6 +55,7 @@ __all__ = [
     "chunk_length",
     "column_sq",
     "default_max_jacobian_bytes",
+    "dense_jacobian",
     "flat_residual_fn",
     "jacobian",
     "jacobian_blocks",
@@ -130,6 +131,12 @@ def flat_residual_fn(raw_fn: Callable, like: PyTree) -> Callable[[torch.Tensor],
         return torch.cat([leaf.reshape(-1) for leaf in leaves])
 
     return flat_fn
+
+
+def dense_jacobian(residual_fn: Callable, params: PyTree) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(J, r)``: the m x n Jacobian of the flattened residuals at ``params`` and the
+    residuals, from one ``jacfwd``. Charges nothing (the caller does)."""
+    return _whole_jacobian(flat_residual_fn(residual_fn, params), tree.ravel(params).flat)
 
 
 def _whole_jacobian(flat_fn: Callable, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
