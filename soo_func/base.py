@@ -161,6 +161,13 @@ def _accepts_extras_cached(update: Callable) -> bool:
 
 
 def _has_var_keyword(update: Callable) -> bool:
+    """Whether ``update`` takes ``**kwargs``: from its code object's flags for a function
+    (which ``torch.compile`` traces, also for a transform made inside the compiled
+    region, where ``inspect.signature`` raises in dynamo), else from its signature (a
+    wrapped function, a callable object); true when neither can be read."""
+    code = getattr(update, "__code__", None)
+    if code is not None and getattr(update, "__wrapped__", None) is None:
+        return bool(code.co_flags & inspect.CO_VARKEYWORDS)
     try:
         sig = inspect.signature(update)
     except (TypeError, ValueError):

@@ -198,3 +198,29 @@ def test_compiled_sync_free_armijo_evaluates_only_the_trials_it_needs():
 
 def test_eager_code_takes_no_compiled_branches():
     assert not compiles_control_flow()
+
+
+def test_transform_made_inside_the_compiled_region_traces_whole():
+    """A chain built inside the compiled function: ``update_and_publish`` reads whether each
+    member's ``update`` takes ``**extra`` from its code object (``inspect.signature`` raises
+    inside dynamo), for our members and for an optax-style one without extras."""
+    reason = compile_available()
+    if reason:
+        pytest.skip(reason)
+
+    def optax_style(factor: float) -> sf.Transform:
+        def update(updates, state, params=None):  # no **extra: called without extras
+            return {k: factor * u for k, u in updates.items()}, state
+
+        return sf.Transform(lambda params: sf.EmptyState(), update)
+
+    def step(grad: dict, params: dict, value: torch.Tensor) -> dict:
+        opt = sf.chain(sf.scale(0.5), optax_style(-3.0))
+        updates, _ = opt.update(grad, opt.init(params), params, value=value)
+        return updates
+
+    (data, params) = make_data()
+    value, grad = sf.value_and_grad(partial(loss, data))(params)
+    torch._dynamo.reset()
+    got = torch.compile(step, fullgraph=True, backend="aot_eager")(grad, params, value)
+    assert_close(got, {k: -1.5 * g for k, g in grad.items()}, 1e-15)
