@@ -75,7 +75,9 @@ def test_unrolled_takes_the_steps_of_minimize():
 
 
 @pytest.mark.parametrize(
-    "optimizer", [sf.sgd(0.02), sf.lbfgs(memory_size=3)], ids=["gradient_descent", "lbfgs"]
+    "optimizer",
+    [sf.sgd(0.02), sf.lbfgs(memory_size=3), sf.bfgs(), sf.bfgs(form="direct"), sf.ssbfgs()],
+    ids=["gradient_descent", "lbfgs", "dense_bfgs", "dense_bfgs_direct", "dense_ssbfgs"],
 )
 def test_unrolled_is_the_derivative_of_a_truncated_run(optimizer):
     # no host decision in these steps: the k-step map is smooth, its central differences

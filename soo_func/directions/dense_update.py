@@ -29,7 +29,7 @@ import torch
 
 from soo_func import tree
 
-__all__ = ["add_low_rank", "dense_curvature", "dense_update", "ratio_or_zero"]
+__all__ = ["add_low_rank", "dense_curvature", "dense_update", "ratio_or_zero", "reset_where"]
 
 
 def ratio_or_zero(num: torch.Tensor | float, den: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
@@ -51,6 +51,20 @@ def add_low_rank(matrix, left, right, ok, scale=None) -> torch.Tensor:
         column, row = left[:, k : k + 1], right[:, k : k + 1].mT
         new = torch.addmm(new, column, row) if functorch else new.addmm_(column, row)
     return new
+
+
+def reset_where(matrix: torch.Tensor, keep: torch.Tensor, h0: float) -> torch.Tensor:
+    """``matrix`` where ``keep`` (0-d bool), else ``h0 I``: the reset of a dense
+    quasi-Newton matrix after a non-descent direction. Written into ``matrix`` (an update's
+    fresh buffer), except where autograd records it (the direction's product saved it for
+    the backward: ``adjoint="unrolled"``) or inside a ``torch.func`` transform: out of place
+    there."""
+    if matrix.requires_grad or tree.in_functorch_transform():
+        matrix = matrix.masked_fill(~keep, 0.0)
+    else:
+        matrix = matrix.masked_fill_(~keep, 0.0)
+    matrix.diagonal().add_(torch.where(keep, 0.0, h0))
+    return matrix
 
 
 def _squares(columns: list, coefs: list) -> tuple[torch.Tensor, torch.Tensor]:

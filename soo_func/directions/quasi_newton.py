@@ -44,7 +44,12 @@ import torch
 from soo_func import tree
 from soo_func.base import Transform, guarded
 from soo_func.directions import pair_memory as pm
-from soo_func.directions.dense_update import dense_curvature, dense_update, ratio_or_zero
+from soo_func.directions.dense_update import (
+    dense_curvature,
+    dense_update,
+    ratio_or_zero,
+    reset_where,
+)
 from soo_func.directions.limited_memory import limited_memory
 from soo_func.options import check_in, check_interval, check_nonnegative, check_positive
 
@@ -145,17 +150,6 @@ def _powell_damped(s, y, b_s) -> torch.Tensor:
     return theta * y + (1 - theta) * b_s
 
 
-def _reset(matrix: torch.Tensor, keep: torch.Tensor, h0: float) -> torch.Tensor:
-    """``matrix`` where ``keep``, else ``h0 I``: written into ``matrix`` (the fresh buffer of
-    this update), except inside a ``torch.func`` transform (out of place there)."""
-    if tree.in_functorch_transform():
-        matrix = torch.where(keep, matrix, 0.0)
-    else:
-        matrix = matrix.masked_fill_(~keep, 0.0)
-    matrix.diagonal().add_(torch.where(keep, 0.0, h0))
-    return matrix
-
-
 def _dense(cfg: _Config, who: str) -> Transform:
     inverse = cfg.form == "inverse"
 
@@ -231,7 +225,7 @@ def _dense(cfg: _Config, who: str) -> Transform:
         h0 = 1.0
         if cfg.initial_scaling is not None:
             h0 = cfg.initial_scaling if inverse else 1.0 / cfg.initial_scaling
-        matrix = _reset(matrix, keep, h0)
+        matrix = reset_where(matrix, keep, h0)
         direction = torch.where(descent, direction, -g)
         scaled = scaled & (keep | torch.full_like(scaled, cfg.initial_scaling is not None))
         gg = g @ g

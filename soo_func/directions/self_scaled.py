@@ -64,7 +64,12 @@ import torch
 from soo_func import tree
 from soo_func.base import Transform, guarded
 from soo_func.directions import pair_memory as pm
-from soo_func.directions.dense_update import add_low_rank, dense_curvature, ratio_or_zero
+from soo_func.directions.dense_update import (
+    add_low_rank,
+    dense_curvature,
+    ratio_or_zero,
+    reset_where,
+)
 from soo_func.directions.self_scaled_memory import limited_memory_ssbfgs, ssbfgs_tau
 from soo_func.options import check_in, check_nonnegative, check_positive
 
@@ -238,8 +243,7 @@ def _dense(cfg: _Config, who: str) -> Transform:
         direction = -(matrix @ g)
         slope = g @ direction
         descent = torch.isfinite(slope) & (slope < 0)
-        matrix = matrix.masked_fill(~descent, 0.0)  # the reset to h0 I: zero, then the diagonal
-        matrix.diagonal().add_(torch.where(descent, 0.0, h0))  # (a fresh tensor)
+        matrix = reset_where(matrix, descent, h0)
         direction = torch.where(descent, direction, -g)
         gg = g @ g
         curvature = torch.where(descent, -slope, gg / h0)
