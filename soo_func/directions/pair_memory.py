@@ -129,8 +129,9 @@ def init_memory(memory_size: int, n: int, dtype: torch.dtype, device: torch.devi
     if size <= STACK_MAX_ELEMENTS and (size <= STACK_ALWAYS_ELEMENTS or n <= STACK_MAX_SLOT):
         pairs = torch.zeros(memory_size, 2, n, dtype=dtype, device=device)
     else:
-        zeros = torch.zeros(2, n, dtype=dtype, device=device)
-        pairs = tuple(zeros for _ in range(memory_size))
+        # one tensor per slot: slots sharing a tensor are inputs that alias each other, which
+        # a compiled step guards on (a new pattern at each of the first pushes: recompiles)
+        pairs = tuple(torch.zeros(2, n, dtype=dtype, device=device) for _ in range(memory_size))
     return PairMemory(
         pairs=pairs,
         gram=torch.zeros(2 * memory_size, 2 * memory_size, dtype=small, device=device),

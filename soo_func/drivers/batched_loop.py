@@ -27,6 +27,7 @@ import torch
 
 from soo_func import tree
 from soo_func.base import Transform
+from soo_func.drivers.frozen import thaw
 from soo_func.drivers.result import MinimizeResult
 from soo_func.drivers.sync_free import (
     SYNC_FREE_REASON,
@@ -270,7 +271,7 @@ def _result(carry: Carry, counts: dict[str, int]) -> MinimizeResult:
         num_hvp_evals=counts["num_hvp_evals"] + counts.get("residual_num_hvp_evals", 0),
         converged=converged_code(carry.code),
         reason=SYNC_FREE_REASON,
-        state=carry.state,
+        state=torch.func.vmap(thaw)(carry.state, carry.rotations),
         history=[],
         num_residual_evals=counts.get("residual_num_value_evals", 0),
         reason_code=carry.code,

@@ -4,7 +4,9 @@ check_every=None)``.
 The loop runs exactly ``max_steps`` steps and never reads a tensor on the host. Whether a
 problem has stopped is a 0-d bool tensor ``done``; every step is computed, and a stopped
 problem's params, value, gradient, optimizer state and streaks are kept by
-``torch.where``: a converged or failed problem stops moving. The stopping rules are those
+``torch.where`` (:mod:`soo_func.drivers.frozen`; the curvature pairs of the limited-memory
+methods are kept by a rotation, undone once after the loop): a converged or failed problem
+stops moving. The stopping rules are those
 of the host driver, :func:`~soo_func.drivers.stopping.rule_flags` evaluated on tensors
 (``DEVICE_OPS``), in the same order; a non-finite value freezes the problem at its last
 finite point (``-inf`` reads as unbounded), and a non-finite start marks the problem
@@ -42,6 +44,7 @@ import torch
 from soo_func import tree
 from soo_func.base import Transform, apply_updates, update_and_publish
 from soo_func.drivers.compiled_step import CompiledStep
+from soo_func.drivers.frozen import Rotations, freeze, freeze_state, no_rotations, thaw
 from soo_func.drivers.outcome import reusable
 from soo_func.drivers.result import MinimizeResult
 from soo_func.drivers.stopping import (
@@ -102,6 +105,7 @@ class Carry(NamedTuple):
     num_steps: torch.Tensor  # 0-d int64: steps taken before stopping
     streaks: Streaks  # 0-d tensors
     uncharged: torch.Tensor  # [values, gradients] int64: published ``uncharged_evals``
+    rotations: Rotations  # per pair memory of ``state``: places turned while frozen
 
 
 def converged_code(code: torch.Tensor) -> torch.Tensor:
@@ -142,21 +146,6 @@ def device_step(
         search_failed=failed if has_search else False,
         diagnostics={},
     )
-
-
-def freeze(move: torch.Tensor, new: PyTree, old: PyTree) -> PyTree:
-    """``new`` where ``move`` holds, else ``old``, leaf by leaf. A leaf whose shape
-    changed in the step (a cache filled at the first step) and a leaf that is not a tensor
-    are taken from ``new``."""
-
-    def select(a: Any, b: Any) -> Any:
-        if not isinstance(b, torch.Tensor):
-            return a
-        if isinstance(a, torch.Tensor) and a.shape != b.shape:
-            return a
-        return torch.where(move, a, b)
-
-    return optree.tree_map(select, new, old, none_is_leaf=True)
 
 
 def _rule_code(flags: tuple[Any, ...], like: torch.Tensor) -> torch.Tensor:
@@ -204,16 +193,18 @@ def make_step(
         code = torch.where(finite, _rule_code(flags, numbers.value), not_finite)
         active = ~carry.done
         move = active & finite
+        state, rotations = freeze_state(move, state, carry.state, carry.rotations)
         return Carry(
             params=tree.where(move, new_params, carry.params),
             value=torch.where(move, numbers.value, carry.value),
             grad=tree.where(move, new_grad, carry.grad),
-            state=freeze(move, state, carry.state),
+            state=state,
             done=carry.done | (active & (code != 0)),
             code=torch.where(active, code, carry.code),
             num_steps=carry.num_steps + active.to(torch.int64),
             streaks=freeze(move, streaks, carry.streaks),
             uncharged=carry.uncharged + published.get("uncharged_evals", 0),
+            rotations=rotations,
         )
 
     return step
@@ -237,7 +228,8 @@ def start_carry(
     zero = torch.zeros((), dtype=torch.int64, device=value.device)
     streaks = Streaks(zero, zero, torch.full_like(value, math.inf))
     uncharged = torch.zeros(2, dtype=torch.int64, device=value.device)
-    carry = Carry(params, value, grad, state, code != 0, code, zero, streaks, uncharged)
+    rotations = no_rotations(state, value)
+    carry = Carry(params, value, grad, state, code != 0, code, zero, streaks, uncharged, rotations)
     return carry, rules
 
 
@@ -353,7 +345,7 @@ def minimize_sync_free(
         num_hvp_evals=objective.num_hvp_evals,
         converged=converged_code(carry.code),
         reason=SYNC_FREE_REASON,
-        state=carry.state,
+        state=thaw(carry.state, carry.rotations),
         history=[],
         reason_code=carry.code,
     )
