@@ -59,8 +59,9 @@ def _is_memory(node: Any) -> bool:
 def no_rotations(state: PyTree, like: torch.Tensor) -> Rotations:
     """A zero count for each pair memory of ``state``, on ``like``'s device."""
     nodes = optree.tree_leaves(state, is_leaf=_is_memory, none_is_leaf=True)
-    zero = torch.zeros((), dtype=torch.int64, device=like.device)
-    return tuple(zero for node in nodes if _is_memory(node))
+    return tuple(
+        torch.zeros((), dtype=torch.int64, device=like.device) for node in nodes if _is_memory(node)
+    )
 
 
 def _shifted_by_one(new: Any, old: Any) -> bool:
@@ -105,11 +106,11 @@ def thaw(state: PyTree, rotations: Rotations) -> PyTree:
         if not _is_memory(node):
             return node
         count = next(counts)
-        pairs = node.pairs
-        stacked = pairs if isinstance(pairs, torch.Tensor) else torch.stack(pairs)
+        if isinstance(node.pairs, torch.Tensor):  # a stacked memory is selected, never turned
+            return node
+        stacked = torch.stack(node.pairs)
         m = stacked.shape[0]
         index = torch.remainder(torch.arange(m, device=stacked.device) - count, m)
-        turned = stacked[index]
-        return node._replace(pairs=turned if isinstance(pairs, torch.Tensor) else turned.unbind(0))
+        return node._replace(pairs=stacked[index].unbind(0))
 
     return optree.tree_map(turn_back, state, is_leaf=_is_memory, none_is_leaf=True)

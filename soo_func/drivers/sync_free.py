@@ -73,7 +73,6 @@ __all__ = [
     "charge_uncharged",
     "converged_code",
     "device_step",
-    "freeze",
     "minimize_sync_free",
     "reason_names",
     "start_carry",
