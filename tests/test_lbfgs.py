@@ -320,3 +320,24 @@ def test_update_operations_do_not_grow_with_the_memory_for_short_vectors():
         return counter.calls
 
     assert count(100) == count(5)
+
+
+def test_long_vectors_are_kept_as_separate_flat_tensors():
+    """For long vectors every stored vector (each slot's ``s`` and ``y``, the last point's
+    ``x`` and ``g``) is its own ``[n]`` tensor: no ``[2, n]`` buffer, which at ``n = 2^21``
+    in float64 crosses glibc's 32 MiB mmap line and page-faults afresh at every step."""
+    n, m = 20_000, 4  # 2 m n above STACK_ALWAYS_ELEMENTS, n above STACK_MAX_SLOT: the tuple
+    gen = torch.Generator().manual_seed(0)
+    scale = torch.rand(n, generator=gen, dtype=torch.float64) + 0.5
+    transform, x = lbfgs(m), torch.randn(n, generator=gen, dtype=torch.float64)
+    state = transform.init(x)
+    for _ in range(m + 2):
+        direction, state = transform.update(scale * x, state, x)
+        x = x + 0.01 * direction
+    assert isinstance(state.memory.pairs, tuple)
+    vectors = [v for pair in (*state.memory.pairs, state.last.point) for v in pair]
+    assert len(vectors) == 2 * m + 2
+    assert all(v.shape == (n,) for v in vectors)
+    storages = {v.untyped_storage().data_ptr() for v in vectors}
+    assert len(storages) == len(vectors)
+    torch.testing.assert_close(state.last.point[0], x - 0.01 * direction)

@@ -99,7 +99,7 @@ def lbfgs_b(
         x = tree.ravel(params).flat
         n, zero = x.numel(), x.new_zeros(())
         memory = pm.init_memory(memory_size, n, x.dtype, x.device)
-        last = pm.LastPoint(x.new_zeros(2, n), x.new_zeros(memory_size, 2), torch.tensor(False))
+        last = pm.init_last_point(memory_size, n, x.dtype, x.device)
         count = torch.zeros((), dtype=torch.int64, device=x.device)
         false = torch.zeros((), dtype=torch.bool, device=x.device)
         inf = torch.full_like(zero, math.inf)
@@ -110,9 +110,7 @@ def lbfgs_b(
         gram, valid = memory.gram, memory.valid
         sigma = 1.0 / newest_gamma(gram, valid)
         kernel = bfgs_direct_kernel(gram, valid, sigma)
-        pairs = (
-            memory.pairs if isinstance(memory.pairs, torch.Tensor) else torch.stack(memory.pairs)
-        )
+        pairs = pm.stacked_pairs(memory)
         columns = torch.cat([pairs[:, 0], pairs[:, 1]]).to(kernel.dtype)  # [2m, n]
         both = torch.cat([valid, valid])
         columns = torch.where(both[:, None], columns, 0.0)

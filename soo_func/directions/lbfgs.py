@@ -8,7 +8,7 @@ on the pair memory of :mod:`soo_func.directions.pair_memory`; the transform is
 :func:`~soo_func.directions.limited_memory.limited_memory`.
 
 Cost per update with ``m`` pairs of ``n`` parameters: ``2m`` inner products with ``g``
-(one ``[2, n] x [n]`` product per stored pair), ``2m`` multiply-adds for the result, and
+(two per stored pair), ``2m`` multiply-adds for the result, and
 a few ``m x m`` operations; no host synchronisation.
 """
 

@@ -159,12 +159,12 @@ def _transform(o: _Options, who: str) -> Transform:
     full_gram = not two_loop  # the two-loop recursion does not read S^T s (see pm.push)
     fixed = o.initial_scaling is not None
 
-    def sticky_gamma(state: LimitedMemoryState, point: torch.Tensor):
+    def sticky_gamma(state: LimitedMemoryState, point: pm.Pair):
         """SR1/Broyden: ``gamma`` of the first usable pair, then kept (as N&W eq. 6.20).
 
         Rescaling by the newest pair, as L-BFGS does, makes the newest SR1 pair's
         denominator ``y^T (s - gamma y)`` vanish and the compact middle matrix singular."""
-        s, y = point - state.last.point
+        s, y = point[0] - state.last.point[0], point[1] - state.last.point[1]
         sy, yy = (s @ y).to(state.gamma.dtype), (y @ y).to(state.gamma.dtype)
         usable = state.last.has_prev & (sy > 0) & (yy > 0) & torch.isfinite(sy)
         fresh = torch.where(usable, sy / torch.where(usable, yy, torch.ones_like(yy)), 1.0)

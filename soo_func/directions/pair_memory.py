@@ -9,20 +9,23 @@ compact representations) are in :mod:`soo_func.directions.compact`.
 
 Layout and why
 --------------
-The pairs live in a tuple of ``memory_size`` slots, oldest first, each a ``[2, n]``
-tensor holding ``s_i`` (row 0) and ``y_i`` (row 1). A new pair is appended by
-rebuilding the *tuple* (drop the oldest slot, append the new one): no tensor of the
-old memory is copied or written, which keeps ``update`` pure without paying a copy of
-the whole ``[m, 2, n]`` buffer at every step. Small memories are one ``[m, 2, n]`` tensor
-instead, rebuilt by one concatenation per step, so that each product with the memory is
-one operation (see "Measured choices" in ``docs/design.md``): those of at most
-``STACK_ALWAYS_ELEMENTS`` numbers, and those of at most ``STACK_MAX_ELEMENTS`` numbers whose
-vectors are short (``n <= STACK_MAX_SLOT``: the per-slot operations of the tuple then cost
-more than the copy). The choice is made by
-:func:`init_memory` from the sizes (never from tensor values). Every slot is always
-occupied; a slot whose pair was rejected (bad curvature), not yet filled, or dropped by a
-reset holds ``valid = False`` and contributes nothing (its coefficients are zero; its
-vectors are finite, but not necessarily zero).
+The pairs live in a tuple of ``memory_size`` slots, oldest first, each a :data:`Pair`
+``(s_i, y_i)`` of two ``[n]`` tensors. A new pair is appended by rebuilding the *tuple*
+(drop the oldest slot, append the new one): no tensor of the old memory is copied or
+written, which keeps ``update`` pure without paying a copy of the whole memory at every
+step. The two vectors of a pair (and of the point ``(x, g)`` it is formed from) are
+separate tensors so that a step's fresh tensors stay under the size from which the C
+allocator maps new pages for each allocation (32 MiB with glibc: a ``[2, n]`` float64 at
+``n = 2^21``), pages that fault in on first write. Small memories are one ``[m, 2, n]``
+tensor instead, rebuilt by one concatenation per step, so that each product with the
+memory is one operation: those of at most ``STACK_ALWAYS_ELEMENTS`` numbers, and those of
+at most ``STACK_MAX_ELEMENTS`` numbers whose vectors are short (``n <= STACK_MAX_SLOT``:
+the per-slot operations of the tuple then cost more than the copy). Both choices are
+measured in "Measured choices" in ``docs/design.md``; :func:`init_memory` makes them from
+the sizes (never from tensor values). Every slot is always occupied; a slot whose pair
+was rejected (bad curvature), not yet filled, or dropped by a reset holds ``valid =
+False`` and contributes nothing (its coefficients are zero; its vectors are finite, but
+not necessarily zero).
 
 Alongside the vectors the memory keeps their Gram matrix ``G = [S Y]^T [S Y]``
 (``2m x 2m``, columns ``s_0..s_{m-1}, y_0..y_{m-1}``), updated incrementally: each stored pair
@@ -46,6 +49,7 @@ from soo_func import tree
 __all__ = [
     "AcceptRule",
     "LastPoint",
+    "Pair",
     "PairMemory",
     "Pushed",
     "check_memory_size",
@@ -59,6 +63,7 @@ __all__ = [
     "project",
     "push",
     "push_pair",
+    "stacked_pairs",
 ]
 
 STACK_MAX_ELEMENTS = 1 << 20
@@ -71,16 +76,20 @@ STACK_MAX_SLOT = 2048
 """Larger memories (up to ``STACK_MAX_ELEMENTS``) are stacked when ``n`` is at most this."""
 
 
+Pair = tuple[torch.Tensor, torch.Tensor]
+"""Two flat ``[n]`` vectors: a curvature pair ``(s, y)``, or a point ``(x, g)``."""
+
+
 class PairMemory(NamedTuple):
     """The pairs, their Gram matrix and which slots are valid.
 
-    ``pairs``: ``m`` tensors ``[2, n]`` (``s_i``, ``y_i``), oldest first, as a tuple or,
-    for small memories, stacked into one ``[m, 2, n]`` tensor.
+    ``pairs``: ``m`` :data:`Pair` slots ``(s_i, y_i)``, oldest first, as a tuple or, for
+    small memories, stacked into one ``[m, 2, n]`` tensor (``[i, 0] = s_i``, ``[i, 1] = y_i``).
     ``gram``: ``[2m, 2m]`` inner products of ``[s_0..s_{m-1}, y_0..y_{m-1}]``
     (zero rows and columns for invalid slots). ``valid``: ``[m]`` bool.
     """
 
-    pairs: tuple[torch.Tensor, ...] | torch.Tensor
+    pairs: tuple[Pair, ...] | torch.Tensor
     gram: torch.Tensor
     valid: torch.Tensor
 
@@ -88,12 +97,12 @@ class PairMemory(NamedTuple):
 class LastPoint(NamedTuple):
     """What :func:`push` keeps to form the next pair from consecutive points.
 
-    ``point``: ``[2, n]``, the flat params and gradient at the last update;
+    ``point``: the flat params and gradient ``(x, g)`` at the last update;
     ``products``: ``[m, 2]``, ``(s_i^T g, y_i^T g)`` for that gradient;
     ``has_prev``: 0-d bool, false before the first update.
     """
 
-    point: torch.Tensor
+    point: Pair
     products: torch.Tensor
     has_prev: torch.Tensor
 
@@ -119,6 +128,10 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
 
 
+def _zero_pair(n: int, dtype: torch.dtype, device: torch.device) -> Pair:
+    return torch.zeros(n, dtype=dtype, device=device), torch.zeros(n, dtype=dtype, device=device)
+
+
 def init_memory(memory_size: int, n: int, dtype: torch.dtype, device: torch.device) -> PairMemory:
     """An empty memory for ``n`` flat parameters (all slots invalid).
 
@@ -129,9 +142,9 @@ def init_memory(memory_size: int, n: int, dtype: torch.dtype, device: torch.devi
     if size <= STACK_MAX_ELEMENTS and (size <= STACK_ALWAYS_ELEMENTS or n <= STACK_MAX_SLOT):
         pairs = torch.zeros(memory_size, 2, n, dtype=dtype, device=device)
     else:
-        # one tensor per slot: slots sharing a tensor are inputs that alias each other, which
+        # one tensor per vector: slots sharing a tensor are inputs that alias each other, which
         # a compiled step guards on (a new pattern at each of the first pushes: recompiles)
-        pairs = tuple(torch.zeros(2, n, dtype=dtype, device=device) for _ in range(memory_size))
+        pairs = tuple(_zero_pair(n, dtype, device) for _ in range(memory_size))
     return PairMemory(
         pairs=pairs,
         gram=torch.zeros(2 * memory_size, 2 * memory_size, dtype=small, device=device),
@@ -144,7 +157,7 @@ def init_last_point(
 ) -> LastPoint:
     """No previous point yet (``has_prev`` false)."""
     return LastPoint(
-        point=torch.zeros(2, n, dtype=dtype, device=device),
+        point=_zero_pair(n, dtype, device),
         products=torch.zeros(memory_size, 2, dtype=compute_dtype(dtype), device=device),
         has_prev=torch.zeros((), dtype=torch.bool, device=device),
     )
@@ -162,18 +175,30 @@ def init_for(params, memory_size: int) -> tuple[PairMemory, LastPoint, torch.Ten
     return memory, init_last_point(memory_size, n, dtype, device), one
 
 
-def _products(pairs: tuple[torch.Tensor, ...] | torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def _products(pairs: tuple[Pair, ...] | torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """``[k, 2]``: ``(s_i . v, y_i . v)`` for the slots of ``pairs`` (a tuple or stacked)."""
     if isinstance(pairs, torch.Tensor):
         return torch.mv(pairs.reshape(-1, v.shape[0]), v).view(-1, 2)
-    return torch.stack([torch.mv(slot, v) for slot in pairs])
+    return torch.stack([torch.stack([torch.dot(s, v), torch.dot(y, v)]) for s, y in pairs])
 
 
-def _append(pairs: tuple[torch.Tensor, ...] | torch.Tensor, pair: torch.Tensor):
-    """Drop the oldest slot and append ``pair`` (``[2, n]``); the old memory is untouched."""
+def _append(pairs: tuple[Pair, ...] | torch.Tensor, pair: Pair):
+    """Drop the oldest slot and append ``pair``; the old memory is untouched."""
     if isinstance(pairs, torch.Tensor):
-        return torch.cat([pairs[1:], pair[None]])
+        return torch.cat([pairs[1:], torch.stack(pair)[None]])
     return (*pairs[1:], pair)
+
+
+def _dots(left: Pair, right: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """``[2, k]``: the inner products of ``left``'s two vectors with each of ``right``."""
+    return torch.stack([torch.stack([torch.dot(a, b) for b in right]) for a in left])
+
+
+def stacked_pairs(memory: PairMemory) -> torch.Tensor:
+    """``[m, 2, n]``: the pairs as one tensor (a copy for the tuple layout)."""
+    if isinstance(memory.pairs, torch.Tensor):
+        return memory.pairs
+    return torch.stack([torch.stack(pair) for pair in memory.pairs])
 
 
 def _shift_gram(gram: torch.Tensor, s_new: torch.Tensor, y_new: torch.Tensor) -> torch.Tensor:
@@ -195,7 +220,7 @@ def _shift_gram(gram: torch.Tensor, s_new: torch.Tensor, y_new: torch.Tensor) ->
 
 def _store(
     memory: PairMemory,
-    pair: torch.Tensor,
+    pair: Pair,
     gram: torch.Tensor,
     admissible: torch.Tensor,
     accept_rule: AcceptRule,
@@ -214,18 +239,18 @@ def _store(
     valid = torch.cat([memory.valid[1:], accept[None]])
     both = torch.cat([valid, valid])
     gram = torch.where(both[:, None] & both[None, :], gram, torch.zeros_like(gram))
-    pair = torch.nan_to_num(pair, nan=0.0, posinf=0.0, neginf=0.0)
+    pair = tuple(torch.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0) for v in pair)
     return PairMemory(pairs=_append(memory.pairs, pair), gram=gram, valid=valid), accept
 
 
 def push(
     memory: PairMemory,
     last: LastPoint,
-    point: torch.Tensor,
+    point: Pair,
     accept_rule: AcceptRule,
     full_gram: bool = True,
 ) -> Pushed:
-    """Form ``s = x - x_prev``, ``y = g - g_prev`` from ``point = [x; g]`` (``[2, n]``) and
+    """Form ``s = x - x_prev``, ``y = g - g_prev`` from ``point = (x, g)`` and
     append the pair, valid when ``accept_rule(gram, valid)`` holds.
 
     ``accept_rule`` sees the tentative Gram matrix (new pair in the last slot) and the
@@ -241,8 +266,8 @@ def push(
     m = len(memory.pairs)
     g = point[1]
     small = memory.gram.dtype
-    pair = point - last.point  # [2, n]: s, y (a fresh tensor, stored as the new slot)
-    own = torch.cat([torch.mv(pair, g)[:, None], pair @ pair.T], 1).to(small)  # . (g, s, y)
+    pair = (point[0] - last.point[0], g - last.point[1])  # s, y (fresh, stored as the new slot)
+    own = _dots(pair, (g, *pair)).to(small)  # [2, 3]: (s, y) . (g, s, y)
     if m > 1:
         # Stack the per-slot products once (few small operations per step).
         kept_g = _products(memory.pairs[1:], g).to(small)
@@ -278,11 +303,11 @@ def push(
 
 def push_pair(
     memory: PairMemory,
-    pair: torch.Tensor,
+    pair: Pair,
     accept_rule: AcceptRule,
     rejected_takes_slot: bool = True,
 ) -> tuple[PairMemory, torch.Tensor]:
-    """Append a given pair ``[s; y]`` (``[2, n]``), valid when ``accept_rule`` holds (and
+    """Append a given pair ``(s, y)``, valid when ``accept_rule`` holds (and
     it is finite). Returns the memory and the 0-d decision.
 
     With ``rejected_takes_slot=False`` a rejected pair leaves the memory as it was, so the
@@ -290,8 +315,8 @@ def push_pair(
     """
     m = len(memory.pairs)
     small = memory.gram.dtype
-    pair = pair.clone()  # stored as the new slot (and cleaned in place there)
-    own = (pair @ pair.T).to(small)  # [2, 2]: (s, y) . (s, y)
+    pair = (pair[0].clone(), pair[1].clone())  # stored as the new slot
+    own = _dots(pair, pair).to(small)  # [2, 2]: (s, y) . (s, y)
     if m > 1:
         kept = torch.stack(
             [_products(memory.pairs[1:], pair[0]), _products(memory.pairs[1:], pair[1])], 2
@@ -309,8 +334,7 @@ def push_pair(
 
 def complete_gram(memory: PairMemory) -> torch.Tensor:
     """The Gram matrix of ``[S Y]`` computed afresh from the stored pairs (masked)."""
-    pairs = memory.pairs
-    stacked = pairs if isinstance(pairs, torch.Tensor) else torch.stack(pairs)  # [m, 2, n]
+    stacked = stacked_pairs(memory)  # [m, 2, n]
     columns = torch.cat([stacked[:, 0], stacked[:, 1]])  # [2m, n]: s_0..s_{m-1}, y_0..
     gram = (columns @ columns.T).to(memory.gram.dtype)
     both = torch.cat([memory.valid, memory.valid])
@@ -328,26 +352,35 @@ def project(memory: PairMemory, v: torch.Tensor) -> torch.Tensor:
 def combine(
     memory: PairMemory, v: torch.Tensor, identity_coef: torch.Tensor, coef: torch.Tensor
 ) -> torch.Tensor:
-    """``identity_coef * v + S c_s + Y c_y`` with ``coef = [c_s; c_y]`` (``[2m]``)."""
+    """``identity_coef * v + S c_s + Y c_y`` with ``coef = [c_s; c_y]`` (``[2m]``).
+
+    Into a fresh tensor, accumulated in place (no input is mutated); out of place under
+    vmap (no batching rule for the in-place forms) and, for the tuple layout, as one sum
+    when compiling, which the compiler fuses into a single pass over the memory (each
+    vector read once, the result written once) where per-slot products re-read it.
+    """
     m = len(memory.pairs)
     both = torch.cat([memory.valid, memory.valid])
     coef = torch.where(both, coef, torch.zeros_like(coef)).to(v.dtype)
-    pair_coef = torch.stack([coef[:m], coef[m:]], dim=1)  # [m, 2]
-    # a fresh tensor: accumulating into it in place mutates no input (under vmap, which
-    # has no batching rule for the in-place addmv_, the out-of-place addmv)
     out = v * identity_coef.to(v.dtype)
     in_place = not torch._C._are_functorch_transforms_active()
     if isinstance(memory.pairs, torch.Tensor):
-        slots = [(memory.pairs.reshape(2 * m, -1), pair_coef.reshape(-1))]
-    else:
-        slots = list(zip(memory.pairs, pair_coef, strict=True))
-    for slot, c in slots:
-        out = out.addmv_(slot.T, c) if in_place else torch.addmv(out, slot.T, c)
+        rows = memory.pairs.reshape(2 * m, -1).T  # [n, 2m]: s_0, y_0, s_1, ...
+        weights = torch.stack([coef[:m], coef[m:]], dim=1).reshape(-1)
+        return out.addmv_(rows, weights) if in_place else torch.addmv(out, rows, weights)
+    for index, vector in enumerate(v for pair in memory.pairs for v in pair):
+        weight = coef[index // 2 + m * (index % 2)]  # s_i: coef[i], y_i: coef[m + i]
+        if torch.compiler.is_compiling():
+            out = out + weight * vector
+        elif in_place:
+            out = out.addcmul_(vector, weight)
+        else:
+            out = torch.addcmul(out, vector, weight)
     return out
 
 
-def flat_point(params, grad) -> torch.Tensor:
-    """``[2, n]``: the raveled params (row 0) and gradient (row 1), in one concatenation."""
+def flat_point(params, grad) -> Pair:
+    """``(x, g)``: the raveled params and gradient (two ``[n]`` tensors, see the layout)."""
     p_leaves, g_leaves = tree.leaves(params), tree.leaves(grad)
     dtypes = {leaf.dtype for leaf in p_leaves} | {leaf.dtype for leaf in g_leaves}
     if len(dtypes) > 1:
@@ -355,8 +388,10 @@ def flat_point(params, grad) -> torch.Tensor:
             f"quasi-Newton directions ravel the params into one vector and need one dtype "
             f"across leaves, got {sorted(map(str, dtypes))}; cast the params to a common dtype"
         )
-    flat = torch.cat([leaf.reshape(-1) for leaf in (*p_leaves, *g_leaves)])
-    return flat.view(2, -1)
+    return (
+        torch.cat([leaf.reshape(-1) for leaf in p_leaves]),
+        torch.cat([leaf.reshape(-1) for leaf in g_leaves]),
+    )
 
 
 def check_memory_size(who: str, memory_size: int) -> None:

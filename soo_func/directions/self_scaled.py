@@ -235,7 +235,7 @@ def _dense(cfg: _Config, who: str) -> Transform:
         del extra
         if params is None:
             raise TypeError(f"{who} needs params in update(updates, state, params) to form s")
-        point = pm.flat_point(params, updates).to(state.matrix.dtype)
+        point = torch.stack(pm.flat_point(params, updates)).to(state.matrix.dtype)
         s, y = point - state.prev_point
         g = point[1]
         matrix, ok = updated_matrix(state, s, y)

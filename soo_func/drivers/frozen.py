@@ -4,7 +4,7 @@ Every step is computed for every problem; a problem that does not move (it had s
 its new value is not finite) keeps its old carry by ``torch.where`` (:func:`freeze`). For
 most of an optimizer's state that is a few passes over small tensors, but for the curvature
 pairs of the limited-memory methods (:class:`~soo_func.directions.pair_memory.PairMemory`,
-``m`` slots of ``[2, n]``) a selection slot by slot reads every slot twice and writes it
+``m`` slots of two ``[n]`` vectors) a selection slot by slot reads every slot twice and writes it
 once: about ``6 m n`` numbers a step, more than the L-BFGS direction itself costs
 (``~4 m n``).
 
@@ -65,11 +65,12 @@ def no_rotations(state: PyTree, like: torch.Tensor) -> Rotations:
 
 
 def _shifted_by_one(new: Any, old: Any) -> bool:
-    """Whether the tuple ``new`` is ``old`` pushed by one slot (decided on the Python
+    """Whether the tuple ``new`` is ``old`` pushed by one slot (decided on the tensor
     objects, so while tracing too)."""
     if not (isinstance(new, tuple) and isinstance(old, tuple) and len(new) == len(old)):
         return False
-    return all(a is b for a, b in zip(new[:-1], old[1:], strict=True))
+    kept, dropped = optree.tree_leaves(new[:-1]), optree.tree_leaves(old[1:])
+    return len(kept) == len(dropped) and all(a is b for a, b in zip(kept, dropped, strict=True))
 
 
 def freeze_state(
@@ -86,7 +87,7 @@ def freeze_state(
         count = next(counts)
         small = freeze(move, (a.gram, a.valid), (b.gram, b.valid))
         if _shifted_by_one(a.pairs, b.pairs):
-            pairs = (*a.pairs[:-1], torch.where(move, a.pairs[-1], b.pairs[0]))
+            pairs = (*a.pairs[:-1], freeze(move, a.pairs[-1], b.pairs[0]))
             count = count + (~move).to(count.dtype)
         else:
             pairs = freeze(move, a.pairs, b.pairs)
@@ -108,9 +109,9 @@ def thaw(state: PyTree, rotations: Rotations) -> PyTree:
         count = next(counts)
         if isinstance(node.pairs, torch.Tensor):  # a stacked memory is selected, never turned
             return node
-        stacked = torch.stack(node.pairs)
-        m = stacked.shape[0]
-        index = torch.remainder(torch.arange(m, device=stacked.device) - count, m)
-        return node._replace(pairs=stacked[index].unbind(0))
+        m = len(node.pairs)
+        index = torch.remainder(torch.arange(m, device=count.device) - count, m)
+        halves = [torch.stack(half)[index].unbind(0) for half in zip(*node.pairs, strict=True)]
+        return node._replace(pairs=tuple(zip(*halves, strict=True)))
 
     return optree.tree_map(turn_back, state, is_leaf=_is_memory, none_is_leaf=True)

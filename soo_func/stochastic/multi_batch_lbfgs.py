@@ -111,7 +111,7 @@ def multi_batch_lbfgs(
         _, g_new = overlap_grad(tree.add(params, step))
         y = tree.ravel(g_new).flat - tree.ravel(g_old).flat
         memory, accepted = pm.push_pair(
-            state.memory, torch.stack([s, y]), accept_rule, rejected_takes_slot=False
+            state.memory, (s, y), accept_rule, rejected_takes_slot=False
         )
         return step, MultiBatchLBFGSState(memory, state.num_skipped + (~accepted).long())
 
