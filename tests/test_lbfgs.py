@@ -293,6 +293,19 @@ def test_same_iterates_and_evaluations_as_torch_lbfgs_on_a_quadratic():
     )
 
 
+def filled_memory(m: int, n: int):
+    """``lbfgs(m)`` after ``m + 2`` short steps on ``diag(scale)``: the transform, ``scale``,
+    the point reached, the state there and the last direction."""
+    gen = torch.Generator().manual_seed(0)
+    scale = torch.rand(n, generator=gen, dtype=torch.float64) + 0.5
+    transform, x = lbfgs(m), torch.randn(n, generator=gen, dtype=torch.float64)
+    state = transform.init(x)
+    for _ in range(m + 2):
+        direction, state = transform.update(scale * x, state, x)
+        x = x + 0.01 * direction
+    return transform, scale, x, state, direction
+
+
 def test_update_operations_do_not_grow_with_the_memory_for_short_vectors():
     """For short vectors the memory is one stacked tensor: an update with 100 pairs runs the
     same tensor operations as one with 5 (per-slot operations made ``lbfgs(100)`` on a
@@ -308,13 +321,7 @@ def test_update_operations_do_not_grow_with_the_memory_for_short_vectors():
             return func(*args, **(kwargs or {}))
 
     def count(m, n=921):
-        gen = torch.Generator().manual_seed(0)
-        scale = torch.rand(n, generator=gen, dtype=torch.float64) + 0.5
-        transform, x = lbfgs(m), torch.randn(n, generator=gen, dtype=torch.float64)
-        state = transform.init(x)
-        for _ in range(m + 2):
-            direction, state = transform.update(scale * x, state, x)
-            x = x + 0.01 * direction
+        transform, scale, x, state, _ = filled_memory(m, n)
         with Count() as counter:
             transform.update(scale * x, state, x)
         return counter.calls
@@ -327,13 +334,7 @@ def test_long_vectors_are_kept_as_separate_flat_tensors():
     ``x`` and ``g``) is its own ``[n]`` tensor: no ``[2, n]`` buffer, which at ``n = 2^21``
     in float64 crosses glibc's 32 MiB mmap line and page-faults afresh at every step."""
     n, m = 20_000, 4  # 2 m n above STACK_ALWAYS_ELEMENTS, n above STACK_MAX_SLOT: the tuple
-    gen = torch.Generator().manual_seed(0)
-    scale = torch.rand(n, generator=gen, dtype=torch.float64) + 0.5
-    transform, x = lbfgs(m), torch.randn(n, generator=gen, dtype=torch.float64)
-    state = transform.init(x)
-    for _ in range(m + 2):
-        direction, state = transform.update(scale * x, state, x)
-        x = x + 0.01 * direction
+    _, _, x, state, direction = filled_memory(m, n)
     assert isinstance(state.memory.pairs, tuple)
     vectors = [v for pair in (*state.memory.pairs, state.last.point) for v in pair]
     assert len(vectors) == 2 * m + 2
