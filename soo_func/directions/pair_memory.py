@@ -179,7 +179,7 @@ def _products(pairs: tuple[Pair, ...] | torch.Tensor, v: torch.Tensor) -> torch.
     """``[k, 2]``: ``(s_i . v, y_i . v)`` for the slots of ``pairs`` (a tuple or stacked)."""
     if isinstance(pairs, torch.Tensor):
         return torch.mv(pairs.reshape(-1, v.shape[0]), v).view(-1, 2)
-    return torch.stack([torch.stack([torch.dot(s, v), torch.dot(y, v)]) for s, y in pairs])
+    return torch.stack([_dots(pair, (v,))[:, 0] for pair in pairs])
 
 
 def _append(pairs: tuple[Pair, ...] | torch.Tensor, pair: Pair):
