@@ -26,6 +26,8 @@ from typing import Annotated, Any, TypedDict, get_type_hints
 
 import torch
 
+from soo_func.tree import FlatStep
+
 PyTree = Any
 
 __all__ = [
@@ -105,6 +107,17 @@ class Publication(TypedDict, total=False):
             "armijo, armijo_sync_free, wolfe",
             "0-d: the first trial step length the direction suggests (used when finite and "
             "positive)",
+        ),
+    ]
+    flat_step: Annotated[
+        FlatStep,
+        Declared(
+            _MODEL,
+            "lbfgs, bfgs, dfp, sr1, broyden (limited memory)",
+            "armijo_sync_free",
+            "a `tree.FlatStep`: the direction's params, gradient and updates with their "
+            "raveled vectors, reused by a search whose trees are these (by identity)",
+            False,
         ),
     ]
     value_fn: Annotated[

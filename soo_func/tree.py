@@ -23,6 +23,7 @@ import torch
 PyTree = Any
 
 __all__ = [
+    "FlatStep",
     "PyTree",
     "Raveled",
     "add",
@@ -41,6 +42,7 @@ __all__ = [
     "ones_like",
     "overflow_safe_norm",
     "ravel",
+    "same_leaves",
     "scale",
     "scaled_norm",
     "structure",
@@ -348,3 +350,37 @@ def unravel(flat: torch.Tensor, like: Raveled | PyTree) -> PyTree:
     return optree.tree_unflatten(
         treespec, [p.reshape(s) for p, s in zip(parts, shapes, strict=True)]
     )
+
+
+def same_leaves(x: PyTree, y: PyTree) -> bool:
+    """Whether ``x`` and ``y`` are made of the very same leaf objects, in the same order (an
+    identity test on the Python objects: no tensor is read, ``torch.compile`` traces it)."""
+    x_leaves, y_leaves = leaves(x), leaves(y)
+    return len(x_leaves) == len(y_leaves) and all(
+        a is b for a, b in zip(x_leaves, y_leaves, strict=True)
+    )
+
+
+class FlatStep(NamedTuple):
+    """A direction's point, gradient and updates, with the flat vectors ``x, g, d`` that
+    :func:`ravel` would make of them (``updates`` are views of ``d``).
+
+    A direction that works on flat vectors publishes it (key ``flat_step``) so that a search
+    working on flat vectors reuses ``x, g, d`` instead of copying every leaf again; the
+    search checks with :meth:`describes` that its own trees are these (a member between
+    them that changed the updates makes new leaves, and the search then ravels its own)."""
+
+    params: PyTree
+    grad: PyTree
+    updates: PyTree
+    x: torch.Tensor
+    g: torch.Tensor
+    d: torch.Tensor
+
+    def describes(self, params: PyTree, grad: PyTree, updates: PyTree) -> bool:
+        """Whether ``params``, ``grad`` and ``updates`` are this step's trees (by identity)."""
+        return (
+            same_leaves(params, self.params)
+            and same_leaves(grad, self.grad)
+            and same_leaves(updates, self.updates)
+        )

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import soo_func as sf
+from soo_func.drivers import compiled_step
 from soo_func.drivers.stopping import MAX_FAILED_SEARCHES
 from soo_func.drivers.sync_free import REASON_NAMES, reason_names
 
@@ -285,3 +286,52 @@ def test_compiled_step_gives_the_eager_result():
     assert compiled.num_value_evals < eager.num_value_evals
     assert compiled.num_grad_evals >= 1 + 40
     assert compiled.num_value_evals >= compiled.num_grad_evals
+
+
+# -------------------------------------------------------------------------- flat vectors
+
+
+def pytree_quadratic(p: dict) -> torch.Tensor:
+    """A separable quadratic on a dict of three tensors (the search then works on flat
+    vectors: one dtype, one device)."""
+    return sum(0.5 * (i + 1.0) * ((v - 1.0) ** 2).sum() for i, v in enumerate(p.values()))
+
+
+PYTREE_X0 = {"a": torch.zeros(3, 2, dtype=F64), "b": torch.zeros(4, dtype=F64),
+             "c": torch.zeros((), dtype=F64)}  # fmt: skip
+
+
+@pytest.mark.parametrize("direction", [sf.lbfgs, sf.dfp])
+def test_limited_memory_publishes_the_flat_vectors_of_its_step(direction):
+    opt = direction(memory_size=3) if direction is sf.dfp else direction(3)
+    grad = {k: torch.randn_like(v) for k, v in PYTREE_X0.items()}
+    updates, _, published = sf.update_and_publish(opt, grad, opt.init(PYTREE_X0), PYTREE_X0)
+    flat = published["flat_step"]
+    assert flat.describes(PYTREE_X0, grad, updates)
+    for vector, pytree in ((flat.x, PYTREE_X0), (flat.g, grad), (flat.d, updates)):
+        torch.testing.assert_close(vector, sf.tree.ravel(pytree).flat, rtol=0, atol=0)
+    storage = flat.d.untyped_storage().data_ptr()
+    assert all(u.untyped_storage().data_ptr() == storage for u in sf.tree.leaves(updates))
+    assert not flat.describes(PYTREE_X0, grad, sf.tree.scale(1.0, updates))  # new leaves
+
+
+@pytest.mark.parametrize("between", [(), (sf.scale(0.5),)])
+def test_a_compiled_search_reuses_only_the_flat_vectors_of_its_own_trees(between, monkeypatch):
+    """With a member between the direction and the search (it makes new updates), the
+    published vectors are not those of the search's updates: the compiled search ravels
+    its own (reusing the direction's would step along the unscaled direction)."""
+    monkeypatch.setattr(compiled_step, "blas_inductor", "eager")  # the graph is what counts
+
+    def optimizer():
+        return sf.chain(sf.lbfgs(3), *between, sf.armijo_sync_free(max_steps=3))
+
+    eager = sf.minimize(pytree_quadratic, PYTREE_X0, optimizer(), max_steps=12, check_every=None)
+    torch.compiler.reset()
+    try:
+        compiled = sf.minimize(
+            pytree_quadratic, PYTREE_X0, optimizer(), max_steps=12, check_every=None, compile=True
+        )
+    finally:
+        torch.compiler.reset()
+    torch.testing.assert_close(compiled.params, eager.params, rtol=0, atol=1e-12)
+    assert int(compiled.num_steps) == int(eager.num_steps)

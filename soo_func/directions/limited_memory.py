@@ -209,8 +209,8 @@ def _transform(o: _Options, who: str) -> Transform:
             scaled=torch.full((), fixed, device=one.device),
         )
 
-    def update(updates, state: LimitedMemoryState, params=None, **extra):
-        del extra
+    def flat_update(updates, state: LimitedMemoryState, params):
+        """The direction as a flat vector, the flat ``(x, g)`` it was formed at, the state."""
         if params is None:
             raise TypeError(f"{who} needs params in update(updates, state, params) to form s")
         point = pm.flat_point(params, updates)
@@ -240,7 +240,19 @@ def _transform(o: _Options, who: str) -> Transform:
             step_hint=hint,
             scaled=scaled & (keep | torch.full_like(scaled, fixed)),
         )
+        return direction, point, new_state
+
+    def update(updates, state: LimitedMemoryState, params=None, **extra):
+        del extra
+        direction, _, new_state = flat_update(updates, state, params)
         return tree.unravel(direction, params), new_state
+
+    def update_and_publish(updates, state: LimitedMemoryState, params=None, **extra):
+        """``update`` and ``publish``, with the step's flat vectors (``flat_step``) too."""
+        direction, (x, g), new_state = flat_update(updates, state, params)
+        unraveled = tree.unravel(direction, params)
+        flat = tree.FlatStep(params, updates, unraveled, x, g, direction)
+        return unraveled, new_state, {**publish(new_state, params, **extra), "flat_step": flat}
 
     def publish(state: LimitedMemoryState, params=None, **extra) -> dict[str, Any]:
         del extra
@@ -255,4 +267,4 @@ def _transform(o: _Options, who: str) -> Transform:
         operator = kernel_operator(memory, kernel, sigma, params)
         return {"curvature": operator, "step_hint": state.step_hint}
 
-    return guarded(who, Transform(init, update, publish), LimitedMemoryState)
+    return guarded(who, Transform(init, update, publish, update_and_publish), LimitedMemoryState)

@@ -267,12 +267,15 @@ def armijo_sync_free(
         check_extras("armijo_sync_free", updates, state, extra)
         value_fn, grad = extra["value_fn"], extra["grad"]
         f0 = extra["value"].detach().reshape(())
-        slope = tree.vdot(grad, updates).to(f0.dtype)
+        flat = extra.get("flat_step")
+        if not (isinstance(flat, tree.FlatStep) and flat.describes(params, grad, updates)):
+            flat = None  # none published, or not of these trees: the search ravels its own
+        slope = (tree.vdot(grad, updates) if flat is None else flat.g @ flat.d).to(f0.dtype)
         ok_start = torch.isfinite(f0) & torch.isfinite(slope) & (slope < 0)
         alpha = _initial_step_tensor(initial_step, f0, slope, grad, state, extra.get("step_hint"))
         inputs = (value_fn, params, updates, grad, f0, slope, alpha, ok_start)
         if compiles_control_flow():
-            result, step = compiled_search(*inputs, options)
+            result, step = compiled_search(*inputs, options, flat)
         else:
             result = all_trials(*inputs)
             step = tree.where(

@@ -8,8 +8,8 @@ step, value and gradient are those of the eager all-trials path (the same trial 
 eq. (3.57), and the same acceptance test).
 
 One buffer: when the params, the direction and the gradient share one dtype and device,
-the search ravels each once and works on flat vectors: a trial point is one
-``x + alpha d``, the objective is called on ``unravel(x + alpha d)`` (views), and its
+the search works on flat vectors (those the direction published as ``flat_step``, or
+its own raveling of each): a trial point is one ``x + alpha d``, the objective is called on ``unravel(x + alpha d)`` (views), and its
 gradient is one flat tensor, unraveled (views) once outside the branches. The
 ``torch.cond`` branches then read three tensors and return one gradient whatever the
 number of leaves (a pytree of many tensors otherwise makes every branch, and the
@@ -80,22 +80,27 @@ def _one_buffer(*trees: PyTree) -> bool:
 def compiled_search(
     value_fn: Any, params: PyTree, updates: PyTree, grad: PyTree, f0: torch.Tensor,
     slope: torch.Tensor, alpha0: torch.Tensor, ok_start: torch.Tensor, options: tuple,
+    flat: tree.FlatStep | None = None,
 ) -> tuple[Found, PyTree]:  # fmt: skip
     """The nested-``torch.cond`` search (module docstring) and its step
     ``alpha d`` (zero when nothing was accepted), both shaped like ``params``.
 
+    ``flat``: the raveled ``params``, ``grad`` and ``updates`` when the direction
+    published them (no copy is made here then).
     ``value_fn`` is called unwrapped inside the branches (no host counter can be charged
     there): ``num_evals``/``num_grads`` carry the count, published as ``uncharged_evals``."""
     raw = raw_function(value_fn)
-    if _one_buffer(params, updates, grad):
-        layout = tree.ravel(params)
-        x, d, g = layout.flat, tree.ravel(updates).flat, tree.ravel(grad).flat
+    if flat is not None or _one_buffer(params, updates, grad):
+        if flat is None:
+            x, d, g = (tree.ravel(t).flat for t in (params, updates, grad))
+        else:
+            x, d, g = flat.x, flat.d, flat.g
 
-        def unpack(flat: torch.Tensor) -> PyTree:
-            return tree.unravel(flat, layout)
+        def unpack(vector: torch.Tensor) -> PyTree:
+            return tree.unravel(vector, params)
 
-        def objective(flat: torch.Tensor) -> torch.Tensor:
-            return raw(unpack(flat))
+        def objective(vector: torch.Tensor) -> torch.Tensor:
+            return raw(unpack(vector))
 
     else:
         # The branches read these; leaves that are views of one buffer (a raveled
