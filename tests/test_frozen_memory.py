@@ -68,6 +68,12 @@ def test_frozen_pushes_rotate_and_thaw_restores_the_memory(n):
     if tuple_layout:  # really rotated: slot 0 now holds what slot 3 (mod m) held
         torch.testing.assert_close(frozen[-1].pairs[0], kept.pairs[3], rtol=0, atol=0)
     assert_same_state(thaw(state, rotations), kept)
+    on_host = thaw(state, tuple(int(r) for r in rotations))  # counts read after a compiled run
+    assert_same_state(on_host, kept)
+    if tuple_layout:  # reordered, not copied
+        assert {id(v) for v in optree.tree_leaves(on_host.pairs)} == {
+            id(v) for v in optree.tree_leaves(state.pairs)
+        }
     moved, turned = freeze_state(go, memories[m + 2], kept, no_rotations(kept, like=go))
     assert int(turned[0]) == 0
     assert_same_state(moved, memories[m + 2])

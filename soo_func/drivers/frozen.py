@@ -98,9 +98,13 @@ def freeze_state(
     return state, tuple(turned)
 
 
-def thaw(state: PyTree, rotations: Rotations) -> PyTree:
+def thaw(state: PyTree, rotations: Rotations | tuple[int, ...]) -> PyTree:
     """``state`` with each pair memory's slots turned back by its rotation count: after
-    ``r`` frozen steps slot ``i`` holds the pair of slot ``(i + r) mod m``."""
+    ``r`` frozen steps slot ``i`` holds the pair of slot ``(i + r) mod m``.
+
+    Counts read on the host (Python ints) reorder the tuple of slots (no copy); counts on
+    the device select every slot of the stacked halves (a copy of the memory, no host read).
+    """
     counts = iter(rotations)
 
     def turn_back(node: Any) -> Any:
@@ -110,6 +114,8 @@ def thaw(state: PyTree, rotations: Rotations) -> PyTree:
         if isinstance(node.pairs, torch.Tensor):  # a stacked memory is selected, never turned
             return node
         m = len(node.pairs)
+        if isinstance(count, int):
+            return node._replace(pairs=tuple(node.pairs[(i - count) % m] for i in range(m)))
         index = torch.remainder(torch.arange(m, device=count.device) - count, m)
         halves = [torch.stack(half)[index].unbind(0) for half in zip(*node.pairs, strict=True)]
         return node._replace(pairs=tuple(zip(*halves, strict=True)))

@@ -70,11 +70,11 @@ __all__ = [
     "SYNC_FREE_REASON",
     "Carry",
     "CompiledStep",
-    "charge_uncharged",
     "converged_code",
     "device_step",
     "minimize_sync_free",
     "reason_names",
+    "settle_compiled_run",
     "start_carry",
 ]
 
@@ -294,15 +294,22 @@ def _loop(steps: tuple[Callable, Callable], carry: Carry, tally: Tally, loop: tu
     return carry
 
 
-def charge_uncharged(objective: CountedObjective, uncharged: torch.Tensor, compiled: bool):
+def settle_compiled_run(
+    objective: CountedObjective, carry: Carry, compiled: bool
+) -> Rotations | tuple[int, ...]:
     """Add the run's ``uncharged_evals`` (evaluations a compiled search made inside
-    ``torch.cond``, which charge no host counter) to ``objective``'s counts: one host read
-    after the loop, made only for a compiled run outside ``torch.func`` transforms (the
-    eager and the vmapped searches charge as they evaluate)."""
+    ``torch.cond``, which charge no host counter) to ``objective``'s counts, and return the
+    rotation counts to thaw the state with: one host read after the loop, made only for a
+    compiled run outside ``torch.func`` transforms, which also gives the rotations as
+    Python ints (so that :func:`~soo_func.drivers.frozen.thaw` reorders the slots instead
+    of copying them). Eager and vmapped runs read nothing (their searches charge as they
+    evaluate) and get the rotations on the device."""
     if not compiled or torch._C._are_functorch_transforms_active():
-        return
-    values, grads = uncharged.tolist()
+        return carry.rotations
+    counts = torch.cat([carry.uncharged, *map(torch.atleast_1d, carry.rotations)])
+    values, grads, *turns = counts.tolist()
     charge(objective, value=values, grad=grads)
+    return tuple(turns)
 
 
 def minimize_sync_free(
@@ -331,7 +338,7 @@ def minimize_sync_free(
     with tree.no_host_reads():
         steps = tuple(make_step(twin, optimizer, extra, rules, later) for later in (False, True))
         carry = _loop(steps, carry, tally, loop)
-    charge_uncharged(objective, carry.uncharged, compiled=loop[2])
+    rotations = settle_compiled_run(objective, carry, compiled=loop[2])
     grad_norm = tree.overflow_safe_norm(carry.grad)
     return MinimizeResult(
         params=carry.params,
@@ -344,7 +351,7 @@ def minimize_sync_free(
         num_hvp_evals=objective.num_hvp_evals,
         converged=converged_code(carry.code),
         reason=SYNC_FREE_REASON,
-        state=thaw(carry.state, carry.rotations),
+        state=thaw(carry.state, rotations),
         history=[],
         reason_code=carry.code,
     )
