@@ -9,11 +9,12 @@ eq. (3.57), and the same acceptance test).
 
 One buffer: when the params, the direction and the gradient share one dtype and device,
 the search works on flat vectors (those the direction published as ``flat_step``, or
-its own raveling of each): a trial point is one ``x + alpha d``, the objective is called on ``unravel(x + alpha d)`` (views), and its
-gradient is one flat tensor, unraveled (views) once outside the branches. The
-``torch.cond`` branches then read three tensors and return one gradient whatever the
-number of leaves (a pytree of many tensors otherwise makes every branch, and the
-compiled code, grow with the leaves). Mixed dtypes keep the leafwise path.
+its own raveling of each): a trial point is one ``x + alpha d``, the objective is called
+on ``unravel(x + alpha d)`` (views), and its gradient is one flat tensor, unraveled
+(views) once outside the branches. The ``torch.cond`` branches then read three tensors
+and return one gradient whatever the number of leaves (a pytree of many tensors otherwise
+makes every branch, and the compiled code, grow with the leaves). Mixed dtypes keep the
+leafwise path.
 """
 
 from __future__ import annotations
