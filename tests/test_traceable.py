@@ -224,3 +224,78 @@ def test_transform_made_inside_the_compiled_region_traces_whole():
     torch._dynamo.reset()
     got = torch.compile(step, fullgraph=True, backend="aot_eager")(grad, params, value)
     assert_close(got, {k: -1.5 * g for k, g in grad.items()}, 1e-15)
+
+
+def _vmapped_steps(transform: sf.Transform, datas, params: dict, wrap=None) -> dict:
+    """``N_STEPS`` vmapped updates of a batch of problems, each step one ``vmap`` of
+    (value and gradient, update) over the batch, optionally wrapped (compiled)."""
+
+    def one(a, y, state, params):
+        value_fn, residual_fn = partial(loss, (a, y)), partial(residual, (a, y))
+        grad, value = torch.func.grad_and_value(value_fn)(params)
+        return transform.update(
+            grad, state, params, value=value, grad=grad, value_fn=value_fn, residual_fn=residual_fn
+        )
+
+    step = torch.func.vmap(one)
+    step = step if wrap is None else wrap(step)
+    state, taken = torch.func.vmap(transform.init)(params), []
+    for _ in range(N_STEPS):
+        updates, state = step(*datas, state, params)
+        taken.append(updates)
+        params = sf.apply_updates(params, updates)
+    return {key: torch.stack([u[key] for u in taken]) for key in params}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["levenberg_marquardt", "levenberg_marquardt(cg)"])
+def test_compiled_vmapped_updates_match_eager(name):
+    """``torch.compile(vmap(step))``: the dense Jacobian's ``vmap`` of ``jvp`` does not trace
+    there (pytorch/pytorch#151196) and is unrolled, and no traced function is memoized."""
+    reason = compile_available()
+    if reason is not None:
+        pytest.skip(reason)
+    datas, params = make_data(3, seed=2)
+    eager = _vmapped_steps(CASES[name](), datas, params)
+    traced = _vmapped_steps(CASES[name](), datas, params, wrap=compiled("aot_eager"))
+    torch._dynamo.reset()
+    assert all(torch.isfinite(u).all() for u in eager.values())
+    assert_close(traced, eager, 1e-11)
+
+
+@pytest.mark.slow
+def test_compiled_levenberg_marquardt_takes_a_new_residual_function_without_recompiling():
+    """A new ``residual_fn`` (another batch of data) at each call: the compiled update is
+    traced once the cache is filled, and never takes the Jacobian cached for another
+    function (the eager results, where the cache is keyed by function)."""
+    reason = compile_available()
+    if reason is not None:
+        pytest.skip(reason)
+    (datas, params), transform = make_data(4, seed=3), CASES["levenberg_marquardt"]()
+
+    def run(step, warm: int) -> list[dict]:
+        state, p, taken = transform.init(params_0), params_0, []
+        for k in range(4):
+            data = (datas[0][k], datas[1][k])
+            value, grad = sf.value_and_grad(partial(loss, data))(p)
+            stance = "fail_on_recompile" if k >= warm else "default"
+            with torch.compiler.set_stance(stance):
+                updates, state = step(
+                    grad,
+                    state,
+                    p,
+                    value=value,
+                    value_fn=partial(loss, data),
+                    residual_fn=partial(residual, data),
+                )
+            taken.append(updates)
+            p = sf.apply_updates(p, updates)
+        return taken
+
+    params_0 = {key: leaf[0] for key, leaf in params.items()}
+    eager = run(transform.update, warm=4)
+    torch._dynamo.reset()
+    traced = run(torch.compile(transform.update, fullgraph=True, backend="aot_eager"), warm=2)
+    torch._dynamo.reset()
+    for got, want in zip(traced, eager, strict=True):
+        assert_close(got, want, 1e-11)

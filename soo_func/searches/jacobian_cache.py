@@ -17,7 +17,8 @@ evaluations per step).
 
 Where the host may read, :func:`lookup` checks the point and the token; a traced or
 vmapped update evaluates and picks by :func:`select_cached`; a caller that promises the
-point (the ``continues`` extra) skips both, given a :func:`filled` cache.
+point (the ``continues`` extra) skips both, given a :func:`filled` cache. Under
+``torch.compile`` a function has no token (``UNNAMED``): only ``continues`` reuses the cache.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from soo_func import tree
 PyTree = Any
 
 __all__ = [
+    "UNNAMED",
     "JacobianCache",
     "empty_jacobian_cache",
     "filled",
@@ -48,8 +50,18 @@ _TOKENS: weakref.WeakKeyDictionary[Callable, int] = weakref.WeakKeyDictionary()
 _NEXT_TOKEN = itertools.count(1 + secrets.randbelow(2**62))
 
 
+UNNAMED = -1
+"""The token of a function traced by ``torch.compile``: a cache it stored is never looked up
+by token (only taken as it is on the caller's promise, ``Point.continues``)."""
+
+
 def function_token(fn: Callable) -> int:
-    """A positive integer naming ``fn`` for as long as it lives (never reused)."""
+    """A positive integer naming ``fn`` for as long as it lives (never reused); ``UNNAMED``
+    while ``torch.compile`` traces, where a host-side name would be a constant of the graph
+    (a recompilation for every new function, and a memo keeping the traced tensors the
+    function closes over alive past the graph)."""
+    if torch.compiler.is_compiling():
+        return UNNAMED
     try:
         token = _TOKENS.get(fn)
         if token is None:
@@ -95,7 +107,7 @@ def lookup(
     """The cached ``(J, r)`` when they are of the function ``token`` at ``params``, else
     ``None``. One host synchronisation."""
     flat = tree.ravel(params).flat
-    if cache.at.shape != flat.shape:
+    if token == UNNAMED or cache.at.shape != flat.shape:
         return None
     if bool((cache.of == token) & (cache.at == flat).all()):
         return cache.jacobian, cache.residuals
@@ -110,7 +122,7 @@ def select_cached(
     which evaluate the Jacobian always; a hit's cached ``J`` is the one the evaluation
     returns at the same point, so the values are the host path's)."""
     flat = tree.ravel(params).flat
-    if cache.at.shape != flat.shape or cache.jacobian.shape != jac.shape:
+    if token == UNNAMED or cache.at.shape != flat.shape or cache.jacobian.shape != jac.shape:
         return jac, r
     hit = (cache.of == token) & (cache.at == flat).all()
     return torch.where(hit, cache.jacobian, jac), torch.where(hit, cache.residuals, r)

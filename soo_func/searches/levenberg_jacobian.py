@@ -141,12 +141,40 @@ def dense_jacobian(residual_fn: Callable, params: PyTree) -> tuple[torch.Tensor,
 
 def _whole_jacobian(flat_fn: Callable, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(J, r)`` of ``flat_fn`` at ``x`` from one ``jacfwd`` (``vmap`` over ``n`` ``jvp``s)."""
+    if _vmap_of_jvp_breaks():
+        r, block = _pushforwards(flat_fn, x, _basis(0, x.shape[0], x.shape[0], x))
+        return block.T, r
 
     def with_aux(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         r = flat_fn(flat)
         return r, r
 
     return tf.jacfwd(with_aux, has_aux=True)(x)
+
+
+def _vmap_of_jvp_breaks() -> bool:
+    """Whether ``torch.compile`` traces this inside a ``torch.func`` transform, where a
+    ``vmap`` of ``jvp`` fails to trace (pytorch/pytorch#151196, #160508: "InferenceMode ...
+    _fw_primal" on fake tensors; ``torch.compile(vmap(least_squares step))``). Host-side
+    flags only: the answer is a constant of the trace."""
+    return torch.compiler.is_compiling() and tree.in_functorch_transform()
+
+
+def _pushforwards(
+    flat_fn: Callable, x: torch.Tensor, tangents: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(r, J t_i for each row t_i of tangents)``: one ``vmap`` of ``jvp``, or, where that
+    does not trace (:func:`_vmap_of_jvp_breaks`), one ``jvp`` per tangent (the same
+    products, unrolled in the compiled graph)."""
+
+    def column(tangent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return tf.jvp(flat_fn, (x,), (tangent,))
+
+    if not _vmap_of_jvp_breaks():
+        r, block = tf.vmap(column)(tangents)
+        return r[0], block
+    pairs = [column(tangent) for tangent in tangents.unbind(0)]
+    return pairs[0][0], torch.stack([tangent_out for _, tangent_out in pairs])
 
 
 class Jacobian(NamedTuple):
@@ -186,7 +214,9 @@ def known_rows(raw_fn: Callable) -> int | None:
 
 
 def _remember_rows(raw_fn: Callable, rows: int) -> None:
-    if known_rows(raw_fn) == rows:
+    """Memo ``rows`` for ``raw_fn``; not while ``torch.compile`` traces: the memo would be a
+    side effect keeping ``raw_fn`` (and the traced tensors it closes over) past the graph."""
+    if torch.compiler.is_compiling() or known_rows(raw_fn) == rows:
         return
     with contextlib.suppress(TypeError):  # not weakly referenceable or unhashable
         _ROWS[raw_fn] = rows
@@ -202,23 +232,14 @@ def _basis(start: int, stop: int, size: int, like: torch.Tensor) -> torch.Tensor
 def _column_blocks(flat_fn: Callable, x: torch.Tensor, k: int, first: int = 0):
     """``(start, J[:, start:start + k].T)`` for the column chunks from column ``first``."""
     n = x.shape[0]
-
-    def column(tangent: torch.Tensor) -> torch.Tensor:
-        return tf.jvp(flat_fn, (x,), (tangent,))[1]
-
     for start in range(first, n, k):
         stop = min(n, start + k)
-        yield start, tf.vmap(column)(_basis(start, stop, n, x))
+        yield start, _pushforwards(flat_fn, x, _basis(start, stop, n, x))[1]
 
 
 def _first_columns(flat_fn: Callable, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(r, J[:, :k].T)``: the residuals come with the first chunk (they tell ``m``)."""
-
-    def column(tangent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return tf.jvp(flat_fn, (x,), (tangent,))
-
-    r, block = tf.vmap(column)(_basis(0, k, x.shape[0], x))
-    return r[0], block
+    return _pushforwards(flat_fn, x, _basis(0, k, x.shape[0], x))
 
 
 def _row_blocks(vjp_fn: Callable, residuals: torch.Tensor, k: int):
