@@ -299,3 +299,25 @@ def test_compiled_levenberg_marquardt_takes_a_new_residual_function_without_reco
     torch._dynamo.reset()
     for got, want in zip(traced, eager, strict=True):
         assert_close(got, want, 1e-11)
+
+
+def test_compile_inside_vmap_runs_eagerly_with_a_warning():
+    """``torch.compile`` cannot trace from inside ``vmap``: ``compile=True`` there says so
+    and runs the eager steps (the vmapped result), instead of a graph broken into pieces."""
+    datas, params = make_data(3, seed=4)
+
+    def solve(a, y, w, b, compile: bool) -> dict:
+        result = sf.least_squares(
+            partial(residual, (a, y)),
+            {"w": w, "b": b},
+            sf.levenberg_marquardt(),
+            max_steps=5,
+            check_every=None,
+            compile=compile,
+        )
+        return result.params
+
+    want = torch.func.vmap(partial(solve, compile=False))(*datas, params["w"], params["b"])
+    with pytest.warns(UserWarning, match=r"inside torch.func.vmap .* run eagerly"):
+        got = torch.func.vmap(partial(solve, compile=True))(*datas, params["w"], params["b"])
+    assert_close(got, want, 0.0)

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -280,7 +281,7 @@ def _loop(steps: tuple[Callable, Callable], carry: Carry, tally: Tally, loop: tu
     """
     max_steps, check_every, compile, _ = loop
     first, step = steps
-    compiled = CompiledStep(step) if compile else None
+    compiled = _compiled(step) if compile else None
     with contextlib.ExitStack() as stack:
         for taken in range(max_steps):
             if check_every is not None and taken % check_every == 0 and bool(carry.done.all()):
@@ -292,6 +293,21 @@ def _loop(steps: tuple[Callable, Callable], carry: Carry, tally: Tally, loop: tu
             carry = (later if taken > 0 else first)(carry)
             tally.settle()
     return carry
+
+
+def _compiled(step: Callable) -> CompiledStep | None:
+    """``step`` compiled, or ``None`` with a warning inside a ``torch.func`` transform:
+    ``torch.compile`` cannot trace from inside one (the step would run in pieces, slower
+    than eager), only around it."""
+    if not tree.in_functorch_transform():
+        return CompiledStep(step)
+    warnings.warn(
+        "compile=True inside torch.func.vmap (or another torch.func transform): "
+        "torch.compile cannot trace from inside one, so the steps run eagerly; compile "
+        "around the transform instead (torch.compile(torch.func.vmap(step)))",
+        stacklevel=5,
+    )
+    return None
 
 
 def settle_compiled_run(
