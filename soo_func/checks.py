@@ -125,7 +125,14 @@ def check_updates(who: str, updates: PyTree, params: PyTree = None, like: PyTree
 def refuse_vmap(who: str, reads: str, instead: str) -> None:
     """Raise where ``torch.func.vmap`` runs code that reads a tensor on the host
     (``reads`` says what; ``instead`` names the path that works under vmap): a batched
-    tensor has no single value to read."""
+    tensor has no single value to read. Under ``torch.compile`` the read is a graph break:
+    break here, with a message that ``fullgraph=True`` shows instead of dynamo's."""
+    if torch.compiler.is_compiling():
+        torch._dynamo.graph_break(
+            msg=f"{who} reads {reads} on the host, a graph break under torch.compile, which "
+            f"fullgraph=True refuses: compile without fullgraph=True. What traces whole: "
+            f"{instead}"
+        )
     if tree.in_vmap():
         raise ValueError(
             f"{who} reads {reads} on the host, which torch.func.vmap cannot do: a batched "

@@ -321,3 +321,27 @@ def test_compile_inside_vmap_runs_eagerly_with_a_warning():
     with pytest.warns(UserWarning, match=r"inside torch.func.vmap .* run eagerly"):
         got = torch.func.vmap(partial(solve, compile=True))(*datas, params["w"], params["b"])
     assert_close(got, want, 0.0)
+
+
+@pytest.mark.parametrize(
+    "name,make",
+    [
+        ("wolfe", lambda: sf.chain(sf.lbfgs(), sf.wolfe())),
+        ("armijo", lambda: sf.chain(sf.bfgs(), sf.armijo())),
+    ],
+)
+def test_a_host_deciding_search_names_itself_under_fullgraph_compile(name, make):
+    """``fullgraph=True`` on a search that decides on the host: the error names the search
+    and what traces whole (was dynamo's "function marked as skipped" deep in a check)."""
+    reason = compile_available()
+    if reason is not None:
+        pytest.skip(reason)
+    data, params = make_data()
+    match = rf"{name} reads each trial's value on the host.*armijo_sync_free"
+    with pytest.raises(torch._dynamo.exc.Unsupported, match=match):
+        run_updates(make(), data, params, step=compiled("eager"))
+    torch._dynamo.reset()
+    without_fullgraph = torch.compile(backend="eager")
+    eager = run_updates(make(), data, params)
+    assert_close(run_updates(make(), data, params, step=without_fullgraph), eager, 0.0)
+    torch._dynamo.reset()
