@@ -23,6 +23,11 @@
   time, ``speedup`` (loop / vmapped; goal >= 20), the minima each found, the fraction of
   starts that end at the same minimum.
 
+* ``batched_step_compiled``: the vmapped Levenberg-Marquardt step of ``batched_fits``
+  (16,384 fits; 2,048 quick) eager against ``torch.compile(vmap(step), fullgraph=True)``:
+  CPU time of ``LM_STEPS`` steps after the compile, the compile's CPU time, and the largest
+  gap between the two runs' params.
+
 Run: ``python -m benchmarks.run --suite batched_fits --suite multistart [--quick]
 [--device cuda]``.
 """
@@ -31,6 +36,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from functools import partial
 
 import numpy as np
 import scipy.optimize as so
@@ -243,7 +249,75 @@ def multistart(quick: bool, starts: int | None = None, steps: int = MULTISTART_S
     ]
 
 
-SUITES = {"batched_fits": batched_fits, "multistart": multistart}
+def vmapped_lm_step(t: torch.Tensor) -> Callable:
+    """``(params, state, y) -> (params+, state+)``: one ``levenberg_marquardt`` update of a
+    batch of decay fits (value, gradient and update per fit, under ``torch.func.vmap``)."""
+    residual, opt = decay_residual(t), sf.levenberg_marquardt()
+
+    def one(p: torch.Tensor, state, y: torch.Tensor):
+        fit = partial(residual, y=y)
+        grad, value = torch.func.grad_and_value(lambda q: 0.5 * (fit(q) ** 2).sum())(p)
+        updates, state = opt.update(
+            grad,
+            state,
+            p,
+            value=value,
+            grad=grad,
+            value_fn=lambda q: 0.5 * (fit(q) ** 2).sum(),
+            residual_fn=fit,
+        )
+        return p + updates, state
+
+    return torch.func.vmap(one), opt.init
+
+
+def compiled_step(
+    quick: bool, count: int | None = None, steps: int = LM_STEPS, backend: str = "inductor"
+) -> list[dict]:
+    """The vmapped Levenberg-Marquardt step of ``batched_fits`` (16,384 fits; 2,048 quick),
+    eager against ``torch.compile(vmap(step), fullgraph=True)`` (inductor): ``steps`` steps
+    timed after a warm-up (the compile's CPU time reported apart), the params compared."""
+    count = count or (2_048 if quick else 16_384)
+    device = bench_device()
+    t, y = (tensor.to(device) for tensor in decay_data(count))
+    step, init = vmapped_lm_step(t)
+    compiled = torch.compile(step, fullgraph=True, backend=backend)
+    x0 = torch.tensor(START, dtype=y.dtype, device=device).expand(count, 3).clone()
+
+    def run(fn: Callable, n: int) -> torch.Tensor:
+        p, state = x0, torch.func.vmap(init)(x0)
+        for _ in range(n):
+            p, state = fn(p, state, y)
+        return p
+
+    with Clock() as compile_clock:
+        run(compiled, 2)  # the first update fills the Jacobian cache: two graphs
+    clocks, params = {}, {}
+    for name, fn in (("eager vmap", step), ("compiled vmap", compiled)):
+        with Clock() as clocks[name]:
+            params[name] = run(fn, steps)
+    eager_cpu = clocks["eager vmap"].cpu
+    gap = float((params["compiled vmap"] - params["eager vmap"]).abs().max())
+    return [
+        {
+            "fits": count,
+            "steps": steps,
+            "method": name,
+            "cpu_seconds": round(clock.cpu, 3),
+            "seconds": round(clock.wall, 3),
+            "cpu_vs_eager": round(clock.cpu / eager_cpu, 3),
+            "compile_cpu_seconds": round(compile_clock.cpu, 1) if name != "eager vmap" else 0.0,
+            "max_param_gap": gap,
+        }
+        for name, clock in clocks.items()
+    ]
+
+
+SUITES = {
+    "batched_fits": batched_fits,
+    "multistart": multistart,
+    "batched_step_compiled": compiled_step,
+}
 
 
 if __name__ == "__main__":  # the runner parses --quick and --device

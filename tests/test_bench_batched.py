@@ -1,4 +1,5 @@
-"""Smoke tests: the compiled and batched benchmark suites run at tiny sizes (eager, no compile)."""
+"""Smoke tests: the compiled and batched benchmark suites run at tiny sizes (eager; one
+compiled step traced by ``aot_eager``)."""
 
 from __future__ import annotations
 
@@ -29,6 +30,16 @@ def test_multistart_finds_the_same_minima():
     (row,) = bench_batched.multistart(True, starts=8, steps=30)
     assert row["minima_agree"] and row["vmap_unconverged"] == 0
     assert row["worst_vmap_value"] < 1e-10
+
+
+@pytest.mark.slow
+def test_compiled_vmapped_step_returns_the_eager_fits():
+    """The ``batched_step_compiled`` suite at a tiny size, traced by ``aot_eager`` (the
+    suite itself compiles with inductor)."""
+    rows = bench_batched.compiled_step(True, count=16, steps=3, backend="aot_eager")
+    assert [row["method"] for row in rows] == ["eager vmap", "compiled vmap"]
+    assert rows[0]["cpu_vs_eager"] == 1 and rows[1]["compile_cpu_seconds"] > 0
+    assert rows[1]["max_param_gap"] < 1e-6  # the fits of the eager steps (not yet at rounding)
 
 
 def test_nearest_minimum_labels():
