@@ -335,3 +335,41 @@ def test_a_compiled_search_reuses_only_the_flat_vectors_of_its_own_trees(between
         torch.compiler.reset()
     torch.testing.assert_close(compiled.params, eager.params, rtol=0, atol=1e-12)
     assert int(compiled.num_steps) == int(eager.num_steps)
+
+
+@pytest.mark.parametrize("error", [RuntimeError("boom"), KeyboardInterrupt()])
+def test_an_exception_in_the_sync_free_loop_carries_the_last_completed_step(error):
+    """The objective raises in the middle of a step: the exception comes with the run up to
+    the last completed step (``err.partial_result``), and resuming from it with its state
+    finishes on the uninterrupted run's path."""
+
+    def rosenbrock(p):
+        x = p["x"]
+        return ((1 - x[:-1]) ** 2).sum() + 100 * ((x[1:] - x[:-1] ** 2) ** 2).sum()
+
+    calls = [0]
+
+    def fails_at_call_25(p):
+        calls[0] += 1
+        if calls[0] == 25:
+            raise error
+        return rosenbrock(p)
+
+    params = {"x": torch.tensor([-1.2, 1.0, -0.5], dtype=torch.float64)}
+    opt = sf.chain(sf.lbfgs(), sf.armijo_sync_free())
+    options = dict(max_steps=12, gtol=0.0, check_every=None)
+    whole = sf.minimize(rosenbrock, params, opt, **options)
+    with pytest.raises(type(error)) as caught:
+        sf.minimize(fails_at_call_25, params, opt, **options)
+    partial = caught.value.partial_result
+    assert partial.reason == f"interrupted: {type(error).__name__}" and not partial.converged
+    taken = int(partial.num_steps)
+    assert 0 < taken < 12 and partial.num_value_evals >= 24
+    assert float(partial.value) == float(rosenbrock(partial.params))
+    alone = sf.minimize(rosenbrock, params, opt, **{**options, "max_steps": taken})
+    torch.testing.assert_close(partial.params["x"], alone.params["x"], rtol=0, atol=0)
+    resumed = sf.minimize(
+        rosenbrock, partial.params, opt, state=partial.state,
+        **{**options, "max_steps": 12 - taken},
+    )  # fmt: skip
+    torch.testing.assert_close(resumed.params["x"], whole.params["x"], rtol=0, atol=1e-12)

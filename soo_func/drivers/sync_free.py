@@ -47,7 +47,7 @@ from soo_func.base import Transform, apply_updates, update_and_publish
 from soo_func.drivers.compiled_step import CompiledStep
 from soo_func.drivers.frozen import Rotations, freeze, freeze_state, no_rotations, thaw
 from soo_func.drivers.outcome import reusable
-from soo_func.drivers.result import MinimizeResult
+from soo_func.drivers.result import MinimizeResult, attach_partial_result
 from soo_func.drivers.stopping import (
     CONVERGED_RULES,
     DEVICE_OPS,
@@ -266,7 +266,13 @@ GUARDED_CALLS = 2
 """Compiled calls of a run made with dynamo's guards evaluated in full (see :func:`_loop`)."""
 
 
-def _loop(steps: tuple[Callable, Callable], carry: Carry, tally: Tally, loop: tuple) -> Carry:
+def _loop(
+    steps: tuple[Callable, Callable],
+    carry: Carry,
+    tally: Tally,
+    loop: tuple,
+    interrupted: Callable[[BaseException, Carry], None],
+) -> Carry:
     """Run up to ``max_steps`` steps, reading ``done`` on the host before the first step
     and after every ``check_every`` steps (never when ``None``): ``steps`` is the first
     step and the step that continues the run (:func:`make_step`), which is compiled (the
@@ -278,20 +284,27 @@ def _loop(steps: tuple[Callable, Callable], carry: Carry, tally: Tally, loop: tu
     output, of the metadata the graph produced and already accepted, and the Python values
     are settled by the tally: the remaining calls skip the guards
     (``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``, scoped to this loop).
+    An exception (from the objective, or ``KeyboardInterrupt``) is passed with the last
+    completed step's carry to ``interrupted``, then re-raised.
     """
     max_steps, check_every, compile, _ = loop
     first, step = steps
     compiled = _compiled(step) if compile else None
     with contextlib.ExitStack() as stack:
-        for taken in range(max_steps):
-            if check_every is not None and taken % check_every == 0 and bool(carry.done.all()):
-                break
-            if compiled is not None and taken == 1 + GUARDED_CALLS and compiled.whole:
-                stance = torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
-                stack.enter_context(stance)
-            later = compiled if compiled is not None else step
-            carry = (later if taken > 0 else first)(carry)
-            tally.settle()
+        try:
+            for taken in range(max_steps):
+                if check_every is not None and taken % check_every == 0 and bool(carry.done.all()):
+                    break
+                if compiled is not None and taken == 1 + GUARDED_CALLS and compiled.whole:
+                    stance = torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
+                    stack.enter_context(stance)
+                later = compiled if compiled is not None else step
+                carry = (later if taken > 0 else first)(carry)
+                tally.settle()
+        except BaseException as err:
+            tally.settle()  # the failed step's evaluations were made
+            interrupted(err, carry)
+            raise
     return carry
 
 
@@ -351,22 +364,34 @@ def minimize_sync_free(
         )
     carry, rules = start_carry(objective, params, state, tols)
     tally, twin, extra = Tally.of(objective, dict(extra or {}))
+
+    def interrupted(err: BaseException, last: Carry) -> None:
+        if not tree.in_functorch_transform():  # a batched carry cannot leave the transform
+            reason = f"interrupted: {type(err).__name__}"
+            attach_partial_result(err, _result(objective, last, loop[2], reason, False))
+
     with tree.no_host_reads():
         steps = tuple(make_step(twin, optimizer, extra, rules, later) for later in (False, True))
-        carry = _loop(steps, carry, tally, loop)
-    rotations = settle_compiled_run(objective, carry, compiled=loop[2])
-    grad_norm = tree.overflow_safe_norm(carry.grad)
+        carry = _loop(steps, carry, tally, loop, interrupted)
+    return _result(objective, carry, loop[2], SYNC_FREE_REASON, converged_code(carry.code))
+
+
+def _result(
+    objective: CountedObjective, carry: Carry, compiled: bool, reason: str, converged: Any
+) -> MinimizeResult:
+    """The run's result at ``carry`` (:func:`settle_compiled_run` first)."""
+    rotations = settle_compiled_run(objective, carry, compiled)
     return MinimizeResult(
         params=carry.params,
         value=carry.value,
         grad=carry.grad,
-        grad_norm=grad_norm,
+        grad_norm=tree.overflow_safe_norm(carry.grad),
         num_steps=carry.num_steps,
         num_value_evals=objective.num_value_evals,
         num_grad_evals=objective.num_grad_evals,
         num_hvp_evals=objective.num_hvp_evals,
-        converged=converged_code(carry.code),
-        reason=SYNC_FREE_REASON,
+        converged=converged,
+        reason=reason,
         state=thaw(carry.state, rotations),
         history=[],
         reason_code=carry.code,
