@@ -10,7 +10,16 @@ import math
 
 import pytest
 import torch
-from test_sync_free import CASES, DATAS, STARTS, X0S, rosenbrock, solve_batch, solve_one
+from test_sync_free import (
+    CASES,
+    DATAS,
+    STARTS,
+    X0S,
+    residual,
+    rosenbrock,
+    solve_batch,
+    solve_one,
+)
 
 import soo_func as sf
 from soo_func.drivers import batched_loop
@@ -83,3 +92,28 @@ def test_compaction_threshold_changes_no_result(name, below, monkeypatch):
     assert compacted.reason_code.tolist() == lockstep.reason_code.tolist()
     torch.testing.assert_close(compacted.params, lockstep.params, rtol=0, atol=1e-10)
     torch.testing.assert_close(compacted.grad_norm, lockstep.grad_norm, rtol=0, atol=1e-10)
+
+
+def test_an_exception_in_a_batched_solve_carries_the_last_completed_round():
+    """The residuals raise at a later round: ``err.partial_result`` is the batch after the
+    rounds before it, the params of a run stopped after as many steps."""
+    calls = [0]
+
+    def fails_at_call_6(p, y):
+        calls[0] += 1
+        if calls[0] == 6:
+            raise KeyboardInterrupt
+        return residual(p, y)
+
+    options = dict(args=(DATAS,), max_steps=40, compact_every=1)
+    with pytest.raises(KeyboardInterrupt) as caught:
+        sf.batched_least_squares(fails_at_call_6, X0S, sf.levenberg_marquardt(), **options)
+    partial = caught.value.partial_result
+    assert partial.reason == "interrupted: KeyboardInterrupt" and partial.converged is False
+    taken = int(partial.num_steps.max())
+    assert 0 < taken < 40 and partial.params.shape == X0S.shape
+    shorter = sf.batched_least_squares(
+        residual, X0S, sf.levenberg_marquardt(), **{**options, "max_steps": taken}
+    )
+    torch.testing.assert_close(partial.params, shorter.params, rtol=0, atol=0)
+    torch.testing.assert_close(partial.num_steps, shorter.num_steps, rtol=0, atol=0)

@@ -116,7 +116,9 @@ def batched_minimize(
     ``grad_norm``, ``num_steps``, ``converged``, ``reason_code`` and the tensors of
     ``state`` have the batch dimension first; each problem's are those of its own
     sync-free solve (``minimize(..., check_every=None)``). The evaluation counts are those
-    of one problem that ran every step the loop ran.
+    of one problem that ran every step the loop ran. An exception from ``value_fn`` (or
+    ``KeyboardInterrupt``) propagates with ``err.partial_result``, the batch after the last
+    completed round (reason ``"interrupted: <ExcType>"``).
     """
 
     def bind(a: tuple) -> tuple[CountedObjective, dict[str, Any]]:

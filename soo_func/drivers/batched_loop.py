@@ -28,7 +28,7 @@ import torch
 from soo_func import tree
 from soo_func.base import Transform
 from soo_func.drivers.frozen import thaw
-from soo_func.drivers.result import MinimizeResult
+from soo_func.drivers.result import MinimizeResult, attach_partial_result
 from soo_func.drivers.sync_free import (
     SYNC_FREE_REASON,
     Carry,
@@ -235,9 +235,28 @@ def solve_batched(
     dimension first; its counts are those of a problem that ran every step the loop ran.
     Between rounds the running problems are gathered only when at most ``COMPACT_BELOW``
     of the round's batch still runs (else the next round runs the same rows: the stopped
-    ones are frozen)."""
+    ones are frozen). An exception propagates with ``err.partial_result``: the batch as
+    the last completed round left it."""
     rounds = _Rounds(problem, chunk_size)
     batch = _Batch(rounds.start(params))
+    try:
+        _rounds_until_done(problem, rounds, batch, max_steps, compact_every)
+    except BaseException as err:  # the objective raised, or KeyboardInterrupt
+        carry, _ = rounds.split.rebuild(batch.finish())  # as the last completed round left it
+        attach_partial_result(err, _result(carry, rounds.counts, type(err).__name__))
+        raise
+    carry, _ = rounds.split.rebuild(batch.finish())
+    return _result(carry, rounds.counts)
+
+
+def _rounds_until_done(
+    problem: BatchedProblem,
+    rounds: _Rounds,
+    batch: _Batch,
+    max_steps: int,
+    compact_every: int | None,
+) -> None:
+    """The rounds of :func:`solve_batched`, until every problem stopped or ``max_steps``."""
     dims, taken = _arg_dims(problem), 0
     args = problem.args
     while taken < max_steps:
@@ -254,11 +273,10 @@ def solve_batched(
                 args = _gather_args(problem.args, dims, batch.rows)
         batch.ran(rounds.run(batch.part, args, steps, continues=taken > 0))
         taken += steps
-    carry, _ = rounds.split.rebuild(batch.finish())
-    return _result(carry, rounds.counts)
 
 
-def _result(carry: Carry, counts: dict[str, int]) -> MinimizeResult:
+def _result(carry: Carry, counts: dict[str, int], error: str | None = None) -> MinimizeResult:
+    """The batch's result; for an ``error``, the run up to the last completed round."""
     grad_norm = torch.func.vmap(tree.overflow_safe_norm)(carry.grad)
     return MinimizeResult(
         params=carry.params,
@@ -269,8 +287,8 @@ def _result(carry: Carry, counts: dict[str, int]) -> MinimizeResult:
         num_value_evals=counts["num_value_evals"],
         num_grad_evals=counts["num_grad_evals"],
         num_hvp_evals=counts["num_hvp_evals"] + counts.get("residual_num_hvp_evals", 0),
-        converged=converged_code(carry.code),
-        reason=SYNC_FREE_REASON,
+        converged=converged_code(carry.code) if error is None else False,
+        reason=SYNC_FREE_REASON if error is None else f"interrupted: {error}",
         state=torch.func.vmap(thaw)(carry.state, carry.rotations),
         history=[],
         num_residual_evals=counts.get("residual_num_value_evals", 0),
