@@ -345,3 +345,24 @@ def test_a_host_deciding_search_names_itself_under_fullgraph_compile(name, make)
     eager = run_updates(make(), data, params)
     assert_close(run_updates(make(), data, params, step=without_fullgraph), eager, 0.0)
     torch._dynamo.reset()
+
+
+@pytest.mark.slow
+def test_compiled_with_dynamic_shapes_matches_eager():
+    """``torch.compile(dynamic=True)`` traces the float options of ``armijo_sync_free`` as
+    symbolic floats, which ``torch.cond`` refused as branch operands ("can only be of
+    Tensor, int, SymInt")."""
+    reason = compile_available()
+    if reason is not None:
+        pytest.skip(reason)
+
+    def dynamic(fn):
+        torch._dynamo.reset()
+        return torch.compile(fn, fullgraph=True, backend="aot_eager", dynamic=True)
+
+    data, params = make_data()
+    name = "lbfgs+armijo_sync_free"
+    eager = run_updates(CASES[name](), data, params)
+    traced = run_updates(CASES[name](), data, params, step=dynamic)
+    torch._dynamo.reset()
+    assert_close(traced, eager, 1e-11)

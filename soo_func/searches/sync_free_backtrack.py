@@ -123,7 +123,10 @@ def _branches(
     """The nested ``torch.cond`` on the points ``x + alpha d``; ``start`` is
     ``(f0, slope, alpha0, ok_start)``."""
     f0, slope, alpha0, ok_start = start
-    slope_rtol, min_shrink, max_shrink, max_steps = options
+    *factors, max_steps = options
+    # 0-d tensors: torch.compile(dynamic=True) traces float options as symbolic floats,
+    # which torch.cond cannot take into a branch (the same values in the params' dtype).
+    slope_rtol, min_shrink, max_shrink = (torch.full_like(f0, factor) for factor in factors)
 
     # Every tensor a branch returns is made inside it (a branch may not return its inputs).
     def zero() -> torch.Tensor:
