@@ -256,15 +256,13 @@ def vmapped_lm_step(t: torch.Tensor) -> Callable:
 
     def one(p: torch.Tensor, state, y: torch.Tensor):
         fit = partial(residual, y=y)
-        grad, value = torch.func.grad_and_value(lambda q: 0.5 * (fit(q) ** 2).sum())(p)
+
+        def value_fn(q: torch.Tensor) -> torch.Tensor:
+            return 0.5 * (fit(q) ** 2).sum()
+
+        grad, value = torch.func.grad_and_value(value_fn)(p)
         updates, state = opt.update(
-            grad,
-            state,
-            p,
-            value=value,
-            grad=grad,
-            value_fn=lambda q: 0.5 * (fit(q) ** 2).sum(),
-            residual_fn=fit,
+            grad, state, p, value=value, grad=grad, value_fn=value_fn, residual_fn=fit
         )
         return p + updates, state
 

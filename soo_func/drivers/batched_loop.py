@@ -31,7 +31,6 @@ from soo_func.drivers.frozen import thaw
 from soo_func.drivers.result import MinimizeResult, attach_partial_result
 from soo_func.drivers.sync_free import (
     SYNC_FREE_REASON,
-    Carry,
     Tally,
     converged_code,
     make_step,
@@ -242,11 +241,9 @@ def solve_batched(
     try:
         _rounds_until_done(problem, rounds, batch, max_steps, compact_every)
     except BaseException as err:  # the objective raised, or KeyboardInterrupt
-        carry, _ = rounds.split.rebuild(batch.finish())  # as the last completed round left it
-        attach_partial_result(err, _result(carry, rounds.counts, type(err).__name__))
+        attach_partial_result(err, _result(rounds, batch, type(err).__name__))
         raise
-    carry, _ = rounds.split.rebuild(batch.finish())
-    return _result(carry, rounds.counts)
+    return _result(rounds, batch)
 
 
 def _rounds_until_done(
@@ -275,8 +272,11 @@ def _rounds_until_done(
         taken += steps
 
 
-def _result(carry: Carry, counts: dict[str, int], error: str | None = None) -> MinimizeResult:
-    """The batch's result; for an ``error``, the run up to the last completed round."""
+def _result(rounds: _Rounds, batch: _Batch, error: str | None = None) -> MinimizeResult:
+    """The batch's result as its last completed round left it (``error``: the exception
+    that ended the run)."""
+    carry, _ = rounds.split.rebuild(batch.finish())
+    counts = rounds.counts
     grad_norm = torch.func.vmap(tree.overflow_safe_norm)(carry.grad)
     return MinimizeResult(
         params=carry.params,
